@@ -1,0 +1,126 @@
+"""Run megatron-core on a CPU-only machine (gloo), and stay inert when CUDA is present.
+
+megatron-core 0.19 assumes CUDA in places that have nothing to do with the maths: it allocates on
+`device="cuda"` / `torch.cuda.current_device()`, calls `.cuda()`, seeds and forks CUDA RNG
+generators, and synchronises streams. Each adaptation below names the megatron code it serves.
+They are applied by `activate()`, once, only when `torch.cuda.is_available()` is False; on a GPU
+machine `activate()` returns False and changes nothing (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ACTIVE = False
+
+# Factory functions whose `device=` argument megatron sets to "cuda" or a CUDA index
+# (GlobalMemoryBuffer, default masks, pipeline schedules' communication buffers, optimizers).
+_FACTORIES = {
+    torch.empty, torch.zeros, torch.ones, torch.full, torch.arange, torch.tensor, torch.rand,
+    torch.randn, torch.randint, torch.empty_like, torch.zeros_like, torch.ones_like,
+    torch.full_like, torch.as_tensor, torch.empty_strided, torch.linspace, torch.eye,
+    torch.randperm, torch.rand_like, torch.randn_like, torch.tril, torch.triu,
+}
+
+
+def _is_cuda_device(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, int):
+        return True  # a bare index means a CUDA ordinal in torch's factory functions
+    return torch.device(device).type == "cuda"
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Maps every CUDA device request onto the CPU (`.cuda()`, `.to("cuda")`, `device=`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.cuda,):
+            return args[0]
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func in (torch.Tensor.to,):
+            args = tuple("cpu" if (isinstance(a, (str, torch.device, int)) and not isinstance(a, bool)
+                                   and not isinstance(a, torch.dtype) and _is_cuda_device(a))
+                         else a for a in args)
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return func(*args, **kwargs)
+
+
+class _InertStream:
+    """Stand-in for torch.cuda.Stream/Event: CPU work is already ordered, so waits are no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _patch_rng() -> None:
+    """megatron's RNG tracker (`tensor_parallel/random.py`) forks CUDA generators: use the CPU one."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, clone=False, **k: (
+        torch.get_rng_state().clone() if clone else torch.get_rng_state())
+    mrandom._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: None  # torch.manual_seed calls it after seeding the CPU
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def _patch_cuda_queries() -> None:
+    """Device queries and synchronisation that megatron calls unconditionally."""
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.device_count = lambda: 1  # megatron skips model-parallel init when this is 0
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.Stream = _InertStream
+    torch.cuda.Event = _InertStream
+    torch.cuda.current_stream = lambda *a, **k: _InertStream()
+    torch.cuda.default_stream = lambda *a, **k: _InertStream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.nvtx.range_push = lambda *a, **k: None
+    torch.cuda.nvtx.range_pop = lambda *a, **k: None
+    torch.cuda.memory_allocated = lambda *a, **k: 0
+    torch.cuda.max_memory_allocated = lambda *a, **k: 0
+    torch.cuda.get_device_capability = lambda *a, **k: (0, 0)
+
+
+def activate() -> bool:
+    """Apply the CPU adaptations if (and only if) CUDA is absent. Returns whether they are active."""
+    global _ACTIVE
+    if _ACTIVE:
+        return True
+    if torch.cuda.is_available():
+        return False
+    _patch_rng()
+    _patch_cuda_queries()
+    CudaToCpuMode().__enter__()  # global for the process: megatron allocates from many call sites
+    _ACTIVE = True
+    return True
+
+
+def is_active() -> bool:
+    return _ACTIVE

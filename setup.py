@@ -1,0 +1,27 @@
+"""megatron-stag: StagFormer and AltUp for megatron-core 0.19."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-stag",
+    version="0.1.0",
+    description="StagFormer (staggered transformer) and AltUp models as a megatron-core 0.19 plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=find_packages(include=["megatron_stag", "megatron_stag.*"]),
+    install_requires=[
+        "torch>=2.11,<2.15",
+        "megatron-core>=0.19,<0.20",
+        "numpy",
+        "sentencepiece",
+        "safetensors",
+        "pyyaml",
+        "psutil",  # hidden dependency of megatron's torch_dist checkpoint saving
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.19,<0.20"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["megatron-stag=megatron_stag.cli:main"]},
+)
