@@ -1,0 +1,1 @@
+"""Model configuration (TransformerConfig subclasses) and the pure placement of sections on stages."""

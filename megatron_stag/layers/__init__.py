@@ -1,0 +1,1 @@
+"""StagFormer's attention modules, written against megatron-core's module interfaces."""

@@ -1,0 +1,1 @@
+"""megatron-core ModuleSpecs for StagFormer sections (local and Transformer Engine backends)."""

@@ -1,0 +1,126 @@
+"""StagFormer layer specs: structure as data, the way megatron's `gpt_layer_specs.py` declares GPT.
+
+A section-0 layer is megatron's GPT layer. A later section's layer is the same layer with the
+cross-attention slots filled: `pre_cross_attn_layernorm` -> `StaggeredCrossAttention` ->
+`cross_attn_bda`, run between self-attention and MLP (megatron's TransformerLayer order). With
+`core_attention="local"` and one section the spec *is* `get_gpt_layer_local_spec()`; the default
+`"sdpa"` swaps only the core attention for `SDPAttention`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.attention import CrossAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.extensions.transformer_engine import HAVE_TE
+
+from megatron_stag.layers.sdpa_attention import SDPAttention
+from megatron_stag.layers.staggered_cross_attention import StaggeredCrossAttention
+
+Backend = Literal["local", "te"]
+CoreAttention = Literal["sdpa", "local"]
+
+
+def default_backend() -> Backend:
+    """Transformer Engine when it imports, otherwise megatron's local modules."""
+    return "te" if HAVE_TE else "local"
+
+
+def _local_layer_spec(normalization: str, core_attention: CoreAttention, cross: bool) -> ModuleSpec:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.models.backends import LocalSpecProvider
+
+    spec = get_gpt_layer_local_spec(normalization=normalization)
+    subs = spec.submodules
+    if core_attention == "sdpa":
+        attn = subs.self_attention
+        attn = dataclasses.replace(
+            attn, submodules=dataclasses.replace(attn.submodules, core_attention=SDPAttention))
+        subs = dataclasses.replace(subs, self_attention=attn)
+    if cross:
+        core = SDPAttention if core_attention == "sdpa" else LocalSpecProvider().core_attention()
+        subs = dataclasses.replace(
+            subs,
+            pre_cross_attn_layernorm=subs.input_layernorm,
+            cross_attention=ModuleSpec(
+                module=StaggeredCrossAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=CrossAttentionSubmodules(
+                    linear_q=ColumnParallelLinear,
+                    linear_kv=ColumnParallelLinear,
+                    core_attention=core,
+                    linear_proj=RowParallelLinear,
+                ),
+            ),
+            cross_attn_bda=get_bias_dropout_add,
+        )
+    return dataclasses.replace(spec, submodules=subs)
+
+
+def _te_layer_spec(normalization: str, cross: bool) -> ModuleSpec:
+    if not HAVE_TE:
+        raise ImportError(
+            "backend='te' needs Transformer Engine (pip install transformer-engine[pytorch]); "
+            "use backend='local' without it."
+        )
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TEDotProductAttention,
+        TENorm,
+        TERowParallelLinear,
+    )
+
+    spec = get_gpt_layer_with_transformer_engine_spec()
+    if not cross:
+        return spec
+    subs = dataclasses.replace(
+        spec.submodules,
+        pre_cross_attn_layernorm=TENorm,
+        cross_attention=ModuleSpec(
+            module=StaggeredCrossAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=CrossAttentionSubmodules(
+                linear_q=TEColumnParallelLinear,
+                linear_kv=TEColumnParallelLinear,
+                core_attention=TEDotProductAttention,
+                linear_proj=TERowParallelLinear,
+            ),
+        ),
+        cross_attn_bda=get_bias_dropout_add,
+    )
+    return dataclasses.replace(spec, submodules=subs)
+
+
+def get_stagformer_layer_spec(
+    cross_attention: bool,
+    backend: Backend | None = None,
+    normalization: str = "LayerNorm",
+    core_attention: CoreAttention = "sdpa",
+) -> ModuleSpec:
+    """The layer spec of one StagFormer section (`cross_attention` for sections after the first)."""
+    backend = backend or default_backend()
+    if backend == "te":
+        return _te_layer_spec(normalization, cross_attention)
+    if backend != "local":
+        raise ValueError(f"backend={backend!r}: choose 'local' or 'te'.")
+    if core_attention not in ("sdpa", "local"):
+        raise ValueError(f"core_attention={core_attention!r}: choose 'sdpa' or 'local'.")
+    return _local_layer_spec(normalization, core_attention, cross_attention)
+
+
+def get_stagformer_section_specs(
+    config, backend: Backend | None = None, core_attention: CoreAttention = "sdpa"
+) -> list[ModuleSpec]:
+    """One layer spec per section: section 0 without, later sections with cross-attention."""
+    return [
+        get_stagformer_layer_spec(k > 0, backend, config.normalization, core_attention)
+        for k in range(config.stag_sections)
+    ]
