@@ -1,0 +1,1 @@
+"""Training-time pieces: gradient hooks and the CPU demo loop."""
