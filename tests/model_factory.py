@@ -6,6 +6,7 @@ import torch
 
 VOCAB = 64
 SEQ = 12
+MAX_LEN = 32  # learned position table; generation tests decode up to this
 
 
 def tiny_config(**overrides):
@@ -23,7 +24,7 @@ def tiny_model(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     pos = overrides.pop("position_embedding_type", "learned_absolute")
     specs = overrides.pop("section_specs", None)
-    model = StagFormerModel(tiny_config(**overrides), vocab_size=VOCAB, max_sequence_length=SEQ,
+    model = StagFormerModel(tiny_config(**overrides), vocab_size=VOCAB, max_sequence_length=MAX_LEN,
                             section_specs=specs, position_embedding_type=pos)
     return model.eval()
 

@@ -4,7 +4,7 @@ window, shared weights, and the output mix. Each test names the bug it would cat
 import pytest
 import torch
 
-from tests.model_factory import VOCAB, SEQ, batch, tiny_config, tiny_model
+from tests.model_factory import MAX_LEN, SEQ, VOCAB, batch, tiny_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 
@@ -21,7 +21,7 @@ def test_one_section_is_megatron_gpt():
     stag = tiny_model(stag_sections=1, section_specs=[spec])
     cfg = TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4,
                             use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0)
-    gpt = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ).eval()
+    gpt = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=MAX_LEN).eval()
     state = {k.replace("decoder.", "blocks.0."): v for k, v in gpt.state_dict().items()}
     missing, unexpected = stag.load_state_dict(state, strict=False)
     assert not [k for k in missing if not k.endswith("_extra_state")] and not unexpected

@@ -1,0 +1,167 @@
+"""One StagFormer section at inference: its KV caches, prefill, and one-token steps.
+
+StagFormer decoding (arXiv 2501.15665, section 3): at step i every section processes token i;
+section k's cross-attention reads section k-1's outputs up to position i-1, which exist since the
+previous step. This module runs one section's megatron `TransformerLayer`s incrementally with its own
+caches, so the same code serves one process (all sections in turn) and one section per rank.
+
+Caches, allocated once with fixed shapes (rows = batch):
+- self-attention K/V per layer: [b, groups, max_len, head_dim], row r's token at position p in slot p;
+- cross-attention K/V per layer (sections >= 1), keyed separately from self-attention:
+  [b, heads, C, head_dim] holding the *shifted* context entries (entry j = previous section's output at
+  j-1, entry 0 = the null entry). C = max_len for full cross-attention; C = W with a window, used as a
+  ring (entry j in slot j mod W), so the cross cache stays bounded however long generation runs.
+
+The layer maths follows megatron's `TransformerLayer` (pre-norm, bias-dropout-add in eval mode), and
+reuses the layer's own modules (`get_query_key_value_tensors`, `linear_proj`, `mlp`) so weights and
+tensor-parallel collectives are megatron's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+from megatron_stag.layers.sdpa_attention import banded_causal_mask
+from megatron_stag.layers.staggered_cross_attention import shift_right_for_stagger
+
+
+def _add_bias(out_and_bias) -> Tensor:
+    out, bias = out_and_bias
+    return out if bias is None else out + bias
+
+
+class SectionDecoder:
+    """Incremental execution of one section (a TransformerBlock holding the whole section)."""
+
+    def __init__(self, block, section: int, config, batch: int, max_len: int,
+                 rotary: Optional[Tensor], dtype: torch.dtype, device):
+        self.block, self.section, self.config = block, section, config
+        self.max_len = max_len
+        self.rotary = rotary  # [max_len, 1, 1, rot_dim] or None
+        self.window = config.stag_cross_window
+        attn = block.layers[0].self_attention
+        self.groups = attn.num_query_groups_per_partition
+        self.heads = attn.num_attention_heads_per_partition
+        self.head_dim = attn.hidden_size_per_attention_head
+        n = len(block.layers)
+        kv_shape = (batch, self.groups, max_len, self.head_dim)
+        self.k = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(n)]
+        self.v = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(n)]
+        self.cross_slots = self.window if self.window is not None else max_len
+        if section > 0:
+            cshape = (batch, self.heads, self.cross_slots, self.head_dim)
+            self.ck = [torch.zeros(cshape, dtype=dtype, device=device) for _ in range(n)]
+            self.cv = [torch.zeros(cshape, dtype=dtype, device=device) for _ in range(n)]
+
+    # ------------------------------------------------------------------ cross-attention memory
+    def _cross_kv(self, layer, entries: Tensor):
+        """linear_kv of context entries [n, b, h] -> key, value [b, heads, n, head_dim]."""
+        mixed, _ = layer.cross_attention.linear_kv(entries)
+        mixed = mixed.view(*mixed.shape[:-1], self.heads, 2 * self.head_dim)
+        key, value = mixed.split(self.head_dim, dim=-1)
+        return key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
+
+    def write_context(self, entries: Tensor, first_entry: Tensor, rows: Tensor) -> None:
+        """Store context entries [n, b', h] as entries first_entry[r]..+n-1 of rows `rows`."""
+        if self.section == 0:
+            return
+        n = entries.shape[0]
+        index = first_entry[:, None] + torch.arange(n, device=entries.device)[None]  # [b', n]
+        keep = index < self.max_len if self.window is None else torch.ones_like(index, dtype=torch.bool)
+        slots = index % self.cross_slots
+        if self.window is not None and n > self.cross_slots:  # only the newest W entries survive
+            entries, slots, keep = entries[-self.cross_slots:], slots[:, -self.cross_slots:], keep[:, -self.cross_slots:]
+        for layer, ck, cv in zip(self.block.layers, self.ck, self.cv):
+            key, value = self._cross_kv(layer, entries)  # [b', heads, n, d]
+            for r_i, r in enumerate(rows.tolist()):
+                s = slots[r_i][keep[r_i]]
+                ck[r, :, s] = key[r_i][:, keep[r_i]]
+                cv[r, :, s] = value[r_i][:, keep[r_i]]
+
+    # ------------------------------------------------------------------ layer maths
+    def _rope(self, t: Tensor, positions: Tensor) -> Tensor:
+        """t [n, b, heads, d] at absolute positions [b, n]."""
+        if self.rotary is None:
+            return t
+        freqs = self.rotary[positions.transpose(0, 1)].squeeze(-2)  # [n, b, 1, rot]
+        return apply_rotary_pos_emb(t, freqs, config=self.config)
+
+    def _self_attention(self, i: int, layer, x: Tensor, positions: Tensor, rows: Tensor) -> Tensor:
+        attn = layer.self_attention
+        q, k, v = attn.get_query_key_value_tensors(x)[:3]  # [n, b, heads|groups, d]
+        q, k = self._rope(q, positions), self._rope(k, positions)
+        n = x.shape[0]
+        K, V = self.k[i], self.v[i]
+        r_idx = rows[:, None].expand(-1, n)
+        K[r_idx, :, positions] = k.permute(1, 0, 2, 3)  # [b, n, groups, d] into slots
+        V[r_idx, :, positions] = v.permute(1, 0, 2, 3)
+        last = int(positions.max()) + 1
+        keys, values = K[rows, :, :last], V[rows, :, :last]
+        key_pos = torch.arange(last, device=x.device)
+        keep = key_pos[None, None, :] <= positions[:, :, None]  # [b, n, last]
+        out = F.scaled_dot_product_attention(
+            q.permute(1, 2, 0, 3), keys, values, attn_mask=keep[:, None],
+            scale=attn.core_attention.softmax_scale if hasattr(attn.core_attention, "softmax_scale") else None,
+            enable_gqa=self.groups != self.heads)
+        out = out.permute(2, 0, 1, 3).reshape(n, x.shape[1], -1)
+        return _add_bias(attn.linear_proj(out))
+
+    def _cross_attention(self, i: int, layer, x: Tensor, positions: Tensor, rows: Tensor) -> Tensor:
+        cross = layer.cross_attention
+        q, _ = cross.linear_q(x)
+        n, b = x.shape[:2]
+        q = q.view(n, b, self.heads, self.head_dim).permute(1, 2, 0, 3)
+        slot = torch.arange(self.cross_slots, device=x.device)
+        if self.window is None:
+            keep = slot[None, None, :] <= positions[:, :, None]
+        else:
+            # slot s holds entry e with e mod W == s; the query at p reads entries p-W+1..p.
+            entry = positions[:, :, None] - ((positions[:, :, None] - slot[None, None, :]) % self.window)
+            keep = entry >= 0
+        out = F.scaled_dot_product_attention(
+            q, self.ck[i][rows], self.cv[i][rows], attn_mask=keep[:, None],
+            scale=getattr(cross.core_attention, "softmax_scale", None))
+        out = out.permute(2, 0, 1, 3).reshape(n, b, -1)
+        return _add_bias(cross.linear_proj(out))
+
+    def _prefill_cross_attention(self, layer, x: Tensor, entries: Tensor) -> Tensor:
+        """Whole-prompt cross-attention over freshly computed entries (a single row)."""
+        cross = layer.cross_attention
+        q, _ = cross.linear_q(x)
+        n, b = x.shape[:2]
+        q = q.view(n, b, self.heads, self.head_dim).permute(1, 2, 0, 3)
+        key, value = self._cross_kv(layer, entries)
+        w = None if self.window is None else self.window - 1
+        mask = banded_causal_mask(n, n, w, x.device)
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask,
+                                             scale=getattr(cross.core_attention, "softmax_scale", None))
+        return _add_bias(cross.linear_proj(out.permute(2, 0, 1, 3).reshape(n, b, -1)))
+
+    def forward(self, e: Tensor, positions: Tensor, rows: Tensor,
+                prefill_context: Optional[Tensor] = None) -> Tensor:
+        """Run the section on embeddings e [n, b', h] at positions [b', n] of rows `rows`.
+
+        Steps (n = 1) read the cross cache; a prefill (one row, positions 0..n-1) gets the previous
+        section's outputs `prefill_context` [n, 1, h] and fills the cache. Returns the section's
+        final normed output [n, b', h].
+        """
+        h = e
+        entries = shift_right_for_stagger(prefill_context) if prefill_context is not None else None
+        for i, layer in enumerate(self.block.layers):
+            h = h + self._self_attention(i, layer, layer.input_layernorm(h), positions, rows)
+            if self.section > 0:
+                x = layer.pre_cross_attn_layernorm(h)
+                if entries is not None:
+                    h = h + self._prefill_cross_attention(layer, x, entries)
+                else:
+                    h = h + self._cross_attention(i, layer, x, positions, rows)
+            h = h + _add_bias(layer.mlp(layer.pre_mlp_layernorm(h)))
+        if entries is not None:
+            self.write_context(entries, torch.zeros_like(rows), rows)
+        return self.block.final_layernorm(h)

@@ -1,0 +1,158 @@
+"""Staggered generation on one process: caches -> prefill -> step -> sample.
+
+Every decode step runs all sections on the same token i; section k's cross-attention reads entries
+written by section k-1 at earlier steps, and only after every section has run are the step's outputs
+stored as entry i+1 of the next section's cross cache. So the sections of a step are independent (they
+could run concurrently; `distributed_generation.py` puts one section on each rank) and the logits equal
+the teacher-forced forward's (tested).
+
+Recurrent mode (shared weights, p = 2): pass 1 is skipped after the prompt, and section 1's
+cross-attention reads its *own* outputs of earlier steps. Entries for prompt positions come from pass
+1 (the prompt is prefilled with both passes); entries for generated positions from pass 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron_stag.inference.sampling import SamplingParams, sample
+from megatron_stag.inference.section_decoder import SectionDecoder
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt (up to and including a stop id)
+    prompt_logits: Optional[list[Tensor]] = None  # per prompt [n, v]: logits at prompt positions
+    step_logits: Optional[Tensor] = None  # [steps, b, v]: logits of every decode step
+    seconds: float = 0.0
+
+
+def check_decodable(model, recurrent: bool = False) -> None:
+    cfg = model.config
+    if model.pg_collection.pp.size() != 1:
+        raise ValueError("StaggeredGenerator runs a whole model on one rank; use "
+                         "distributed_generation for one section per rank.")
+    if cfg.window_size is not None:
+        raise ValueError("window_size (sliding self-attention) is not supported by the decoder.")
+    if recurrent and not (cfg.stag_shared_weights and cfg.stag_sections == 2):
+        raise ValueError("recurrent=True needs stag_shared_weights=True and stag_sections=2: it "
+                         "feeds pass 2's outputs back into its own cross-attention.")
+
+
+def output_logits(model, hidden: Tensor) -> Tensor:
+    """Final projection [n, b, h] -> full-vocabulary logits [n, b, v] (gathered over TP)."""
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    logits, _ = model.output_layer(hidden, weight=weight)
+    if model.parallel_output and model.pg_collection.tp.size() > 1:
+        logits = gather_from_tensor_model_parallel_region(logits, group=model.pg_collection.tp)
+    return logits
+
+
+def rotary_table(model, max_len: int) -> Optional[Tensor]:
+    return model.rotary_pos_emb(max_len) if model.position_embedding_type == "rope" else None
+
+
+class StaggeredGenerator:
+    """All sections of a StagFormerModel (built with PP=1) decoding on one device."""
+
+    def __init__(self, model, max_len: int, batch: int, recurrent: bool = False):
+        check_decodable(model, recurrent)
+        if model.position_embedding_type == "learned_absolute" and max_len > model.max_sequence_length:
+            raise ValueError(f"max_len={max_len} exceeds the model's {model.max_sequence_length} "
+                             f"learned positions: lower max_len.")
+        self.model, self.recurrent, self.batch, self.max_len = model.eval(), recurrent, batch, max_len
+        param = next(model.parameters())
+        rope = rotary_table(model, max_len)
+        self.decoders = [
+            SectionDecoder(block, piece.section, model.config, batch, max_len, rope,
+                           param.dtype, param.device)
+            for piece, block in zip(model.pieces, model.blocks)
+        ]
+        self.device = param.device
+
+    def _embed(self, ids: Tensor, positions: Tensor) -> Tensor:
+        return self.model.embedding(input_ids=ids, position_ids=positions)  # [n, b, h]
+
+    @torch.no_grad()
+    def prefill(self, row: int, prompt: list[int]) -> Tensor:
+        """Run every section over one prompt into row `row`; returns logits [n, v]."""
+        n = len(prompt)
+        ids = torch.tensor([prompt], device=self.device)
+        positions = torch.arange(n, device=self.device)[None]
+        rows = torch.tensor([row], device=self.device)
+        e = self._embed(ids, positions)
+        outs, previous = [], None
+        for dec in self.decoders:
+            previous = dec.forward(e, positions, rows, prefill_context=previous)
+            outs.append(previous)
+        for k in range(1, len(self.decoders)):  # entry n of section k = section k-1's output at n-1
+            self.decoders[k].write_context(outs[k - 1][-1:], torch.tensor([n], device=self.device), rows)
+        return output_logits(self.model, self.model.section_output(outs))[:, 0]
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Decode tokens [b] at positions [b] through every section; returns logits [b, v]."""
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        pos = positions[:, None]
+        e = self._embed(tokens[:, None], pos)
+        active = self.decoders[1:] if self.recurrent else self.decoders
+        outs = [dec.forward(e, pos, rows) for dec in active]  # independent within the step
+        if self.recurrent:
+            self.decoders[1].write_context(outs[0], positions + 1, rows)
+        else:
+            for k in range(1, len(self.decoders)):
+                self.decoders[k].write_context(outs[k - 1], positions + 1, rows)
+        return output_logits(self.model, self.model.section_output(outs))[0]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 keep_logits: bool = False, progress: bool = False) -> GenerationResult:
+        if len(prompts) > self.batch:
+            raise ValueError(f"{len(prompts)} prompts exceed the generator's batch of {self.batch}.")
+        longest = max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) < 1:
+            raise ValueError("every prompt needs at least one token.")
+        if longest + params.max_new_tokens > self.max_len:
+            raise ValueError(
+                f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"context of {self.max_len}: shorten the prompt or lower max_new_tokens.")
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(params.seed)
+        prompt_logits = [self.prefill(r, p) for r, p in enumerate(prompts)]
+        last = torch.stack([l[-1] for l in prompt_logits])
+        positions = torch.tensor([len(p) for p in prompts], device=self.device)
+        tokens = sample(last, params, gen)
+        out = [[t] for t in tokens.tolist()]
+        done = torch.tensor([t in params.stop_ids for t in tokens.tolist()])
+        step_logits = []
+        for i in range(params.max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            logits = self.step(tokens, positions)
+            if keep_logits:
+                step_logits.append(logits)
+            tokens, positions = sample(logits, params, gen), positions + 1
+            for r, t in enumerate(tokens.tolist()):
+                if not done[r]:
+                    out[r].append(t)
+                    done[r] = t in params.stop_ids
+            if progress:
+                _progress(i + 2, params.max_new_tokens, len(prompts), start)
+        if progress:
+            print(file=sys.stderr)
+        return GenerationResult(out, prompt_logits if keep_logits else None,
+                                torch.stack(step_logits) if step_logits else None,
+                                time.perf_counter() - start)
+
+
+def _progress(done: int, total: int, batch: int, start: float) -> None:
+    rate = done * batch / max(time.perf_counter() - start, 1e-9)
+    bar = "#" * int(30 * done / total)
+    print(f"\rgenerating [{bar:<30}] {done}/{total} tokens, {rate:.1f} tok/s", end="", file=sys.stderr)
