@@ -168,6 +168,14 @@ class StagFormerModel(LanguageModule):
                 params.extend(getattr(layer, name).parameters())
         return params
 
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Accepts state dicts without the aliases of shared layers (distributed checkpoints)."""
+        state_dict = dict(state_dict)
+        for alias, owner in self.blocks.alias_prefixes("blocks.").items():
+            for key in [k for k in state_dict if k.startswith(owner)]:
+                state_dict.setdefault(alias + key[len(owner):], state_dict[key])
+        return super().load_state_dict(state_dict, strict=strict)
+
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, list):
             if len(input_tensor) != 1:
