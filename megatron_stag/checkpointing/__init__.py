@@ -1,0 +1,1 @@
+"""Checkpoints: megatron torch_dist shards plus plain-data metadata, written atomically."""

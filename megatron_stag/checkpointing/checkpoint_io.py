@@ -1,0 +1,85 @@
+"""Save and load megatron-stag checkpoints: complete or absent, never executing code.
+
+Layout of a checkpoint directory:
+  model_args.json    the model description (plain JSON)
+  tokenizer.model    the sentencepiece model, when there is one
+  trainer.json       iteration and consumed samples (plain JSON)
+  model/             megatron-core distributed checkpoint (torch_dist), any TP/PP layout
+  COMPLETE           written last
+
+Everything is written into `<dir>.tmp` and renamed onto `<dir>` at the end, so an interrupted
+save never leaves a directory that looks like a checkpoint. `latest_checkpoint` picks only directories
+that carry COMPLETE. Weights are loaded through megatron's dist_checkpointing (torch.load with
+weights_only=True underneath).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from megatron_stag.models.model_args import ModelArgs
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(model, args: ModelArgs, directory: Path, trainer_state: dict,
+                    tokenizer_model: Optional[Path] = None) -> Path:
+    """Collective over all ranks: writes the model's shards and metadata, then renames into place."""
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    tmp = directory.with_name(f"{directory.name}.tmp")  # same path on every rank
+    if _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "model").mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+    if _rank0():
+        args.save(tmp / "model_args.json")
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        if tokenizer_model is not None:
+            shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
+        (tmp / "COMPLETE").write_text("ok\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    _barrier()
+    return directory
+
+
+def check_checkpoint(directory: Path) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint {directory} does not exist.")
+    if not (directory / "COMPLETE").is_file():
+        raise ValueError(f"checkpoint {directory} is incomplete (no COMPLETE marker): it was "
+                         f"interrupted while being written; use an earlier one.")
+    return directory
+
+
+def load_model_weights(model, directory: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    directory = check_checkpoint(directory)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(directory / "model")))
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest complete `iter_*` checkpoint under root (interrupted writes are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = [d for d in root.glob("iter_*") if d.is_dir() and (d / "COMPLETE").is_file()]
+    return max(done, key=lambda d: int(d.name.split("_")[1]), default=None)

@@ -1,0 +1,1 @@
+"""Data: local real text, sentencepiece tokenizers, megatron indexed datasets."""

@@ -1,0 +1,67 @@
+"""`megatron-stag generate`: checkpoint + sentencepiece tokenizer -> staggered generation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from megatron_stag.checkpointing.checkpoint_io import (
+    check_checkpoint, latest_checkpoint, load_model_weights)
+from megatron_stag.models.model_args import ModelArgs
+
+
+def resolve_checkpoint(path: str) -> Path:
+    path = Path(path)
+    if path.is_dir() and not (path / "model_args.json").exists():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise SystemExit(f"{path} holds no complete iter_* checkpoint.")
+        return latest
+    try:
+        return check_checkpoint(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+
+
+def generate_from_checkpoint(ns, prompts: list[str]) -> int:
+    from megatron_stag.data.tokenizer import load_tokenizer
+    from megatron_stag.inference.sampling import SamplingParams
+    from megatron_stag.inference.staggered_generation import StaggeredGenerator
+    from megatron_stag.platform.distributed import initialize
+
+    ckpt = resolve_checkpoint(ns.checkpoint)
+    args = ModelArgs.load(ckpt / "model_args.json")
+    tok_path = Path(ns.tokenizer) if ns.tokenizer else ckpt / "tokenizer.model"
+    try:
+        tok = load_tokenizer(tok_path)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+    if tok.vocab_size > args.vocab_size:
+        raise SystemExit(f"tokenizer {tok_path} has {tok.vocab_size} pieces but the model was trained "
+                         f"with vocab_size={args.vocab_size}: use the checkpoint's own tokenizer.")
+    ids = [tok.text_to_ids(p) for p in prompts]
+    for p, i in zip(prompts, ids):
+        if len(i) + ns.max_new_tokens > args.max_sequence_length:
+            raise SystemExit(f"prompt {p[:40]!r}... has {len(i)} tokens; with --max-new-tokens "
+                             f"{ns.max_new_tokens} it exceeds the context of {args.max_sequence_length}.")
+    stop_ids = tuple(t for s in ns.stop for t in tok.text_to_ids(s)[-1:])
+    params = SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                            top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, stop_ids=stop_ids)
+    initialize(tp=1, pp=1, seed=ns.seed)
+    model = args.build(args.config()).eval()
+    load_model_weights(model, ckpt)
+    gen = StaggeredGenerator(model, max_len=args.max_sequence_length, batch=len(ids),
+                             recurrent=ns.recurrent)
+    result = gen.generate(ids, params, progress=True)
+    n_tokens = sum(len(t) for t in result.tokens)
+    print(f"{n_tokens} tokens in {result.seconds:.2f}s ({n_tokens / result.seconds:.1f} tokens/s)",
+          file=sys.stderr)
+    records = [dict(prompt=p, completion=tok.ids_to_text(t), tokens=t)
+               for p, t in zip(prompts, result.tokens)]
+    if ns.output:
+        Path(ns.output).write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        for r in records:
+            print(r["prompt"] + r["completion"])
+    return 0

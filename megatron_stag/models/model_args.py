@@ -1,0 +1,75 @@
+"""A model's complete description as plain data: saved beside every checkpoint as JSON, so loading
+needs no pickle and no code from the checkpoint directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    max_sequence_length: int
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    normalization: str = "LayerNorm"
+    position_embedding_type: str = "learned_absolute"
+    share_embeddings_and_output_weights: bool = True
+    stag_sections: int = 1
+    stag_section_layers: Optional[list[int]] = None
+    stag_shared_weights: bool = False
+    stag_cross_window: Optional[int] = None
+    stag_output: str = "last"
+    core_attention: str = "sdpa"
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelArgs":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: is this a megatron-stag checkpoint directory?")
+        data = json.loads(path.read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown model fields {sorted(unknown)}.")
+        return cls(**data)
+
+    def config(self, tp: int = 1, pp: int = 1, dtype=torch.float32, **overrides):
+        from megatron_stag.config.stagformer_config import StagFormerConfig
+
+        kw = dict(
+            num_layers=self.num_layers, hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
+            ffn_hidden_size=self.ffn_hidden_size, normalization=self.normalization,
+            stag_sections=self.stag_sections, stag_section_layers=self.stag_section_layers,
+            stag_shared_weights=self.stag_shared_weights, stag_cross_window=self.stag_cross_window,
+            stag_output=self.stag_output, tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+            pipeline_dtype=dtype if pp > 1 else None, hidden_dropout=0.0, attention_dropout=0.0,
+            use_cpu_initialization=not torch.cuda.is_available(),
+        )
+        kw.update(overrides)
+        return StagFormerConfig(**kw)
+
+    def build(self, config, pre_process: bool = True, post_process: bool = True):
+        from megatron_stag.models.stagformer_model import StagFormerModel
+        from megatron_stag.specs.stagformer_specs import get_stagformer_section_specs
+
+        return StagFormerModel(
+            config, vocab_size=self.vocab_size, max_sequence_length=self.max_sequence_length,
+            section_specs=get_stagformer_section_specs(config, core_attention=self.core_attention),
+            pre_process=pre_process, post_process=post_process,
+            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
+            position_embedding_type=self.position_embedding_type,
+        )

@@ -1,0 +1,69 @@
+"""The public entry points: `megatron-stag --help`, the quickstart (shortened; same code path as
+`make quickstart`), and `megatron-stag generate` with its error messages."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "megatron_stag.cli", *args], capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_help_lists_subcommands():
+    out = cli("--help").stdout
+    for sub in ("quickstart", "generate"):
+        assert sub in out
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs")
+    proc = cli("quickstart", "--out", str(out), "--iterations", "100", "--corpus-mb", "1.5")
+    return out, proc
+
+
+def test_quickstart_trains_and_decodes_exactly(quickstart_run):
+    out, proc = quickstart_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_loss"] < summary["first_loss"] - 0.3, summary
+    assert summary["decode_vs_forward_max_abs_diff"] < 1e-4
+    assert "iteration    100/100" in proc.stderr and "tokens/s" in proc.stderr and "ETA" in proc.stderr
+    assert (out / "data" / "train_text_document.bin").is_file()
+
+
+def test_generate_from_checkpoint(quickstart_run, tmp_path):
+    out, _ = quickstart_run
+    jsonl = tmp_path / "out.jsonl"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\nclass A:\n")
+    proc = cli("generate", str(out / "checkpoints"), "--prompt-file", str(prompts),
+               "--max-new-tokens", "8", "--output", str(jsonl))
+    rows = [json.loads(l) for l in jsonl.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["def f(x):", "class A:"]
+    assert all(len(r["tokens"]) == 8 for r in rows)
+    assert "tokens/s" in proc.stderr
+
+
+def test_generate_errors(quickstart_run, tmp_path):
+    out, _ = quickstart_run
+    missing = cli("generate", str(tmp_path / "nope"), "--prompt", "x", check=False)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    ckpt = next((out / "checkpoints").glob("iter_*"))
+    broken = tmp_path / "iter_0000001"
+    shutil.copytree(ckpt, broken)
+    (broken / "COMPLETE").unlink()
+    incomplete = cli("generate", str(broken), "--prompt", "x", check=False)
+    assert "incomplete" in incomplete.stderr
+    too_long = cli("generate", str(ckpt), "--prompt", "x = 1\n" * 200, check=False)
+    assert "exceeds the context" in too_long.stderr
+    no_tok = cli("generate", str(ckpt), "--prompt", "x", "--tokenizer", str(tmp_path / "t.model"),
+                 check=False)
+    assert "does not exist" in no_tok.stderr
