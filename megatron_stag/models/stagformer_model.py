@@ -168,6 +168,20 @@ class StagFormerModel(LanguageModule):
                 params.extend(getattr(layer, name).parameters())
         return params
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """megatron's LanguageModule entries, with extra embedding copies marked as replicas.
+
+        Decode models hold the embedding on every pipeline rank (each section re-embeds the
+        tokens); only the first stage's copy is the main replica, so each shard is written once.
+        """
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        pp_rank = self.pg_collection.pp.rank()
+        if self.pre_process and pp_rank > 0:
+            for key, value in sd.items():
+                if key.startswith(f"{prefix}embedding.") and hasattr(value, "replica_id"):
+                    value.replica_id = (pp_rank,) + tuple(value.replica_id[1:])
+        return sd
+
     def load_state_dict(self, state_dict, strict: bool = True):
         """Accepts state dicts without the aliases of shared layers (distributed checkpoints)."""
         state_dict = dict(state_dict)

@@ -1,0 +1,158 @@
+"""Staggered generation with one section per pipeline rank: all sections decode step i at once.
+
+Placement: section k on pipeline rank k (PP = p; tensor parallelism inside a section works through
+megatron's parallel linears). Every rank holds the embedding table, because every section re-embeds
+the tokens; only the last rank holds the output layer.
+
+One decode step on rank k:
+  1. post irecv for section k-1's output at this step (k > 0);
+  2. run section k on token i (its cross-attention reads entries <= i, all received earlier);
+  3. isend its output to rank k+1 (and, with `stag_output='combine'`, to the last rank);
+  4. wait for the irecv and store it as cross entry i+1, ready for the next step;
+  5. the last rank samples token i+1 and broadcasts it (with the stop flags) to every rank.
+The critical path per token is therefore max(section time) + one small send + the broadcast, not
+the sum over sections as in megatron's pipeline engines. Prefill runs the sections over the prompt
+one after another (no gain there, as in the paper).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_stag.inference.sampling import SamplingParams, sample
+from megatron_stag.inference.section_decoder import SectionDecoder
+from megatron_stag.inference.staggered_generation import GenerationResult, output_logits, rotary_table
+
+
+class DistributedStaggeredGenerator:
+    """This rank's section of a StagFormerModel built with PP = p and pre_process on every rank."""
+
+    def __init__(self, model, max_len: int, batch: int):
+        cfg = model.config
+        pp = model.pg_collection.pp
+        if pp.size() != cfg.stag_sections or len(model.pieces) != 1 or not model.pieces[0].starts_section:
+            raise ValueError(
+                f"one section per pipeline rank needs pipeline_model_parallel_size == stag_sections "
+                f"({pp.size()} vs {cfg.stag_sections}).")
+        if not model.pre_process:
+            raise ValueError("build the decode model with pre_process=True on every rank: each "
+                             "section embeds the tokens itself.")
+        self.model, self.pp, self.max_len, self.batch = model.eval(), pp, max_len, batch
+        self.k, self.p = pp.rank(), pp.size()
+        self.ranks = dist.get_process_group_ranks(pp)
+        self.last = self.k == self.p - 1
+        self.combine = cfg.stag_output == "combine"
+        param = next(model.parameters())
+        self.device, self.dtype, self.hidden = param.device, param.dtype, cfg.hidden_size
+        self.decoder = SectionDecoder(model.blocks[0], self.k, cfg, batch, max_len,
+                                      rotary_table(model, max_len), param.dtype, param.device)
+
+    def _send(self, t, k):
+        return dist.isend(t.contiguous(), self.ranks[k], group=self.pp)
+
+    def _recv(self, shape, k):
+        buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return buf, dist.irecv(buf, self.ranks[k], group=self.pp)
+
+    def _gather_for_output(self, mine, shape, received_prev):
+        """Last rank: every section's output at the same positions (combine) or just its own."""
+        if not self.combine:
+            return [mine]
+        outs = []
+        for k in range(self.p - 1):
+            if k == self.p - 2:
+                outs.append(received_prev)
+            else:
+                buf, req = self._recv(shape, k)
+                req.wait()
+                outs.append(buf)
+        return outs + [mine]
+
+    def _send_for_output(self, t):
+        if self.combine and self.k < self.p - 2:
+            self._send(t, self.p - 1).wait()
+
+    @torch.no_grad()
+    def _prefill(self, row: int, prompt: list[int]) -> Optional[torch.Tensor]:
+        n = len(prompt)
+        ids = torch.tensor([prompt], device=self.device)
+        positions = torch.arange(n, device=self.device)[None]
+        rows = torch.tensor([row], device=self.device)
+        e = self.model.embedding(input_ids=ids, position_ids=positions)
+        prev = None
+        if self.k > 0:
+            prev, req = self._recv((n, 1, self.hidden), self.k - 1)
+            req.wait()
+        t = self.decoder.forward(e, positions, rows, prefill_context=prev)
+        if not self.last:
+            self._send(t, self.k + 1).wait()
+        self._send_for_output(t)
+        if self.k > 0:
+            self.decoder.write_context(prev[-1:], torch.tensor([n], device=self.device), rows)
+        if self.last:
+            outs = self._gather_for_output(t, (n, 1, self.hidden), prev)
+            return output_logits(self.model, self.model.section_output(outs))[-1, 0]
+        return None
+
+    @torch.no_grad()
+    def _step(self, tokens, positions) -> Optional[torch.Tensor]:
+        b = tokens.shape[0]
+        rows = torch.arange(b, device=self.device)
+        pos = positions[:, None]
+        prev, req = (self._recv((1, b, self.hidden), self.k - 1) if self.k > 0 else (None, None))
+        e = self.model.embedding(input_ids=tokens[:, None], position_ids=pos)
+        t = self.decoder.forward(e, pos, rows)
+        send = self._send(t, self.k + 1) if not self.last else None
+        self._send_for_output(t)
+        if req is not None:
+            req.wait()
+            self.decoder.write_context(prev, positions + 1, rows)
+        if send is not None:
+            send.wait()
+        if self.last:
+            outs = self._gather_for_output(t, (1, b, self.hidden), prev)
+            return output_logits(self.model, self.model.section_output(outs))[0]
+        return None
+
+    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(tensor, self.ranks[-1], group=self.pp)
+        return tensor
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 keep_logits: bool = False) -> GenerationResult:
+        """Collective over the pipeline group: every rank calls it with the same prompts."""
+        longest = max(len(p) for p in prompts)
+        if longest + params.max_new_tokens > self.max_len or len(prompts) > self.batch:
+            raise ValueError(f"prompts need {longest + params.max_new_tokens} positions and "
+                             f"{len(prompts)} rows; the generator has {self.max_len} and {self.batch}.")
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(params.seed)
+        b = len(prompts)
+        last_logits = [self._prefill(r, p) for r, p in enumerate(prompts)]
+        tokens = torch.zeros(b, dtype=torch.long, device=self.device)
+        if self.last:
+            tokens = sample(torch.stack(last_logits), params, gen)
+        tokens = self._broadcast(tokens)
+        positions = torch.tensor([len(p) for p in prompts], device=self.device)
+        out = [[t] for t in tokens.tolist()]
+        done = torch.tensor([t in params.stop_ids for t in tokens.tolist()])
+        step_logits = []
+        for _ in range(params.max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            logits = self._step(tokens, positions)
+            if self.last:
+                if keep_logits:
+                    step_logits.append(logits)
+                tokens = sample(logits, params, gen)
+            tokens, positions = self._broadcast(tokens), positions + 1
+            for r, t in enumerate(tokens.tolist()):
+                if not done[r]:
+                    out[r].append(t)
+                    done[r] = t in params.stop_ids
+        return GenerationResult(out, None, torch.stack(step_logits) if step_logits else None,
+                                time.perf_counter() - start)
