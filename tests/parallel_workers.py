@@ -41,6 +41,8 @@ def build(tp: int, pp: int, **stag):
                             pre_process=ps.is_pipeline_first_stage(),
                             post_process=ps.is_pipeline_last_stage())
     cfg.finalize_model_grads_func = make_finalize_model_grads()
+    if torch.cuda.is_available():  # the same workers run with NCCL on GPU machines
+        model.cuda()
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     return cfg, model, ddp
 
@@ -72,10 +74,11 @@ def train_step(rank, world, tp, pp, stag, ckpt_in, out_dir):
     os.makedirs(ckpt_out, exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), ckpt_out)
 
-    pos = torch.arange(SEQ)[None].expand(MB, -1)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    pos = torch.arange(SEQ, device=dev)[None].expand(MB, -1)
 
     def forward_step(data_iterator, m):
-        tokens, labels = next(data_iterator)
+        tokens, labels = (t.to(dev) for t in next(data_iterator))
         out = m(tokens, pos, None, labels=labels)
 
         def loss_func(losses):
@@ -88,7 +91,7 @@ def train_step(rank, world, tp, pp, stag, ckpt_in, out_dir):
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(_data()), model=[ddp],
         num_microbatches=MICRO_BATCHES, seq_length=SEQ, micro_batch_size=MB, forward_only=False)
-    grads = {key: [(off, p.main_grad.detach().clone()) for off, p in parts]
+    grads = {key: [(off, p.main_grad.detach().float().cpu()) for off, p in parts]
              for key, parts in _shards(model).items()}
     result = {"grads": grads}
     if ps.is_pipeline_last_stage():
@@ -106,9 +109,11 @@ def evaluate(rank, world, tp, pp, stag, ckpt_in, out_dir):
     initialize(tp=tp, pp=pp, seed=99)
     cfg, model, ddp = build(tp, pp, **stag)
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt_in))
-    tokens, labels = _data()[0]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens, labels = (t.to(dev) for t in _data()[0])
     with torch.no_grad():
-        loss = model(tokens, torch.arange(SEQ)[None].expand(MB, -1), None, labels=labels).mean()
+        loss = model(tokens, torch.arange(SEQ, device=dev)[None].expand(MB, -1), None,
+                     labels=labels).mean()
     if ps.is_pipeline_last_stage():
         torch.save({"loss": float(loss)}, os.path.join(out_dir, f"eval{rank}.pt"))
 

@@ -110,13 +110,78 @@ class DistributedStaggeredGenerator:
         self._send_for_output(t)
         if req is not None:
             req.wait()
-            self.decoder.write_context(prev, positions + 1, rows)
+            self.decoder.write_step_context(prev, positions + 1)
         if send is not None:
             send.wait()
         if self.last:
             outs = self._gather_for_output(t, (1, b, self.hidden), prev)
             return output_logits(self.model, self.model.section_output(outs))[0]
         return None
+
+    # ------------------------------------------------------------------ greedy fast path
+    def _compute(self, tokens, positions):
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        e = self.model.embedding(input_ids=tokens[:, None], position_ids=positions[:, None])
+        t = self.decoder.forward(e, positions[:, None], rows)
+        logits = output_logits(self.model, self.model.section_output([t]))[0] if self.last else None
+        next_tokens = logits.argmax(-1) if self.last else torch.zeros_like(tokens)
+        return t, next_tokens
+
+    def _capture(self, tokens, positions) -> None:
+        """Two CUDA graphs: the section step, and the write of the received cross entry."""
+        b = tokens.shape[0]
+        self._tok, self._pos = tokens.clone(), positions.clone()
+        self._prev = torch.zeros((1, b, self.hidden), dtype=self.dtype, device=self.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-ups repeat the same step: same slots, same values
+            self._compute(self._tok, self._pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self._g_step, self._g_write = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._g_step):
+            self._t, self._next = self._compute(self._tok, self._pos)
+        if self.k > 0:
+            with torch.cuda.graph(self._g_write):
+                self.decoder.write_step_context(self._prev, self._pos + 1)
+
+    @torch.no_grad()
+    def greedy_step(self, tokens, positions, cuda_graph: bool = True):
+        """One greedy step with no host synchronisation; returns the next tokens on every rank.
+
+        With `cuda_graph` the section's compute replays a captured graph; the point-to-point
+        messages and the broadcast run between replays.
+        """
+        if self.combine:
+            raise ValueError("greedy_step does not implement stag_output='combine'; use generate().")
+        if not (cuda_graph and self.device.type == "cuda"):
+            t, nxt = self._compute(tokens, positions)
+            prev = None
+        else:
+            if getattr(self, "_g_step", None) is None or self._tok.shape != tokens.shape:
+                self._capture(tokens, positions)
+            self._tok.copy_(tokens)
+            self._pos.copy_(positions)
+            self._g_step.replay()
+            t, nxt, prev = self._t, self._next, self._prev
+        send = self._send(t, self.k + 1) if not self.last else None
+        if self.k > 0:
+            buf, req = self._recv(t.shape, self.k - 1) if prev is None else (prev, dist.irecv(prev, self.ranks[self.k - 1], group=self.pp))
+            req.wait()
+            if prev is None:
+                self.decoder.write_step_context(buf, positions + 1)
+            else:
+                self._g_write.replay()
+        if send is not None:
+            send.wait()
+        return self._broadcast(nxt.clone())
+
+    @torch.no_grad()
+    def prefill_greedy(self, prompts: list[list[int]]):
+        """Prefill every prompt; returns the first generated tokens on every rank."""
+        last = [self._prefill(r, p) for r, p in enumerate(prompts)]
+        tokens = torch.stack(last).argmax(-1) if self.last else torch.zeros(
+            len(prompts), dtype=torch.long, device=self.device)
+        return self._broadcast(tokens)
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.broadcast(tensor, self.ranks[-1], group=self.pp)

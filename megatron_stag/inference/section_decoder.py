@@ -84,6 +84,21 @@ class SectionDecoder:
                 ck[r, :, s] = key[r_i][:, keep[r_i]]
                 cv[r, :, s] = value[r_i][:, keep[r_i]]
 
+    def write_step_context(self, outputs: Tensor, entry: Tensor) -> None:
+        """Store outputs [1, b, h] of all rows as entries `entry` [b]: static shapes, no host sync.
+
+        Without a window, an entry past the cache (only after the last position) is clamped onto
+        the last slot, which no later step reads.
+        """
+        if self.section == 0:
+            return
+        slots = entry % self.cross_slots if self.window is not None else entry.clamp(max=self.max_len - 1)
+        rows = torch.arange(outputs.shape[1], device=outputs.device)
+        for layer, ck, cv in zip(self.block.layers, self.ck, self.cv):
+            key, value = self._cross_kv(layer, outputs)  # [b, heads, 1, d]
+            ck[rows, :, slots] = key[:, :, 0]
+            cv[rows, :, slots] = value[:, :, 0]
+
     # ------------------------------------------------------------------ layer maths
     def _rope(self, t: Tensor, positions: Tensor) -> Tensor:
         """t [n, b, heads, d] at absolute positions [b, n]."""
@@ -92,27 +107,32 @@ class SectionDecoder:
         freqs = self.rotary[positions.transpose(0, 1)].squeeze(-2)  # [n, b, 1, rot]
         return apply_rotary_pos_emb(t, freqs, config=self.config)
 
-    def _self_attention(self, i: int, layer, x: Tensor, positions: Tensor, rows: Tensor) -> Tensor:
-        attn = layer.self_attention
-        q, k, v = attn.get_query_key_value_tensors(x)[:3]  # [n, b, heads|groups, d]
-        q, k = self._rope(q, positions), self._rope(k, positions)
-        n = x.shape[0]
+    def qkv(self, layer, x: Tensor, positions: Tensor):
+        q, k, v = layer.self_attention.get_query_key_value_tensors(x)[:3]  # [n, b, heads|groups, d]
+        return self._rope(q, positions), self._rope(k, positions), v
+
+    def attend_self(self, i: int, q, k, v, positions: Tensor, rows: Tensor) -> Tensor:
+        """Write k/v at `positions` and attend over the cache; returns [n, b, heads*d] before the
+        output projection. Static shapes (CUDA-graph safe) when `rows` covers the whole cache."""
+        n, b = q.shape[:2]
         K, V = self.k[i], self.v[i]
         r_idx = rows[:, None].expand(-1, n)
         K[r_idx, :, positions] = k.permute(1, 0, 2, 3)  # [b, n, groups, d] into slots
         V[r_idx, :, positions] = v.permute(1, 0, 2, 3)
-        last = int(positions.max()) + 1
-        keys, values = K[rows, :, :last], V[rows, :, :last]
-        key_pos = torch.arange(last, device=x.device)
-        keep = key_pos[None, None, :] <= positions[:, :, None]  # [b, n, last]
+        keys, values = (K, V) if b == K.shape[0] and n == 1 else (K[rows], V[rows])
+        key_pos = torch.arange(self.max_len, device=q.device)
+        keep = key_pos[None, None, :] <= positions[:, :, None]  # [b, n, max_len]
+        core = self.block.layers[i].self_attention.core_attention
         out = F.scaled_dot_product_attention(
             q.permute(1, 2, 0, 3), keys, values, attn_mask=keep[:, None],
-            scale=attn.core_attention.softmax_scale if hasattr(attn.core_attention, "softmax_scale") else None,
-            enable_gqa=self.groups != self.heads)
-        out = out.permute(2, 0, 1, 3).reshape(n, x.shape[1], -1)
-        return _add_bias(attn.linear_proj(out))
+            scale=getattr(core, "softmax_scale", None), enable_gqa=self.groups != self.heads)
+        return out.permute(2, 0, 1, 3).reshape(n, b, -1)
 
-    def _cross_attention(self, i: int, layer, x: Tensor, positions: Tensor, rows: Tensor) -> Tensor:
+    def _self_attention(self, i: int, layer, x: Tensor, positions: Tensor, rows: Tensor) -> Tensor:
+        q, k, v = self.qkv(layer, x, positions)
+        return _add_bias(layer.self_attention.linear_proj(self.attend_self(i, q, k, v, positions, rows)))
+
+    def cross_attention(self, i: int, layer, x: Tensor, positions: Tensor, rows: Tensor) -> Tensor:
         cross = layer.cross_attention
         q, _ = cross.linear_q(x)
         n, b = x.shape[:2]
@@ -160,8 +180,9 @@ class SectionDecoder:
                 if entries is not None:
                     h = h + self._prefill_cross_attention(layer, x, entries)
                 else:
-                    h = h + self._cross_attention(i, layer, x, positions, rows)
+                    h = h + self.cross_attention(i, layer, x, positions, rows)
             h = h + _add_bias(layer.mlp(layer.pre_mlp_layernorm(h)))
         if entries is not None:
             self.write_context(entries, torch.zeros_like(rows), rows)
-        return self.block.final_layernorm(h)
+        norm = self.block.final_layernorm  # absent on a stage that ends mid-section
+        return norm(h) if norm is not None else h

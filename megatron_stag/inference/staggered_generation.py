@@ -6,6 +6,11 @@ stored as entry i+1 of the next section's cross cache. So the sections of a step
 could run concurrently; `distributed_generation.py` puts one section on each rank) and the logits equal
 the teacher-forced forward's (tested).
 
+Shared weights: the passes of a step go through the shared modules together (p*b rows, one read of
+the weights); only attention (per-pass caches) and the per-pass cross-attention run separately.
+On CUDA the step can be captured once as a CUDA graph and replayed (`cuda_graph=True`): shapes are
+static and the step makes no host synchronisation; sampling runs outside the graph.
+
 Recurrent mode (shared weights, p = 2): pass 1 is skipped after the prompt, and section 1's
 cross-attention reads its *own* outputs of earlier steps. Entries for prompt positions come from pass
 1 (the prompt is prefilled with both passes); entries for generated positions from pass 2.
@@ -24,7 +29,7 @@ from torch import Tensor
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_stag.inference.sampling import SamplingParams, sample
-from megatron_stag.inference.section_decoder import SectionDecoder
+from megatron_stag.inference.section_decoder import SectionDecoder, _add_bias
 
 
 @dataclass
@@ -63,7 +68,8 @@ def rotary_table(model, max_len: int) -> Optional[Tensor]:
 class StaggeredGenerator:
     """All sections of a StagFormerModel (built with PP=1) decoding on one device."""
 
-    def __init__(self, model, max_len: int, batch: int, recurrent: bool = False):
+    def __init__(self, model, max_len: int, batch: int, recurrent: bool = False,
+                 cuda_graph: bool = False, batch_shared_passes: bool = True):
         check_decodable(model, recurrent)
         if model.position_embedding_type == "learned_absolute" and max_len > model.max_sequence_length:
             raise ValueError(f"max_len={max_len} exceeds the model's {model.max_sequence_length} "
@@ -77,6 +83,10 @@ class StaggeredGenerator:
             for piece, block in zip(model.pieces, model.blocks)
         ]
         self.device = param.device
+        self.batch_shared = (batch_shared_passes and model.config.stag_shared_weights
+                             and not recurrent and len(self.decoders) > 1)
+        self.cuda_graph = cuda_graph and param.device.type == "cuda"
+        self._graph = None
 
     def _embed(self, ids: Tensor, positions: Tensor) -> Tensor:
         return self.model.embedding(input_ids=ids, position_ids=positions)  # [n, b, h]
@@ -97,20 +107,67 @@ class StaggeredGenerator:
             self.decoders[k].write_context(outs[k - 1][-1:], torch.tensor([n], device=self.device), rows)
         return output_logits(self.model, self.model.section_output(outs))[:, 0]
 
-    @torch.no_grad()
-    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """Decode tokens [b] at positions [b] through every section; returns logits [b, v]."""
+    def _shared_passes(self, e: Tensor, pos: Tensor, rows: Tensor) -> list[Tensor]:
+        """Every pass of a shared-weight model through the shared modules at once (p*b rows)."""
+        decs, b = self.decoders, e.shape[1]
+        hs = [e] * len(decs)
+        pos_all = pos.repeat(len(decs), 1)
+        for i, owner in enumerate(decs[0].block.layers):
+            x = torch.cat(hs, dim=1)
+            q, k, v = decs[0].qkv(owner, owner.input_layernorm(x), pos_all)
+            core = torch.cat([d.attend_self(i, q[:, j * b:(j + 1) * b], k[:, j * b:(j + 1) * b],
+                                            v[:, j * b:(j + 1) * b], pos, rows)
+                              for j, d in enumerate(decs)], dim=1)
+            hs = list((x + _add_bias(owner.self_attention.linear_proj(core))).split(b, dim=1))
+            for j in range(1, len(decs)):
+                layer = decs[j].block.layers[i]
+                hs[j] = hs[j] + decs[j].cross_attention(i, layer, layer.pre_cross_attn_layernorm(hs[j]), pos, rows)
+            x = torch.cat(hs, dim=1)
+            hs = list((x + _add_bias(owner.mlp(owner.pre_mlp_layernorm(x)))).split(b, dim=1))
+        return [d.block.final_layernorm(h) for d, h in zip(decs, hs)]
+
+    def _step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         rows = torch.arange(tokens.shape[0], device=self.device)
         pos = positions[:, None]
         e = self._embed(tokens[:, None], pos)
-        active = self.decoders[1:] if self.recurrent else self.decoders
-        outs = [dec.forward(e, pos, rows) for dec in active]  # independent within the step
+        if self.batch_shared:
+            outs = self._shared_passes(e, pos, rows)
+        else:
+            active = self.decoders[1:] if self.recurrent else self.decoders
+            outs = [dec.forward(e, pos, rows) for dec in active]  # independent within the step
         if self.recurrent:
-            self.decoders[1].write_context(outs[0], positions + 1, rows)
+            self.decoders[1].write_step_context(outs[0], positions + 1)
         else:
             for k in range(1, len(self.decoders)):
-                self.decoders[k].write_context(outs[k - 1], positions + 1, rows)
+                self.decoders[k].write_step_context(outs[k - 1], positions + 1)
         return output_logits(self.model, self.model.section_output(outs))[0]
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Decode tokens [b] at positions [b] through every section; returns logits [b, v]."""
+        if not self.cuda_graph:
+            return self._step(tokens, positions)
+        if self._graph is None or self._static[0].shape != tokens.shape:
+            self._capture(tokens, positions)
+        self._static[0].copy_(tokens)
+        self._static[1].copy_(positions)
+        self._graph.replay()
+        return self._static[2]
+
+    def _capture(self, tokens: Tensor, positions: Tensor) -> None:
+        """Capture one step. Warm-up runs repeat the very step to be replayed: they write the same
+        cache slots with the same values, so they leave no trace."""
+        static_tokens, static_pos = tokens.clone(), positions.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(static_tokens, static_pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            logits = self._step(static_tokens, static_pos)
+        self._static = (static_tokens, static_pos, logits)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  keep_logits: bool = False, progress: bool = False) -> GenerationResult:

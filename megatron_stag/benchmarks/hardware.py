@@ -1,0 +1,57 @@
+"""What a benchmark needs to know about the GPU it ran on, measured in the same process."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts): the MFU denominator.
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def peak_tflops() -> float:
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    raise ValueError(f"no bf16 peak recorded for {name!r}: add it to PEAK_BF16_TFLOPS.")
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth, counting bytes read and written (GB/s)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * nbytes / times[len(times) // 2] / 1e9
+
+
+def machine() -> dict:
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        smi = ""
+    return dict(gpu=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(), nvidia_smi=smi,
+                torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version())
+
+
+def write_result(path: Path, record: dict) -> None:
+    record = dict(command=" ".join(sys.argv), machine=machine(), **record)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
