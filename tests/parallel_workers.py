@@ -140,8 +140,18 @@ def staggered_decode(rank, world, tp, stag, prompts, params_kw, out_dir):
                                                   os.path.join(out_dir, "ckpt")))
     gen = DistributedStaggeredGenerator(model, max_len=32, batch=len(prompts))
     result = gen.generate(prompts, SamplingParams(**params_kw), keep_logits=True)
+    greedy = None
+    if stag.get("stag_output", "last") != "combine":  # the benchmark's no-host-sync path
+        fast = DistributedStaggeredGenerator(model, max_len=32, batch=len(prompts))
+        tokens = fast.prefill_greedy(prompts)
+        positions = torch.tensor([len(p) for p in prompts])
+        greedy = [tokens.tolist()]
+        for _ in range(5):
+            tokens = fast.greedy_step(tokens, positions, cuda_graph=False)
+            positions = positions + 1
+            greedy.append(tokens.tolist())
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-        torch.save({"tokens": result.tokens, "logits": result.step_logits},
+        torch.save({"tokens": result.tokens, "logits": result.step_logits, "greedy": greedy},
                    os.path.join(out_dir, "distributed.pt"))
 
 

@@ -42,3 +42,7 @@ def test_distributed_decode_equals_single_process(tmp_path, case, megatron_world
         PROMPTS, SamplingParams(**PARAMS), keep_logits=True)
     assert got["tokens"] == ref.tokens
     torch.testing.assert_close(got["logits"], ref.step_logits, atol=1e-5, rtol=1e-5)
+    if got["greedy"] is not None:
+        greedy = StaggeredGenerator(model, 32, len(PROMPTS)).generate(
+            PROMPTS, SamplingParams(max_new_tokens=6))
+        assert [list(t) for t in zip(*got["greedy"])] == greedy.tokens

@@ -210,6 +210,7 @@ def main(argv=None) -> None:
         for b in batches:
             for name, a, rec in cases:
                 rows.append(dict(model=name, gpus=1, batch=b, **bench_single(a, b, ns, rec)))
+                print(f"{name} batch {b}: {rows[-1]['per_token_ms']:.3f} ms/token", flush=True)
     else:
         cases = [("baseline GPT TP=2", dict(tp=2, pp=1), lambda b: bench_single(base, b, ns, tp=2)),
                  ("baseline GPT PP=2 (stages in sequence)", dict(tp=1, pp=2),
@@ -227,6 +228,8 @@ def main(argv=None) -> None:
                 if name.endswith("TP=2"):
                     r["weight_bytes"] = _max_over_ranks(r["weight_bytes"])
                 rows.append(dict(model=name, gpus=world, batch=b, **r))
+                if dist.get_rank() == 0:
+                    print(f"{name} batch {b}: {r['per_token_ms']:.3f} ms/token", flush=True)
     for r in rows:
         r["floor_ms"] = r["weight_bytes"] / (bw * 1e9) * 1e3
         r["vs_floor"] = r["per_token_ms"] / r["floor_ms"]
