@@ -152,7 +152,7 @@ class StaggeredGenerator:
         self._static[0].copy_(tokens)
         self._static[1].copy_(positions)
         self._graph.replay()
-        return self._static[2]
+        return self._static[2].clone()  # the static buffer is overwritten by the next replay
 
     def _capture(self, tokens: Tensor, positions: Tensor) -> None:
         """Capture one step. Warm-up runs repeat the very step to be replayed: they write the same

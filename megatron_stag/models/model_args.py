@@ -66,10 +66,12 @@ class ModelArgs:
         from megatron_stag.models.stagformer_model import StagFormerModel
         from megatron_stag.specs.stagformer_specs import get_stagformer_section_specs
 
-        return StagFormerModel(
+        model = StagFormerModel(
             config, vocab_size=self.vocab_size, max_sequence_length=self.max_sequence_length,
             section_specs=get_stagformer_section_specs(config, core_attention=self.core_attention),
             pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
             position_embedding_type=self.position_embedding_type,
         )
+        # megatron's Float16Module casts the whole module (its torch norms are built in fp32).
+        return model.to(config.params_dtype) if config.params_dtype != torch.float32 else model
