@@ -56,7 +56,8 @@ def bench_single(a: ModelArgs, batch: int, ns, recurrent: bool = False, tp: int 
 
     model = a.build(a.config(tp=tp, dtype=torch.bfloat16)).cuda().eval()
     prompts = _prompts(batch, ns.prompt, a.vocab_size)
-    gen = StaggeredGenerator(model, ns.prompt + ns.new, batch, recurrent=recurrent, cuda_graph=True)
+    gen = StaggeredGenerator(model, ns.prompt + ns.new, batch, recurrent=recurrent, cuda_graph=True,
+                             compile=ns.compile)
     with torch.no_grad():
         tokens = torch.stack([gen.prefill(r, p)[-1] for r, p in enumerate(prompts)]).argmax(-1)
     positions = torch.full((batch,), ns.prompt, device="cuda")
@@ -188,6 +189,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=512)
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--out", default="results/decode_latency.json")
     ns = parser.parse_args(argv)
 

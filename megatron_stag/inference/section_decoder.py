@@ -54,6 +54,7 @@ class SectionDecoder:
         self.k = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(n)]
         self.v = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(n)]
         self.cross_slots = self.window if self.window is not None else max_len
+        self._self_keep = self._cross_keep = None
         if section > 0:
             cshape = (batch, self.heads, self.cross_slots, self.head_dim)
             self.ck = [torch.zeros(cshape, dtype=dtype, device=device) for _ in range(n)]
@@ -84,6 +85,11 @@ class SectionDecoder:
                 ck[r, :, s] = key[r_i][:, keep[r_i]]
                 cv[r, :, s] = value[r_i][:, keep[r_i]]
 
+    def ring_state(self) -> list[Tensor]:
+        """The windowed cross caches: the only state a repeated step does not rewrite identically
+        (a step writes slot (p+1) mod W, which the same step reads when W is small)."""
+        return [*self.ck, *self.cv] if self.section > 0 and self.window is not None else []
+
     def write_step_context(self, outputs: Tensor, entry: Tensor) -> None:
         """Store outputs [1, b, h] of all rows as entries `entry` [b]: static shapes, no host sync.
 
@@ -100,6 +106,27 @@ class SectionDecoder:
             cv[rows, :, slots] = value[:, :, 0]
 
     # ------------------------------------------------------------------ layer maths
+    def begin(self, positions: Tensor, prefill: bool = False) -> None:
+        """Build the attention masks of this call once (they depend only on positions)."""
+        self._self_keep = self.self_keep_mask(positions)
+        self._cross_keep = self.cross_keep_mask(positions) if self.section > 0 and not prefill else None
+
+    def self_keep_mask(self, positions: Tensor) -> Tensor:
+        """[b, 1, n, max_len]: query at position p sees cache slots <= p."""
+        key_pos = torch.arange(self.max_len, device=positions.device)
+        return (key_pos[None, None, :] <= positions[:, :, None])[:, None]
+
+    def cross_keep_mask(self, positions: Tensor) -> Tensor:
+        """[b, 1, n, C]: which cross slots the query at position p reads."""
+        slot = torch.arange(self.cross_slots, device=positions.device)
+        if self.window is None:
+            keep = slot[None, None, :] <= positions[:, :, None]
+        else:
+            # slot s holds entry e with e mod W == s; the query at p reads entries p-W+1..p.
+            entry = positions[:, :, None] - ((positions[:, :, None] - slot[None, None, :]) % self.window)
+            keep = entry >= 0
+        return keep[:, None]
+
     def _rope(self, t: Tensor, positions: Tensor) -> Tensor:
         """t [n, b, heads, d] at absolute positions [b, n]."""
         if self.rotary is None:
@@ -120,11 +147,10 @@ class SectionDecoder:
         K[r_idx, :, positions] = k.permute(1, 0, 2, 3)  # [b, n, groups, d] into slots
         V[r_idx, :, positions] = v.permute(1, 0, 2, 3)
         keys, values = (K, V) if b == K.shape[0] and n == 1 else (K[rows], V[rows])
-        key_pos = torch.arange(self.max_len, device=q.device)
-        keep = key_pos[None, None, :] <= positions[:, :, None]  # [b, n, max_len]
+        keep = self._self_keep if self._self_keep is not None else self.self_keep_mask(positions)
         core = self.block.layers[i].self_attention.core_attention
         out = F.scaled_dot_product_attention(
-            q.permute(1, 2, 0, 3), keys, values, attn_mask=keep[:, None],
+            q.permute(1, 2, 0, 3), keys, values, attn_mask=keep,
             scale=getattr(core, "softmax_scale", None), enable_gqa=self.groups != self.heads)
         return out.permute(2, 0, 1, 3).reshape(n, b, -1)
 
@@ -137,15 +163,9 @@ class SectionDecoder:
         q, _ = cross.linear_q(x)
         n, b = x.shape[:2]
         q = q.view(n, b, self.heads, self.head_dim).permute(1, 2, 0, 3)
-        slot = torch.arange(self.cross_slots, device=x.device)
-        if self.window is None:
-            keep = slot[None, None, :] <= positions[:, :, None]
-        else:
-            # slot s holds entry e with e mod W == s; the query at p reads entries p-W+1..p.
-            entry = positions[:, :, None] - ((positions[:, :, None] - slot[None, None, :]) % self.window)
-            keep = entry >= 0
+        keep = self._cross_keep if self._cross_keep is not None else self.cross_keep_mask(positions)
         out = F.scaled_dot_product_attention(
-            q, self.ck[i][rows], self.cv[i][rows], attn_mask=keep[:, None],
+            q, self.ck[i][rows], self.cv[i][rows], attn_mask=keep,
             scale=getattr(cross.core_attention, "softmax_scale", None))
         out = out.permute(2, 0, 1, 3).reshape(n, b, -1)
         return _add_bias(cross.linear_proj(out))
@@ -173,6 +193,7 @@ class SectionDecoder:
         """
         h = e
         entries = shift_right_for_stagger(prefill_context) if prefill_context is not None else None
+        self.begin(positions, prefill=entries is not None)
         for i, layer in enumerate(self.block.layers):
             h = h + self._self_attention(i, layer, layer.input_layernorm(h), positions, rows)
             if self.section > 0:

@@ -69,7 +69,7 @@ class StaggeredGenerator:
     """All sections of a StagFormerModel (built with PP=1) decoding on one device."""
 
     def __init__(self, model, max_len: int, batch: int, recurrent: bool = False,
-                 cuda_graph: bool = False, batch_shared_passes: bool = True):
+                 cuda_graph: bool = False, batch_shared_passes: bool = True, compile: bool = False):
         check_decodable(model, recurrent)
         if model.position_embedding_type == "learned_absolute" and max_len > model.max_sequence_length:
             raise ValueError(f"max_len={max_len} exceeds the model's {model.max_sequence_length} "
@@ -87,6 +87,8 @@ class StaggeredGenerator:
                              and not recurrent and len(self.decoders) > 1)
         self.cuda_graph = cuda_graph and param.device.type == "cuda"
         self._graph = None
+        # torch.compile fuses the step's many small kernels (norms, rope, masks, bias adds).
+        self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
 
     def _embed(self, ids: Tensor, positions: Tensor) -> Tensor:
         return self.model.embedding(input_ids=ids, position_ids=positions)  # [n, b, h]
@@ -112,6 +114,8 @@ class StaggeredGenerator:
         decs, b = self.decoders, e.shape[1]
         hs = [e] * len(decs)
         pos_all = pos.repeat(len(decs), 1)
+        for d in decs:
+            d.begin(pos)
         for i, owner in enumerate(decs[0].block.layers):
             x = torch.cat(hs, dim=1)
             q, k, v = decs[0].qkv(owner, owner.input_layernorm(x), pos_all)
@@ -155,18 +159,23 @@ class StaggeredGenerator:
         return self._static[2].clone()  # the static buffer is overwritten by the next replay
 
     def _capture(self, tokens: Tensor, positions: Tensor) -> None:
-        """Capture one step. Warm-up runs repeat the very step to be replayed: they write the same
-        cache slots with the same values, so they leave no trace."""
+        """Capture one step. Warm-up runs repeat the very step to be replayed: self-attention and
+        full cross caches get the same values in the same slots; windowed (ring) cross caches are
+        restored afterwards, since a repeated step would read the slot it just overwrote."""
         static_tokens, static_pos = tokens.clone(), positions.clone()
+        ring = [t for d in self.decoders for t in d.ring_state()]
+        saved = [t.clone() for t in ring]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(static_tokens, static_pos)
+                self._step_fn(static_tokens, static_pos)
         torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip(ring, saved):
+            t.copy_(s)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            logits = self._step(static_tokens, static_pos)
+            logits = self._step_fn(static_tokens, static_pos)
         self._static = (static_tokens, static_pos, logits)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
