@@ -25,15 +25,22 @@ def _layout(model):
     return pp, m, pp.rank() % m
 
 
-def _flat(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors])
+def _comm_device(group):
+    """NCCL moves only CUDA tensors (parameters may still be on the CPU at build time)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _flat(tensors, device):
+    return torch.cat([t.reshape(-1) for t in tensors]).to(device)
 
 
 def _copy_back(flat, tensors):
     offset = 0
     for t in tensors:
         n = t.numel()
-        t.copy_(flat[offset: offset + n].view_as(t))
+        t.copy_(flat[offset: offset + n].view_as(t).to(t.device))
         offset += n
 
 
@@ -44,9 +51,12 @@ def broadcast_shared_weights(model) -> None:
     if not params:
         return
     ranks = dist.get_process_group_ranks(pp)
+    device = _comm_device(pp)
     with torch.no_grad():
         for j in range(m):
-            buf = _flat(params) if my_slice == j else torch.zeros_like(_flat(params))
+            buf = _flat(params, device)
+            if my_slice != j:
+                buf.zero_()
             dist.broadcast(buf, src=ranks[j], group=pp)
             if my_slice == j:
                 _copy_back(buf, params)
@@ -66,8 +76,11 @@ def allreduce_shared_grads(model) -> None:
     grads = [_grad(p) for p in params]
     if not grads or any(g is None for g in grads):
         return
+    device = _comm_device(pp)
     for j in range(m):
-        buf = _flat(grads) if my_slice == j else torch.zeros_like(_flat(grads))
+        buf = _flat(grads, device)
+        if my_slice != j:
+            buf.zero_()
         dist.all_reduce(buf, group=pp)
         if my_slice == j:
             _copy_back(buf, grads)
