@@ -36,10 +36,14 @@ def build(tp: int, pp: int, **stag):
               pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
               batch_p2p_comm=False)  # gloo: batched p2p gave wrong gradients (environment.md)
     kw.update(stag)
+    position = kw.pop("position_embedding_type", "learned_absolute")
+    if tp == 1:
+        kw.pop("sequence_parallel", None)  # the TP=1 reference of an SP run
     cfg = StagFormerConfig(**kw)
     model = StagFormerModel(cfg, vocab_size=VOCAB, max_sequence_length=SEQ,
                             pre_process=ps.is_pipeline_first_stage(),
-                            post_process=ps.is_pipeline_last_stage())
+                            post_process=ps.is_pipeline_last_stage(),
+                            position_embedding_type=position)
     cfg.finalize_model_grads_func = make_finalize_model_grads()
     if torch.cuda.is_available():  # the same workers run with NCCL on GPU machines
         model.cuda()

@@ -39,6 +39,8 @@ def _compare(ref_dir, out_dir):
 
 CASES = {
     "tp2-separate-window": (2, 1, dict(stag_cross_window=2)),
+    "tp2-sequence-parallel-combine": (2, 1, dict(sequence_parallel=True, stag_output="combine",
+                                                  position_embedding_type="rope")),
     "pp2-separate": (1, 2, dict()),
     "pp2-shared": (1, 2, dict(stag_shared_weights=True)),
     "pp2-one-section": (1, 2, dict(stag_sections=1)),

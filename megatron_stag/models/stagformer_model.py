@@ -28,7 +28,11 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -39,6 +43,7 @@ from megatron.core.transformer.transformer_block import (
 
 from megatron_stag.config.section_layout import stage_pieces, stream_slots
 from megatron_stag.config.stagformer_config import StagFormerConfig
+from megatron_stag.layers.sequence_parallel_norm import SequenceParallelNorm
 from megatron_stag.layers.staggered_cross_attention import shift_right_for_stagger
 from megatron_stag.models.section_pieces import SectionPieces
 from megatron_stag.specs.stagformer_specs import get_stagformer_section_specs
@@ -117,6 +122,8 @@ class StagFormerModel(LanguageModule):
                 mix = torch.zeros(config.stag_sections, dtype=config.params_dtype)
                 mix[-1] = 1.0  # start as "last section only"
                 self.section_mix = torch.nn.Parameter(mix)
+                # under SP each rank sees part of the sequence: partial grads, summed over TP
+                self.section_mix.sequence_parallel = config.sequence_parallel
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size,
                 vocab_size,
@@ -136,7 +143,9 @@ class StagFormerModel(LanguageModule):
             broadcast_shared_weights(self)
 
     def _build_piece(self, piece, spec: ModuleSpec) -> TransformerBlock:
-        norm = LayerNormImpl if spec.submodules.input_layernorm.__name__ != "IdentityOp" else None
+        norm = spec.submodules.input_layernorm
+        if norm is not SequenceParallelNorm:
+            norm = LayerNormImpl if norm.__name__ != "IdentityOp" else None
         if norm is None:
             from megatron.core.extensions.transformer_engine import TENorm
 
@@ -212,16 +221,29 @@ class StagFormerModel(LanguageModule):
     def _combine(self) -> bool:
         return self.config.stag_output == "combine"
 
+    def _shifted_context(self, t: Tensor) -> Tensor:
+        """Section output -> the next section's cross-attention memory (shifted by one position).
+
+        Under sequence parallelism t is split along the sequence over TP ranks: the shift crosses
+        slice boundaries, so it runs on the gathered sequence (backward: each rank keeps its slice).
+        """
+        if not self.config.sequence_parallel:
+            return shift_right_for_stagger(t)
+        tp = self.pg_collection.tp
+        full = gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=False, group=tp)
+        return scatter_to_sequence_parallel_region(shift_right_for_stagger(full), group=tp)
+
     def run_sections(self, input_ids, position_ids, attention_mask=None):
         """Run this stage's pieces. Returns (h, e, finished outputs) after the last piece."""
         h, e, outs = self._stage_inputs(input_ids, position_ids)
         rotary = None
         if self.position_embedding_type == "rope":
-            rotary = self.rotary_pos_emb(e.size(0))
+            sp = self.pg_collection.tp.size() if self.config.sequence_parallel else 1
+            rotary = self.rotary_pos_emb(e.size(0) * sp)
         for piece, block in zip(self.pieces, self.blocks):
             if piece.starts_section:
                 h = e
-            context = shift_right_for_stagger(outs[-1]) if piece.section > 0 else None
+            context = self._shifted_context(outs[-1]) if piece.section > 0 else None
             h = block(h, attention_mask, context=context, rotary_pos_emb=rotary)
             if piece.ends_section:
                 outs = outs + [h] if self._combine else [h]

@@ -34,6 +34,28 @@ def _is_cuda_device(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def _cpu_factory(fn):
+    def factory(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return fn(*args, **kwargs)
+
+    factory.__wrapped__ = fn
+    return factory
+
+
+def _patch_factories() -> None:
+    """Function modes are thread-local and not active inside every autograd backward (megatron's
+    sequence-parallel linear allocates its reduce-scatter buffer there), so the factory functions
+    themselves are wrapped too."""
+    for fn in _FACTORIES:
+        name = fn.__name__
+        if getattr(torch, name, None) is fn:
+            setattr(torch, name, _cpu_factory(fn))
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """Maps every CUDA device request onto the CPU (`.cuda()`, `.to("cuda")`, `device=`)."""
 
@@ -117,6 +139,7 @@ def activate() -> bool:
         return False
     _patch_rng()
     _patch_cuda_queries()
+    _patch_factories()
     CudaToCpuMode().__enter__()  # global for the process: megatron allocates from many call sites
     _ACTIVE = True
     return True

@@ -23,6 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.extensions.transformer_engine import HAVE_TE
 
 from megatron_stag.layers.sdpa_attention import SDPAttention
+from megatron_stag.layers.sequence_parallel_norm import SequenceParallelNorm
 from megatron_stag.layers.staggered_cross_attention import StaggeredCrossAttention
 
 Backend = Literal["local", "te"]
@@ -34,12 +35,16 @@ def default_backend() -> Backend:
     return "te" if HAVE_TE else "local"
 
 
-def _local_layer_spec(normalization: str, core_attention: CoreAttention, cross: bool) -> ModuleSpec:
+def _local_layer_spec(normalization: str, core_attention: CoreAttention, cross: bool,
+                      sequence_parallel: bool = False) -> ModuleSpec:
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.models.backends import LocalSpecProvider
 
     spec = get_gpt_layer_local_spec(normalization=normalization)
     subs = spec.submodules
+    if sequence_parallel:  # megatron's torch norm refuses SP; ours marks its grads for the TP sum
+        subs = dataclasses.replace(subs, input_layernorm=SequenceParallelNorm,
+                                   pre_mlp_layernorm=SequenceParallelNorm)
     if core_attention == "sdpa":
         attn = subs.self_attention
         attn = dataclasses.replace(
@@ -104,6 +109,7 @@ def get_stagformer_layer_spec(
     backend: Backend | None = None,
     normalization: str = "LayerNorm",
     core_attention: CoreAttention = "sdpa",
+    sequence_parallel: bool = False,
 ) -> ModuleSpec:
     """The layer spec of one StagFormer section (`cross_attention` for sections after the first)."""
     backend = backend or default_backend()
@@ -113,7 +119,7 @@ def get_stagformer_layer_spec(
         raise ValueError(f"backend={backend!r}: choose 'local' or 'te'.")
     if core_attention not in ("sdpa", "local"):
         raise ValueError(f"core_attention={core_attention!r}: choose 'sdpa' or 'local'.")
-    return _local_layer_spec(normalization, core_attention, cross_attention)
+    return _local_layer_spec(normalization, core_attention, cross_attention, sequence_parallel)
 
 
 def get_stagformer_section_specs(
@@ -121,6 +127,7 @@ def get_stagformer_section_specs(
 ) -> list[ModuleSpec]:
     """One layer spec per section: section 0 without, later sections with cross-attention."""
     return [
-        get_stagformer_layer_spec(k > 0, backend, config.normalization, core_attention)
+        get_stagformer_layer_spec(k > 0, backend, config.normalization, core_attention,
+                                  config.sequence_parallel)
         for k in range(config.stag_sections)
     ]
