@@ -176,3 +176,46 @@ def save_single_rank_model(rank, world, stag, out_dir):
     model = StagFormerModel(cfg, vocab_size=VOCAB, max_sequence_length=32)
     os.makedirs(os.path.join(out_dir, "ckpt"), exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), os.path.join(out_dir, "ckpt"))
+
+
+def optimizer_step(rank, world, distributed_optimizer, stag, ckpt_in, out_dir):
+    """DP = world ranks, each taking its share of the microbatches; one megatron optimizer step."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_stag.config.stagformer_config import StagFormerConfig
+    from megatron_stag.models.stagformer_model import StagFormerModel
+    from megatron_stag.training.shared_weight_sync import make_finalize_model_grads
+    from megatron_stag.platform.distributed import initialize
+
+    initialize(tp=1, pp=1, seed=1234)
+    cfg = StagFormerConfig(num_layers=4, hidden_size=32, num_attention_heads=4,
+                           use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
+                           **stag)
+    model = StagFormerModel(cfg, vocab_size=VOCAB, max_sequence_length=SEQ)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt_in))
+    cfg.finalize_model_grads_func = make_finalize_model_grads()
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer), model)
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=1e-2, weight_decay=0.1, use_distributed_optimizer=distributed_optimizer,
+        clip_grad=1.0), [ddp])
+    micro = _data()[rank::world]
+    pos = torch.arange(SEQ)[None].expand(MB, -1)
+
+    def forward_step(data_iterator, m):
+        tokens, labels = next(data_iterator)
+        return m(tokens, pos, None, labels=labels), lambda out: (out.float().mean(), {})
+
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro), model=[ddp],
+        num_microbatches=len(micro), seq_length=SEQ, micro_batch_size=MB, forward_only=False)
+    ok, grad_norm, _ = opt.step()
+    if rank == 0:
+        torch.save({"params": {k: v.detach().clone() for k, v in model.state_dict().items()
+                               if not k.endswith("_extra_state")}, "grad_norm": float(grad_norm)},
+                   os.path.join(out_dir, "step.pt"))

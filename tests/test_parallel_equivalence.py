@@ -76,3 +76,21 @@ def test_parallel_matches_single_rank(tmp_path, case):
 @pytest.mark.parametrize("case", list(SLOW_CASES))
 def test_parallel_matches_single_rank_slow(tmp_path, case):
     _run_case(tmp_path, *SLOW_CASES[case])
+
+
+@pytest.mark.parametrize("stag", [dict(stag_sections=2), dict(stag_sections=2, stag_shared_weights=True)])
+def test_distributed_optimizer_step_matches_single_rank(tmp_path, stag):
+    """DP=2 with megatron's distributed optimizer takes the same Adam step as DP=1 (catches a
+    gradient that is reduced twice or not at all, e.g. for shared weights)."""
+    from tests.parallel_workers import optimizer_step
+
+    ref_dir, dp_dir = tmp_path / "ref", tmp_path / "dp"
+    ref_dir.mkdir(), dp_dir.mkdir()
+    run_ranks(train_step, 1, 1, 1, stag, None, str(ref_dir))  # writes the initial checkpoint
+    ckpt = str(ref_dir / "ckpt")
+    run_ranks(optimizer_step, 1, False, stag, ckpt, str(ref_dir))
+    run_ranks(optimizer_step, 2, True, stag, ckpt, str(dp_dir))
+    ref, got = (torch.load(d / "step.pt") for d in (ref_dir, dp_dir))
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+    for key, value in ref["params"].items():
+        torch.testing.assert_close(got["params"][key], value, atol=1e-6, rtol=1e-5, msg=key)

@@ -56,6 +56,23 @@ def _patch_factories() -> None:
             setattr(torch, name, _cpu_factory(fn))
 
 
+def _patch_tensor_type_names() -> None:
+    """megatron's optimizer and gradient clipping assert `param.type() == 'torch.cuda.FloatTensor'`
+    (optimizer/clip_grads.py, distrib_optimizer.py): report CPU tensors under their CUDA type names
+    when `.type()` is asked for a name (conversions with `.type(dtype)` are untouched)."""
+    original = torch.Tensor.type
+
+    def type_name(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original(self)
+            if self.device.type == "cpu" and not name.startswith("torch.cuda."):
+                return name.replace("torch.", "torch.cuda.", 1)
+            return name
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_name
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """Maps every CUDA device request onto the CPU (`.cuda()`, `.to("cuda")`, `device=`)."""
 
@@ -140,6 +157,7 @@ def activate() -> bool:
     _patch_rng()
     _patch_cuda_queries()
     _patch_factories()
+    _patch_tensor_type_names()
     CudaToCpuMode().__enter__()  # global for the process: megatron allocates from many call sites
     _ACTIVE = True
     return True
