@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.dist_helpers import free_port
+
 
 def cli(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "megatron_stag.cli", *args], capture_output=True,
@@ -67,3 +69,17 @@ def test_generate_errors(quickstart_run, tmp_path):
     no_tok = cli("generate", str(ckpt), "--prompt", "x", "--tokenizer", str(tmp_path / "t.model"),
                  check=False)
     assert "does not exist" in no_tok.stderr
+
+
+def test_generate_one_section_per_rank_under_torchrun(quickstart_run, tmp_path):
+    """`torchrun --nproc_per_node 2 ... generate` decodes with one section per rank and prints what
+    the single-process command prints (greedy)."""
+    out, _ = quickstart_run
+    single = cli("generate", str(out / "checkpoints"), "--prompt", "def f(x):",
+                 "--max-new-tokens", "12").stdout
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), "-m", "megatron_stag.cli", "generate",
+                           str(out / "checkpoints"), "--prompt", "def f(x):", "--max-new-tokens", "12"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == single

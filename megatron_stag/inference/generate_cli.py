@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,12 +49,33 @@ def generate_from_checkpoint(ns, prompts: list[str]) -> int:
     stop_ids = tuple(t for s in ns.stop for t in tok.text_to_ids(s)[-1:])
     params = SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
                             top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, stop_ids=stop_ids)
-    initialize(tp=1, pp=1, seed=ns.seed)
-    model = args.build(args.config()).eval()
-    load_model_weights(model, ckpt)
-    gen = StaggeredGenerator(model, max_len=args.max_sequence_length, batch=len(ids),
-                             recurrent=ns.recurrent)
-    result = gen.generate(ids, params, progress=True)
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under torchrun: one section per pipeline rank, all decoding at once
+        if world != args.stag_sections or ns.recurrent:
+            raise SystemExit(f"{world} ranks: concurrent decoding puts one section on each rank, so "
+                             f"run {args.stag_sections} ranks (--nproc_per_node {args.stag_sections}) "
+                             f"and no --recurrent.")
+        from megatron.core import parallel_state as ps
+
+        from megatron_stag.inference.distributed_generation import DistributedStaggeredGenerator
+
+        initialize(tp=1, pp=world, seed=ns.seed)
+        model = args.build(args.config(pp=world), pre_process=True,
+                           post_process=ps.is_pipeline_last_stage()).eval()
+        load_model_weights(model, ckpt)
+        gen = DistributedStaggeredGenerator(model, max_len=args.max_sequence_length, batch=len(ids))
+        result = gen.generate(ids, params)
+        if dist.get_rank() != world - 1:
+            return 0  # the last section's rank reports
+    else:
+        initialize(tp=1, pp=1, seed=ns.seed)
+        model = args.build(args.config()).eval()
+        load_model_weights(model, ckpt)
+        gen = StaggeredGenerator(model, max_len=args.max_sequence_length, batch=len(ids),
+                                 recurrent=ns.recurrent, cuda_graph=True)
+        result = gen.generate(ids, params, progress=True)
     n_tokens = sum(len(t) for t in result.tokens)
     print(f"{n_tokens} tokens in {result.seconds:.2f}s ({n_tokens / result.seconds:.1f} tokens/s)",
           file=sys.stderr)
