@@ -25,8 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-
 from megatron_stag.layers.sdpa_attention import banded_causal_mask
 from megatron_stag.layers.staggered_cross_attention import shift_right_for_stagger
 
@@ -110,6 +108,9 @@ class SectionDecoder:
         """Build the attention masks of this call once (they depend only on positions)."""
         self._self_keep = self.self_keep_mask(positions)
         self._cross_keep = self.cross_keep_mask(positions) if self.section > 0 and not prefill else None
+        if self.rotary is not None:
+            freqs = self.rotary[positions.transpose(0, 1)].squeeze(-2)  # [n, b, 1, rot]
+            self._cos_sin = (torch.cos(freqs), torch.sin(freqs))
 
     def self_keep_mask(self, positions: Tensor) -> Tensor:
         """[b, 1, n, max_len]: query at position p sees cache slots <= p."""
@@ -128,11 +129,16 @@ class SectionDecoder:
         return keep[:, None]
 
     def _rope(self, t: Tensor, positions: Tensor) -> Tensor:
-        """t [n, b, heads, d] at absolute positions [b, n]."""
+        """t [n, b, heads, d] at absolute positions [b, n]; megatron's (non-interleaved) rotary
+        embedding with cos/sin gathered once per call in `begin` instead of once per layer."""
         if self.rotary is None:
             return t
-        freqs = self.rotary[positions.transpose(0, 1)].squeeze(-2)  # [n, b, 1, rot]
-        return apply_rotary_pos_emb(t, freqs, config=self.config)
+        cos, sin = self._cos_sin
+        rot = cos.shape[-1]
+        x, rest = t[..., :rot], t[..., rot:]
+        x1, x2 = x.chunk(2, dim=-1)
+        x = x * cos.to(t.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(t.dtype)
+        return torch.cat((x, rest), dim=-1) if rest.shape[-1] else x
 
     def qkv(self, layer, x: Tensor, positions: Tensor):
         q, k, v = layer.self_attention.get_query_key_value_tensors(x)[:3]  # [n, b, heads|groups, d]
@@ -164,8 +170,10 @@ class SectionDecoder:
         n, b = x.shape[:2]
         q = q.view(n, b, self.heads, self.head_dim).permute(1, 2, 0, 3)
         keep = self._cross_keep if self._cross_keep is not None else self.cross_keep_mask(positions)
+        full = rows.shape[0] == self.ck[i].shape[0]  # a step over the whole cache: no gather copy
         out = F.scaled_dot_product_attention(
-            q, self.ck[i][rows], self.cv[i][rows], attn_mask=keep,
+            q, self.ck[i] if full else self.ck[i][rows], self.cv[i] if full else self.cv[i][rows],
+            attn_mask=keep,
             scale=getattr(cross.core_attention, "softmax_scale", None))
         out = out.permute(2, 0, 1, 3).reshape(n, b, -1)
         return _add_bias(cross.linear_proj(out))

@@ -47,6 +47,8 @@ def check_decodable(model, recurrent: bool = False) -> None:
                          "distributed_generation for one section per rank.")
     if cfg.window_size is not None:
         raise ValueError("window_size (sliding self-attention) is not supported by the decoder.")
+    if cfg.rotary_interleaved:
+        raise ValueError("rotary_interleaved=True is not supported by the decoder.")
     if recurrent and not (cfg.stag_shared_weights and cfg.stag_sections == 2):
         raise ValueError("recurrent=True needs stag_shared_weights=True and stag_sections=2: it "
                          "feeds pass 2's outputs back into its own cross-attention.")
