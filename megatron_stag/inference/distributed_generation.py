@@ -11,7 +11,9 @@ One decode step on rank k:
   4. wait for the irecv and store it as cross entry i+1, ready for the next step;
   5. the last rank samples token i+1 and broadcasts it (with the stop flags) to every rank.
 The critical path per token is therefore max(section time) + one small send + the broadcast, not
-the sum over sections as in megatron's pipeline engines. Prefill runs the sections over the prompt
+the sum over sections as in megatron's pipeline engines. The greedy fast path (`greedy_step`, CUDA
+graphs) also balances the sections: rank k-1 sends section k's cross-attention K/V of its output
+rather than the output itself, so section k never reads those projection weights. Prefill runs the sections over the prompt
 one after another (no gain there, as in the paper).
 """
 
@@ -50,6 +52,29 @@ class DistributedStaggeredGenerator:
         self.device, self.dtype, self.hidden = param.device, param.dtype, cfg.hidden_size
         self.decoder = SectionDecoder(model.blocks[0], self.k, cfg, batch, max_len,
                                       rotary_table(model, max_len), param.dtype, param.device)
+        self._share_next_kv_projection(cfg)
+
+    def _share_next_kv_projection(self, cfg) -> None:
+        """Balanced placement: section k-1's rank projects its output into section k's cross K/V.
+
+        Those projections depend only on section k-1's output, so computing them where it is
+        produced takes their weight reads off section k's critical path. Each rank hands its stacked
+        linear_kv weights to the previous rank once, here.
+        """
+        reqs, self.next_kv = [], None
+        if self.k > 0:
+            w, b = self.decoder.kv_weight, self.decoder.kv_bias
+            reqs += [dist.isend(t.contiguous(), self.ranks[self.k - 1], group=self.pp)
+                     for t in ([w] if b is None else [w, b])]
+        if not self.last:
+            width = 2 * self.decoder.heads * self.decoder.head_dim
+            n = cfg.section_layers[self.k + 1]
+            w = torch.empty((n, width, self.hidden), dtype=self.dtype, device=self.device)
+            b = torch.empty((n, width), dtype=self.dtype, device=self.device) if cfg.add_bias_linear else None
+            reqs += [dist.irecv(t, self.ranks[self.k + 1], group=self.pp) for t in ([w] if b is None else [w, b])]
+            self.next_kv = (w, b)
+        for r in reqs:
+            r.wait()
 
     def _send(self, t, k):
         return dist.isend(t.contiguous(), self.ranks[k], group=self.pp)
@@ -120,18 +145,24 @@ class DistributedStaggeredGenerator:
 
     # ------------------------------------------------------------------ greedy fast path
     def _compute(self, tokens, positions):
+        """The section's step; returns (message for the next rank, next tokens on the last rank).
+        The message is the next section's cross K/V of this output (balanced placement)."""
         rows = torch.arange(tokens.shape[0], device=self.device)
         e = self.model.embedding(input_ids=tokens[:, None], position_ids=positions[:, None])
         t = self.decoder.forward(e, positions[:, None], rows)
-        logits = output_logits(self.model, self.model.section_output([t]))[0] if self.last else None
-        next_tokens = logits.argmax(-1) if self.last else torch.zeros_like(tokens)
-        return t, next_tokens
+        if self.last:
+            logits = output_logits(self.model, self.model.section_output([t]))[0]
+            return t, logits.argmax(-1)
+        return SectionDecoder.project_entries(t, *self.next_kv), torch.zeros_like(tokens)
+
+    def _message_shape(self, b: int):
+        return (len(self.decoder.block.layers), b, 2 * self.decoder.heads * self.decoder.head_dim)
 
     def _capture(self, tokens, positions) -> None:
         """Two CUDA graphs: the section step, and the write of the received cross entry."""
         b = tokens.shape[0]
         self._tok, self._pos = tokens.clone(), positions.clone()
-        self._prev = torch.zeros((1, b, self.hidden), dtype=self.dtype, device=self.device)
+        self._prev = torch.zeros(self._message_shape(b), dtype=self.dtype, device=self.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-ups repeat the same step: same slots, same values
@@ -142,7 +173,7 @@ class DistributedStaggeredGenerator:
             self._t, self._next = self._compute(self._tok, self._pos)
         if self.k > 0:
             with torch.cuda.graph(self._g_write):
-                self.decoder.write_step_context(self._prev, self._pos + 1)
+                self.decoder.store_entries(self._prev, self._pos + 1)
 
     @torch.no_grad()
     def greedy_step(self, tokens, positions, cuda_graph: bool = True):
@@ -165,11 +196,12 @@ class DistributedStaggeredGenerator:
             t, nxt, prev = self._t, self._next, self._prev
         send = self._send(t, self.k + 1) if not self.last else None
         if self.k > 0:
-            buf, req = self._recv(t.shape, self.k - 1) if prev is None else (prev, dist.irecv(prev, self.ranks[self.k - 1], group=self.pp))
-            req.wait()
             if prev is None:
-                self.decoder.write_step_context(buf, positions + 1)
+                buf, req = self._recv(self._message_shape(tokens.shape[0]), self.k - 1)
+                req.wait()
+                self.decoder.store_entries(buf, positions + 1)
             else:
+                dist.irecv(prev, self.ranks[self.k - 1], group=self.pp).wait()
                 self._g_write.replay()
         if send is not None:
             send.wait()

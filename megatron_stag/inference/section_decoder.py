@@ -54,9 +54,12 @@ class SectionDecoder:
         self.cross_slots = self.window if self.window is not None else max_len
         self._self_keep = self._cross_keep = None
         if section > 0:
-            cshape = (batch, self.heads, self.cross_slots, self.head_dim)
-            self.ck = [torch.zeros(cshape, dtype=dtype, device=device) for _ in range(n)]
-            self.cv = [torch.zeros(cshape, dtype=dtype, device=device) for _ in range(n)]
+            # one tensor for all layers, so a step stores its new entry with a single index_put
+            cshape = (n, batch, self.heads, self.cross_slots, self.head_dim)
+            self.ck_all = torch.zeros(cshape, dtype=dtype, device=device)
+            self.cv_all = torch.zeros(cshape, dtype=dtype, device=device)
+            self.ck, self.cv = list(self.ck_all), list(self.cv_all)
+            self.kv_weight, self.kv_bias = self._stack_kv_projections()
 
     # ------------------------------------------------------------------ cross-attention memory
     def _cross_kv(self, layer, entries: Tensor):
@@ -88,20 +91,45 @@ class SectionDecoder:
         (a step writes slot (p+1) mod W, which the same step reads when W is small)."""
         return [*self.ck, *self.cv] if self.section > 0 and self.window is not None else []
 
-    def write_step_context(self, outputs: Tensor, entry: Tensor) -> None:
-        """Store outputs [1, b, h] of all rows as entries `entry` [b]: static shapes, no host sync.
+    def _stack_kv_projections(self):
+        """Re-home every layer's cross linear_kv weight into one [L, 2*heads*d, h] tensor (views,
+        no copy kept), so a step projects its new entry for all layers with one batched GEMM."""
+        linears = [layer.cross_attention.linear_kv for layer in self.block.layers]
+        weight = torch.stack([l.weight.data for l in linears])
+        for i, l in enumerate(linears):
+            l.weight.data = weight[i]
+        bias = None
+        if linears[0].bias is not None:
+            bias = torch.stack([l.bias.data for l in linears])
+            for i, l in enumerate(linears):
+                l.bias.data = bias[i]
+        return weight, bias
+
+    @staticmethod
+    def project_entries(outputs: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """Cross-attention K/V of one new entry for every layer: [1, b, h] -> [L, b, 2*heads*d].
+
+        Depends only on the previous section's output, so with one section per rank it runs on the
+        previous section's rank (off this section's critical path)."""
+        kv = torch.matmul(outputs[0].unsqueeze(0), weight.transpose(1, 2))
+        return kv if bias is None else kv + bias[:, None, :]
+
+    def store_entries(self, kv: Tensor, entry: Tensor) -> None:
+        """Store projected entries [L, b, 2*heads*d] at entry indices [b]: static shapes.
 
         Without a window, an entry past the cache (only after the last position) is clamped onto
-        the last slot, which no later step reads.
-        """
-        if self.section == 0:
-            return
+        the last slot, which no later step reads."""
+        n, b = kv.shape[:2]
+        key, value = kv.view(n, b, self.heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
         slots = entry % self.cross_slots if self.window is not None else entry.clamp(max=self.max_len - 1)
-        rows = torch.arange(outputs.shape[1], device=outputs.device)
-        for layer, ck, cv in zip(self.block.layers, self.ck, self.cv):
-            key, value = self._cross_kv(layer, outputs)  # [b, heads, 1, d]
-            ck[rows, :, slots] = key[:, :, 0]
-            cv[rows, :, slots] = value[:, :, 0]
+        rows = torch.arange(b, device=kv.device)
+        self.ck_all[:, rows, :, slots] = key.transpose(0, 1)  # indexed dims lead: [b, L, heads, d]
+        self.cv_all[:, rows, :, slots] = value.transpose(0, 1)
+
+    def write_step_context(self, outputs: Tensor, entry: Tensor) -> None:
+        """Store the previous section's outputs [1, b, h] as entries `entry` [b] (one step)."""
+        if self.section > 0:
+            self.store_entries(self.project_entries(outputs, self.kv_weight, self.kv_bias), entry)
 
     # ------------------------------------------------------------------ layer maths
     def begin(self, positions: Tensor, prefill: bool = False) -> None:
