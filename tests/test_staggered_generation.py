@@ -16,6 +16,7 @@ ATOL = 1e-4
 VARIANTS = {
     "p2-separate": dict(),
     "p2-shared": dict(stag_shared_weights=True),
+    "p2-shared-rope": dict(stag_shared_weights=True, position_embedding_type="rope"),
     "p2-window1": dict(stag_cross_window=1),
     "p2-window4": dict(stag_cross_window=4),
     "p3-combine": dict(stag_sections=3, num_layers=6, stag_output="combine"),

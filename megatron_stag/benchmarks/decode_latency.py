@@ -97,8 +97,16 @@ def bench_staggered_ranks(a: ModelArgs, batch: int, ns) -> dict:
             pos = pos + 1
 
     per_token = _timed(loop, ns.new - 1)
+    # bytes this rank reads per step: its parameters, minus its own cross K/V projections (the
+    # previous rank applies them), plus the next section's (applied here)
+    read = _weight_bytes(model)
+    if gen.decoder.section > 0:
+        read -= sum(t.numel() * t.element_size() for t in (gen.decoder.kv_weight, gen.decoder.kv_bias)
+                    if t is not None)
+    if gen.next_kv is not None:
+        read += sum(t.numel() * t.element_size() for t in gen.next_kv if t is not None)
     out = dict(per_token_ms=per_token * 1e3, tokens_per_s=batch / per_token,
-               weight_bytes=_max_over_ranks(_weight_bytes(model)))
+               weight_bytes=_max_over_ranks(read))
     del gen, model
     _free()
     return out

@@ -118,6 +118,8 @@ class StaggeredGenerator:
         pos_all = pos.repeat(len(decs), 1)
         for d in decs:
             d.begin(pos)
+        if decs[0].rotary is not None:  # the batched q/k carry p*b rows: repeat cos/sin per pass
+            decs[0]._cos_sin = tuple(c.repeat(1, len(decs), 1, 1) for c in decs[0]._cos_sin)
         for i, owner in enumerate(decs[0].block.layers):
             x = torch.cat(hs, dim=1)
             q, k, v = decs[0].qkv(owner, owner.input_layernorm(x), pos_all)
