@@ -60,7 +60,7 @@ def run_quickstart(out: Path, iterations: int = 400, corpus_mb: float = 6.0, see
     train_batches = RandomWindows(load_token_stream(prefixes["train"]), seq, batch=16, seed=seed)
     valid_batches = RandomWindows(load_token_stream(prefixes["valid"]), seq, batch=16, seed=seed + 1)
     settings = TrainSettings(iterations=iterations, warmup=max(1, min(30, iterations // 10)),
-                             eval_interval=max(1, iterations // 3))
+                             eval_interval=max(1, iterations // 4))
     records = train(model, args, train_batches, valid_batches, settings, out / "checkpoints", spm_path)
 
     ckpt = latest_checkpoint(out / "checkpoints")
