@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_stag.inference.sampling import SamplingParams, sample
+from megatron_stag.inference.sampling import SamplingParams, append_tokens, sample
 from megatron_stag.inference.section_decoder import SectionDecoder
 from megatron_stag.inference.staggered_generation import GenerationResult, output_logits, rotary_table
 
@@ -235,11 +235,11 @@ class DistributedStaggeredGenerator:
             tokens = sample(torch.stack(last_logits), params, gen)
         tokens = self._broadcast(tokens)
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
-        out = [[t] for t in tokens.tolist()]
-        done = torch.tensor([t in params.stop_ids for t in tokens.tolist()])
+        out, done = [[] for _ in prompts], [False] * len(prompts)
+        append_tokens(out, done, tokens, params.stop_ids)
         step_logits = []
         for _ in range(params.max_new_tokens - 1):
-            if bool(done.all()):
+            if all(done):
                 break
             logits = self._step(tokens, positions)
             if self.last:
@@ -247,9 +247,6 @@ class DistributedStaggeredGenerator:
                     step_logits.append(logits)
                 tokens = sample(logits, params, gen)
             tokens, positions = self._broadcast(tokens), positions + 1
-            for r, t in enumerate(tokens.tolist()):
-                if not done[r]:
-                    out[r].append(t)
-                    done[r] = t in params.stop_ids
+            append_tokens(out, done, tokens, params.stop_ids)
         return GenerationResult(out, None, torch.stack(step_logits) if step_logits else None,
                                 time.perf_counter() - start)

@@ -45,3 +45,11 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def append_tokens(out: list[list[int]], done: list[bool], tokens: Tensor, stop_ids) -> None:
+    """Add each unfinished row's new token; a row finishes on a stop id (which it keeps)."""
+    for r, t in enumerate(tokens.tolist()):
+        if not done[r]:
+            out[r].append(t)
+            done[r] = t in stop_ids

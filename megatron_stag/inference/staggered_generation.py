@@ -28,7 +28,7 @@ from torch import Tensor
 
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_stag.inference.sampling import SamplingParams, sample
+from megatron_stag.inference.sampling import SamplingParams, append_tokens, sample
 from megatron_stag.inference.section_decoder import SectionDecoder, _add_bias
 
 
@@ -199,20 +199,17 @@ class StaggeredGenerator:
         last = torch.stack([l[-1] for l in prompt_logits])
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
         tokens = sample(last, params, gen)
-        out = [[t] for t in tokens.tolist()]
-        done = torch.tensor([t in params.stop_ids for t in tokens.tolist()])
+        out, done = [[] for _ in prompts], [False] * len(prompts)
+        append_tokens(out, done, tokens, params.stop_ids)
         step_logits = []
         for i in range(params.max_new_tokens - 1):
-            if bool(done.all()):
+            if all(done):
                 break
             logits = self.step(tokens, positions)
             if keep_logits:
                 step_logits.append(logits)
             tokens, positions = sample(logits, params, gen), positions + 1
-            for r, t in enumerate(tokens.tolist()):
-                if not done[r]:
-                    out[r].append(t)
-                    done[r] = t in params.stop_ids
+            append_tokens(out, done, tokens, params.stop_ids)
             if progress:
                 _progress(i + 2, params.max_new_tokens, len(prompts), start)
         if progress:

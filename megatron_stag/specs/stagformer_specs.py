@@ -30,6 +30,21 @@ Backend = Literal["local", "te"]
 CoreAttention = Literal["sdpa", "local"]
 
 
+def _with_cross_attention(subs, norm, linear_q, linear_kv, core, linear_proj):
+    """Fill TransformerLayer's cross-attention slots with the staggered cross-attention."""
+    return dataclasses.replace(
+        subs,
+        pre_cross_attn_layernorm=norm,
+        cross_attention=ModuleSpec(
+            module=StaggeredCrossAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=CrossAttentionSubmodules(
+                linear_q=linear_q, linear_kv=linear_kv, core_attention=core, linear_proj=linear_proj),
+        ),
+        cross_attn_bda=get_bias_dropout_add,
+    )
+
+
 def default_backend() -> Backend:
     """Transformer Engine when it imports, otherwise megatron's local modules."""
     return "te" if HAVE_TE else "local"
@@ -52,21 +67,8 @@ def _local_layer_spec(normalization: str, core_attention: CoreAttention, cross: 
         subs = dataclasses.replace(subs, self_attention=attn)
     if cross:
         core = SDPAttention if core_attention == "sdpa" else LocalSpecProvider().core_attention()
-        subs = dataclasses.replace(
-            subs,
-            pre_cross_attn_layernorm=subs.input_layernorm,
-            cross_attention=ModuleSpec(
-                module=StaggeredCrossAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=CrossAttentionSubmodules(
-                    linear_q=ColumnParallelLinear,
-                    linear_kv=ColumnParallelLinear,
-                    core_attention=core,
-                    linear_proj=RowParallelLinear,
-                ),
-            ),
-            cross_attn_bda=get_bias_dropout_add,
-        )
+        subs = _with_cross_attention(subs, subs.input_layernorm, ColumnParallelLinear,
+                                     ColumnParallelLinear, core, RowParallelLinear)
     return dataclasses.replace(spec, submodules=subs)
 
 
@@ -86,21 +88,8 @@ def _te_layer_spec(normalization: str, cross: bool) -> ModuleSpec:
     spec = get_gpt_layer_with_transformer_engine_spec()
     if not cross:
         return spec
-    subs = dataclasses.replace(
-        spec.submodules,
-        pre_cross_attn_layernorm=TENorm,
-        cross_attention=ModuleSpec(
-            module=StaggeredCrossAttention,
-            params={"attn_mask_type": AttnMaskType.causal},
-            submodules=CrossAttentionSubmodules(
-                linear_q=TEColumnParallelLinear,
-                linear_kv=TEColumnParallelLinear,
-                core_attention=TEDotProductAttention,
-                linear_proj=TERowParallelLinear,
-            ),
-        ),
-        cross_attn_bda=get_bias_dropout_add,
-    )
+    subs = _with_cross_attention(spec.submodules, TENorm, TEColumnParallelLinear,
+                                 TEColumnParallelLinear, TEDotProductAttention, TERowParallelLinear)
     return dataclasses.replace(spec, submodules=subs)
 
 
