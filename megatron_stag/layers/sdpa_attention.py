@@ -9,6 +9,7 @@ staggered cross-attention (whose keys are shifted so the stagger is an ordinary 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -115,7 +116,7 @@ class SDPAttention(MegatronModule):
             mask = ~attention_mask  # megatron: True = masked out; SDPA: True = attend
         dropout_p = self.dropout_p if self.training else 0.0
         rng = (tensor_parallel.get_cuda_rng_tracker().fork()
-               if dropout_p > 0 and not self.config.sequence_parallel else _null_context())
+               if dropout_p > 0 and not self.config.sequence_parallel else contextlib.nullcontext())
         with rng:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
@@ -123,11 +124,3 @@ class SDPAttention(MegatronModule):
             )
         # [b, n, s, d] -> [s, b, n*d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
-
-
-class _null_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
