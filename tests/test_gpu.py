@@ -16,7 +16,8 @@ def test_cpu_adapter_is_inert_with_cuda():
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(stag_shared_weights=True), dict(stag_cross_window=1),
-                                     dict(position_embedding_type="rope")])
+                                     dict(position_embedding_type="rope"),
+                                     dict(stag_sections=3, num_layers=6, stag_output="combine")])
 def test_cuda_graph_decode_equals_forward(variant):
     from megatron_stag.inference.sampling import SamplingParams
     from megatron_stag.inference.staggered_generation import StaggeredGenerator

@@ -51,13 +51,14 @@ def _free():
     torch.cuda.empty_cache()
 
 
-def bench_single(a: ModelArgs, batch: int, ns, recurrent: bool = False, tp: int = 1) -> dict:
+def bench_single(a: ModelArgs, batch: int, ns, recurrent: bool = False, tp: int = 1,
+                 concurrent: bool = True) -> dict:
     from megatron_stag.inference.staggered_generation import StaggeredGenerator
 
     model = a.build(a.config(tp=tp, dtype=torch.bfloat16)).cuda().eval()
     prompts = _prompts(batch, ns.prompt, a.vocab_size)
     gen = StaggeredGenerator(model, ns.prompt + ns.new, batch, recurrent=recurrent, cuda_graph=True,
-                             compile=ns.compile)
+                             compile=ns.compile, concurrent_sections=concurrent)
     with torch.no_grad():
         tokens = torch.stack([gen.prefill(r, p)[-1] for r, p in enumerate(prompts)]).argmax(-1)
     positions = torch.full((batch,), ns.prompt, device="cuda")
@@ -214,12 +215,14 @@ def main(argv=None) -> None:
         initialize(tp=1, pp=1)
         bw = copy_bandwidth_gbs()
         cases = [("baseline GPT", base, False), ("StagFormer p=2 separate", stag, False),
+                 ("StagFormer p=2 separate, sections in sequence", stag, None),
                  ("StagFormer p=2 separate, window 1", replace(stag, stag_cross_window=1), False),
                  ("StagFormer p=2 shared (batched passes)", replace(stag, stag_shared_weights=True), False),
                  ("StagFormer p=2 shared, recurrent", replace(stag, stag_shared_weights=True), True)]
         for b in batches:
             for name, a, rec in cases:
-                rows.append(dict(model=name, gpus=1, batch=b, **bench_single(a, b, ns, rec)))
+                rows.append(dict(model=name, gpus=1, batch=b, **bench_single(
+                    a, b, ns, bool(rec), concurrent=rec is not None)))
                 print(f"{name} batch {b}: {rows[-1]['per_token_ms']:.3f} ms/token", flush=True)
     else:
         cases = [("baseline GPT PP=2 (stages in sequence)", dict(tp=1, pp=2),

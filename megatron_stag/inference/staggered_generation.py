@@ -6,7 +6,8 @@ stored as entry i+1 of the next section's cross cache. So the sections of a step
 could run concurrently; `distributed_generation.py` puts one section on each rank) and the logits equal
 the teacher-forced forward's (tested).
 
-Shared weights: the passes of a step go through the shared modules together (p*b rows, one read of
+Separate weights on CUDA: each section of a step runs on its own stream, captured as parallel
+branches of the step's CUDA graph. Shared weights: the passes of a step go through the shared modules together (p*b rows, one read of
 the weights); only attention (per-pass caches) and the per-pass cross-attention run separately.
 On CUDA the step can be captured once as a CUDA graph and replayed (`cuda_graph=True`): shapes are
 static and the step makes no host synchronisation; sampling runs outside the graph.
@@ -71,7 +72,8 @@ class StaggeredGenerator:
     """All sections of a StagFormerModel (built with PP=1) decoding on one device."""
 
     def __init__(self, model, max_len: int, batch: int, recurrent: bool = False,
-                 cuda_graph: bool = False, batch_shared_passes: bool = True, compile: bool = False):
+                 cuda_graph: bool = False, batch_shared_passes: bool = True, compile: bool = False,
+                 concurrent_sections: bool = True):
         check_decodable(model, recurrent)
         if model.position_embedding_type == "learned_absolute" and max_len > model.max_sequence_length:
             raise ValueError(f"max_len={max_len} exceeds the model's {model.max_sequence_length} "
@@ -89,6 +91,8 @@ class StaggeredGenerator:
                              and not recurrent and len(self.decoders) > 1)
         self.cuda_graph = cuda_graph and param.device.type == "cuda"
         self._graph = None
+        self.concurrent_sections = concurrent_sections and self.cuda_graph
+        self._streams = [torch.cuda.Stream() for _ in self.decoders] if self.concurrent_sections else []
         # torch.compile fuses the step's many small kernels (norms, rope, masks, bias adds).
         self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
 
@@ -134,6 +138,21 @@ class StaggeredGenerator:
             hs = list((x + _add_bias(owner.mlp(owner.pre_mlp_layernorm(x)))).split(b, dim=1))
         return [d.block.final_layernorm(h) for d, h in zip(decs, hs)]
 
+    def _run_sections(self, decoders, e: Tensor, pos: Tensor, rows: Tensor) -> list[Tensor]:
+        """The sections of one step are independent: on CUDA each runs on its own stream (parallel
+        branches once captured in a graph), so small decode kernels of different sections overlap."""
+        if len(decoders) == 1 or not self.concurrent_sections:
+            return [dec.forward(e, pos, rows) for dec in decoders]
+        main = torch.cuda.current_stream()
+        outs = []
+        for dec, stream in zip(decoders, self._streams):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outs.append(dec.forward(e, pos, rows))
+        for stream in self._streams[: len(decoders)]:
+            main.wait_stream(stream)
+        return outs
+
     def _step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         rows = torch.arange(tokens.shape[0], device=self.device)
         pos = positions[:, None]
@@ -142,7 +161,7 @@ class StaggeredGenerator:
             outs = self._shared_passes(e, pos, rows)
         else:
             active = self.decoders[1:] if self.recurrent else self.decoders
-            outs = [dec.forward(e, pos, rows) for dec in active]  # independent within the step
+            outs = self._run_sections(active, e, pos, rows)
         if self.recurrent:
             self.decoders[1].write_step_context(outs[0], positions + 1)
         else:
