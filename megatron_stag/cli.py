@@ -15,6 +15,16 @@ def _quickstart(ns) -> int:
     return 0
 
 
+def _prepare_data(ns) -> int:
+    from megatron_stag.data.prepare import prepare_dataset
+
+    prefix, model = prepare_dataset(ns.input, Path(ns.output_prefix), vocab_size=ns.vocab_size,
+                                    tokenizer=Path(ns.tokenizer) if ns.tokenizer else None,
+                                    workers=ns.workers, json_key=ns.json_key)
+    print(f"wrote {prefix}.bin/.idx (tokenizer {model})")
+    return 0
+
+
 def _read_prompts(ns) -> list[str]:
     prompts = list(ns.prompt or [])
     if ns.prompt_file:
@@ -48,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--corpus-mb", type=float, default=6.0, help="MB of stdlib sources to use")
     q.add_argument("--seed", type=int, default=1234)
     q.set_defaults(func=_quickstart)
+
+    d = sub.add_parser("prepare-data", help="text/JSONL files or folders -> megatron indexed dataset")
+    d.add_argument("--input", nargs="+", required=True, help="files or directories")
+    d.add_argument("--output-prefix", required=True, help="writes <prefix>_text_document.bin/.idx")
+    d.add_argument("--tokenizer", help="existing sentencepiece .model (default: train one)")
+    d.add_argument("--vocab-size", type=int, default=16000)
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--json-key", default="text", help="field holding the text in .jsonl inputs")
+    d.set_defaults(func=_prepare_data)
 
     g = sub.add_parser("generate", help="staggered generation from a checkpoint")
     g.add_argument("checkpoint", help="a checkpoint directory (iter_*) or a run's checkpoints folder")

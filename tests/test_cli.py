@@ -38,7 +38,7 @@ def test_quickstart_trains_and_decodes_exactly(quickstart_run):
     assert summary["final_loss"] < summary["first_loss"] - 0.3, summary
     assert summary["decode_vs_forward_max_abs_diff"] < 1e-4
     assert "iteration    100/100" in proc.stderr and "tokens/s" in proc.stderr and "ETA" in proc.stderr
-    assert (out / "data" / "train_text_document.bin").is_file()
+    assert (out / "data" / "stdlib_text_document.bin").is_file()
 
 
 def test_generate_from_checkpoint(quickstart_run, tmp_path):

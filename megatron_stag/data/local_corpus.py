@@ -1,18 +1,15 @@
 """Real text that every machine has: the Python standard library's own sources.
 
 No data set can be downloaded at run time, so the quickstart and tests read `.py` files under
-`sysconfig.get_paths()["stdlib"]` (tens of MB, present wherever Python is). Files are split into
-train / valid by a hash of their relative path, so the split is stable across machines and a held-out
-file never contributes training text.
+`sysconfig.get_paths()["stdlib"]` (tens of MB, present wherever Python is), in sorted order, so
+megatron's in-order document split keeps held-out files out of training.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sysconfig
 from pathlib import Path
-from typing import Iterator
 
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3", "turtledemo"}
 
@@ -38,15 +35,3 @@ def stdlib_files(max_bytes: int | None = None, root: Path | None = None) -> list
         out.append(f)
         total += size
     return out
-
-
-def split_of(path: Path, root: Path, valid_percent: int = 5) -> str:
-    digest = hashlib.sha1(str(path.relative_to(root)).encode()).digest()
-    return "valid" if digest[0] * 100 // 256 < valid_percent else "train"
-
-
-def read_texts(files: list[Path]) -> Iterator[str]:
-    for f in files:
-        text = f.read_text(encoding="utf-8", errors="replace").strip()
-        if text:
-            yield text

@@ -1,4 +1,4 @@
-"""Token streams in megatron's indexed dataset format (.bin/.idx), and LM batches from them."""
+"""Megatron indexed datasets (.bin/.idx): written atomically, checked before use."""
 
 from __future__ import annotations
 
@@ -44,36 +44,21 @@ def _bar(done: int, total: int | None, start: float) -> None:
         print(f"\rtokenizing {done} docs {rate:.0f} docs/s", end="", file=sys.stderr)
 
 
-def load_token_stream(prefix: Path) -> np.ndarray:
-    """All tokens of an indexed dataset as one array; corrupt or truncated files get a clear error."""
+def check_indexed_dataset(prefix: Path) -> None:
+    """Fail clearly on a missing, truncated or corrupt .bin/.idx pair before training reads it."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefix = Path(prefix)
     for suffix in (".bin", ".idx"):
         if not Path(f"{prefix}{suffix}").is_file():
-            raise FileNotFoundError(f"dataset file {prefix}{suffix} is missing: run data preparation.")
+            raise FileNotFoundError(f"dataset file {prefix}{suffix} is missing: run "
+                                    f"`megatron-stag prepare-data` first.")
     try:
         ds = IndexedDataset(str(prefix), mmap=True)
-        return np.concatenate([np.asarray(ds[i]) for i in range(len(ds))]).astype(np.int64)
+        expected = int(ds.sequence_lengths.sum()) * np.dtype(ds.index.dtype).itemsize
     except Exception as err:
-        raise ValueError(f"dataset {prefix} is corrupt or truncated ({err}): prepare it again.") from err
-
-
-class RandomWindows:
-    """Batches of random (input, label) windows from a token stream; seeded and resumable."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch: int, seed: int):
-        if len(tokens) <= seq_len + 1:
-            raise ValueError(f"{len(tokens)} tokens cannot fill one window of {seq_len + 1}.")
-        self.tokens = torch.from_numpy(tokens)
-        self.seq_len, self.batch = seq_len, batch
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __next__(self):
-        starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (self.batch,),
-                               generator=self.generator)
-        windows = torch.stack([self.tokens[s: s + self.seq_len + 1] for s in starts.tolist()])
-        return windows[:, :-1], windows[:, 1:]
-
-    def __iter__(self):
-        return self
+        raise ValueError(f"dataset index {prefix}.idx is corrupt ({err}): prepare the data again.") from None
+    actual = Path(f"{prefix}.bin").stat().st_size
+    if actual != expected:
+        raise ValueError(f"dataset {prefix}.bin has {actual} bytes but its index describes {expected}: "
+                         f"the file is truncated or corrupt; prepare the data again.")

@@ -1,4 +1,6 @@
-"""Sentencepiece tokenizers: trained with sentencepiece, used through megatron's wrapper."""
+"""Sentencepiece tokenizers: trained with sentencepiece, used through megatron's tokenizer
+(`megatron.core.tokenizers.MegatronTokenizer`: `tokenize`, `detokenize`, `vocab_size`, `eod`), which
+megatron's GPT datasets also require."""
 
 from __future__ import annotations
 
@@ -35,11 +37,12 @@ def train_sentencepiece(texts: Iterable[str], model_path: Path, vocab_size: int)
 
 
 def load_tokenizer(model_path: Path):
-    """megatron's SentencePieceTokenizer for a .model file, with a clear error if it is missing."""
+    """megatron's text tokenizer for a sentencepiece .model file (clear error if it is missing)."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"tokenizer model {model_path} does not exist: pass the .model file "
                                 f"written by training (e.g. <checkpoint>/tokenizer.model).")
-    from megatron.core.tokenizers.text.libraries.sentencepiece_tokenizer import SentencePieceTokenizer
+    from megatron.core.tokenizers import MegatronTokenizer
 
-    return SentencePieceTokenizer(str(model_path), ignore_extra_whitespaces=False)
+    return MegatronTokenizer.from_pretrained(tokenizer_path=str(model_path),
+                                             metadata_path={"library": "sentencepiece"})

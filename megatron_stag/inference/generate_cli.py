@@ -41,12 +41,12 @@ def generate_from_checkpoint(ns, prompts: list[str]) -> int:
     if tok.vocab_size > args.vocab_size:
         raise SystemExit(f"tokenizer {tok_path} has {tok.vocab_size} pieces but the model was trained "
                          f"with vocab_size={args.vocab_size}: use the checkpoint's own tokenizer.")
-    ids = [tok.text_to_ids(p) for p in prompts]
+    ids = [tok.tokenize(p) for p in prompts]
     for p, i in zip(prompts, ids):
         if len(i) + ns.max_new_tokens > args.max_sequence_length:
             raise SystemExit(f"prompt {p[:40]!r}... has {len(i)} tokens; with --max-new-tokens "
                              f"{ns.max_new_tokens} it exceeds the context of {args.max_sequence_length}.")
-    stop_ids = tuple(t for s in ns.stop for t in tok.text_to_ids(s)[-1:])
+    stop_ids = tuple(t for s in ns.stop for t in tok.tokenize(s)[-1:])
     params = SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
                             top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, stop_ids=stop_ids)
     import torch.distributed as dist
@@ -79,7 +79,7 @@ def generate_from_checkpoint(ns, prompts: list[str]) -> int:
     n_tokens = sum(len(t) for t in result.tokens)
     print(f"{n_tokens} tokens in {result.seconds:.2f}s ({n_tokens / result.seconds:.1f} tokens/s)",
           file=sys.stderr)
-    records = [dict(prompt=p, completion=tok.ids_to_text(t), tokens=t)
+    records = [dict(prompt=p, completion=tok.detokenize(t), tokens=t)
                for p, t in zip(prompts, result.tokens)]
     if ns.output:
         Path(ns.output).write_text("".join(json.dumps(r) + "\n" for r in records))
