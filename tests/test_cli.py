@@ -21,7 +21,7 @@ def cli(*args, check=True):
 
 def test_help_lists_subcommands():
     out = cli("--help").stdout
-    for sub in ("quickstart", "generate"):
+    for sub in ("quickstart", "prepare-data", "generate"):
         assert sub in out
 
 
