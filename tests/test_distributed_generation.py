@@ -1,6 +1,5 @@
 """One section per rank (gloo, 2 and 3 ranks) decodes exactly what one process decodes."""
 
-import os
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import torch
 
 from megatron_stag.inference.sampling import SamplingParams
 from megatron_stag.inference.staggered_generation import StaggeredGenerator
-from tests.model_factory import VOCAB, tiny_model
+from tests.model_factory import tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 

@@ -73,8 +73,6 @@ def bench_single(a: ModelArgs, batch: int, ns, recurrent: bool = False, tp: int 
     per_token = _timed(loop, ns.new - 1)
     out = dict(per_token_ms=per_token * 1e3, tokens_per_s=batch / per_token,
                weight_bytes=_weight_bytes(model))
-    del gen, model
-    _free()
     return out
 
 
@@ -108,8 +106,6 @@ def bench_staggered_ranks(a: ModelArgs, batch: int, ns) -> dict:
         read += sum(t.numel() * t.element_size() for t in gen.next_kv if t is not None)
     out = dict(per_token_ms=per_token * 1e3, tokens_per_s=batch / per_token,
                weight_bytes=_max_over_ranks(read))
-    del gen, model
-    _free()
     return out
 
 
@@ -172,8 +168,6 @@ def bench_pipeline_sequential(a: ModelArgs, batch: int, ns) -> dict:
     per_token = _timed(loop, ns.new - 1)
     out = dict(per_token_ms=per_token * 1e3, tokens_per_s=batch / per_token,
                weight_bytes=_sum_over_ranks(_weight_bytes(model)))
-    del graph, dec, model
-    _free()
     return out
 
 
@@ -223,6 +217,7 @@ def main(argv=None) -> None:
             for name, a, rec in cases:
                 rows.append(dict(model=name, gpus=1, batch=b, **bench_single(
                     a, b, ns, bool(rec), concurrent=rec is not None)))
+                _free()  # the model and its caches went out of scope with the call
                 print(f"{name} batch {b}: {rows[-1]['per_token_ms']:.3f} ms/token", flush=True)
     else:
         cases = [("baseline GPT PP=2 (stages in sequence)", dict(tp=1, pp=2),
@@ -238,6 +233,7 @@ def main(argv=None) -> None:
             bw = bw or copy_bandwidth_gbs()
             for b in batches:
                 r = fn(b)
+                _free()
                 if name.endswith("TP=2"):
                     r["weight_bytes"] = _max_over_ranks(r["weight_bytes"])
                 rows.append(dict(model=name, gpus=world, batch=b, **r))
