@@ -73,18 +73,22 @@ class SectionDecoder:
         """Store context entries [n, b', h] as entries first_entry[r]..+n-1 of rows `rows`."""
         if self.section == 0:
             return
-        n = entries.shape[0]
-        index = first_entry[:, None] + torch.arange(n, device=entries.device)[None]  # [b', n]
+        for i, layer in enumerate(self.block.layers):
+            self._store_kv(i, *self._cross_kv(layer, entries), first_entry, rows)
+
+    def _store_kv(self, i: int, key: Tensor, value: Tensor, first_entry: Tensor, rows: Tensor) -> None:
+        """Store layer i's projected entries [b', heads, n, d] from entry index first_entry[r] on."""
+        n = key.shape[2]
+        index = first_entry[:, None] + torch.arange(n, device=key.device)[None]  # [b', n]
         keep = index < self.max_len if self.window is None else torch.ones_like(index, dtype=torch.bool)
         slots = index % self.cross_slots
         if self.window is not None and n > self.cross_slots:  # only the newest W entries survive
-            entries, slots, keep = entries[-self.cross_slots:], slots[:, -self.cross_slots:], keep[:, -self.cross_slots:]
-        for layer, ck, cv in zip(self.block.layers, self.ck, self.cv):
-            key, value = self._cross_kv(layer, entries)  # [b', heads, n, d]
-            for r_i, r in enumerate(rows.tolist()):
-                s = slots[r_i][keep[r_i]]
-                ck[r, :, s] = key[r_i][:, keep[r_i]]
-                cv[r, :, s] = value[r_i][:, keep[r_i]]
+            c = self.cross_slots
+            key, value, slots, keep = key[:, :, -c:], value[:, :, -c:], slots[:, -c:], keep[:, -c:]
+        for r_i, r in enumerate(rows.tolist()):
+            s = slots[r_i][keep[r_i]]
+            self.ck[i][r, :, s] = key[r_i][:, keep[r_i]]
+            self.cv[i][r, :, s] = value[r_i][:, keep[r_i]]
 
     def ring_state(self) -> list[Tensor]:
         """The windowed cross caches: the only state a repeated step does not rewrite identically
@@ -206,13 +210,14 @@ class SectionDecoder:
         out = out.permute(2, 0, 1, 3).reshape(n, b, -1)
         return _add_bias(cross.linear_proj(out))
 
-    def _prefill_cross_attention(self, layer, x: Tensor, entries: Tensor) -> Tensor:
-        """Whole-prompt cross-attention over freshly computed entries (a single row)."""
+    def _prefill_cross_attention(self, i: int, layer, x: Tensor, entries: Tensor, rows: Tensor) -> Tensor:
+        """Whole-prompt cross-attention over freshly projected entries, which are also cached."""
         cross = layer.cross_attention
         q, _ = cross.linear_q(x)
         n, b = x.shape[:2]
         q = q.view(n, b, self.heads, self.head_dim).permute(1, 2, 0, 3)
         key, value = self._cross_kv(layer, entries)
+        self._store_kv(i, key, value, torch.zeros_like(rows), rows)
         w = None if self.window is None else self.window - 1
         mask = banded_causal_mask(n, n, w, x.device)
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask,
@@ -235,11 +240,9 @@ class SectionDecoder:
             if self.section > 0:
                 x = layer.pre_cross_attn_layernorm(h)
                 if entries is not None:
-                    h = h + self._prefill_cross_attention(layer, x, entries)
+                    h = h + self._prefill_cross_attention(i, layer, x, entries, rows)
                 else:
                     h = h + self.cross_attention(i, layer, x, positions, rows)
             h = h + _add_bias(layer.mlp(layer.pre_mlp_layernorm(h)))
-        if entries is not None:
-            self.write_context(entries, torch.zeros_like(rows), rows)
         norm = self.block.final_layernorm  # absent on a stage that ends mid-section
         return norm(h) if norm is not None else h
