@@ -91,5 +91,7 @@ def test_sampling_controls():
     assert a.tokens == b.tokens
     with pytest.raises(ValueError, match="exceeds the context"):
         gen.generate([[1] * 30], SamplingParams(max_new_tokens=5))
+    with pytest.raises(ValueError, match="at least one token"):
+        gen.generate([[1], []], SamplingParams(max_new_tokens=2))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_stag.inference.sampling import SamplingParams, append_tokens, sample
+from megatron_stag.inference.sampling import SamplingParams, check_prompts, decode_loop
 from megatron_stag.inference.section_decoder import SectionDecoder
 from megatron_stag.inference.staggered_generation import GenerationResult, output_logits, rotary_table
 
@@ -222,31 +222,12 @@ class DistributedStaggeredGenerator:
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  keep_logits: bool = False) -> GenerationResult:
         """Collective over the pipeline group: every rank calls it with the same prompts."""
-        longest = max(len(p) for p in prompts)
-        if longest + params.max_new_tokens > self.max_len or len(prompts) > self.batch:
-            raise ValueError(f"prompts need {longest + params.max_new_tokens} positions and "
-                             f"{len(prompts)} rows; the generator has {self.max_len} and {self.batch}.")
+        check_prompts(prompts, params, self.max_len, self.batch)
         start = time.perf_counter()
-        gen = torch.Generator().manual_seed(params.seed)
-        b = len(prompts)
         last_logits = [self._prefill(r, p) for r, p in enumerate(prompts)]
-        tokens = torch.zeros(b, dtype=torch.long, device=self.device)
-        if self.last:
-            tokens = sample(torch.stack(last_logits), params, gen)
-        tokens = self._broadcast(tokens)
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
-        out, done = [[] for _ in prompts], [False] * len(prompts)
-        append_tokens(out, done, tokens, params.stop_ids)
-        step_logits = []
-        for _ in range(params.max_new_tokens - 1):
-            if all(done):
-                break
-            logits = self._step(tokens, positions)
-            if self.last:
-                if keep_logits:
-                    step_logits.append(logits)
-                tokens = sample(logits, params, gen)
-            tokens, positions = self._broadcast(tokens), positions + 1
-            append_tokens(out, done, tokens, params.stop_ids)
+        out, step_logits = decode_loop(torch.stack(last_logits) if self.last else None, self._step,
+                                       positions, params, len(prompts), samples_here=self.last,
+                                       broadcast=self._broadcast, keep_logits=keep_logits)
         return GenerationResult(out, None, torch.stack(step_logits) if step_logits else None,
                                 time.perf_counter() - start)

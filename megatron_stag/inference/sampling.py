@@ -53,3 +53,46 @@ def append_tokens(out: list[list[int]], done: list[bool], tokens: Tensor, stop_i
         if not done[r]:
             out[r].append(t)
             done[r] = t in stop_ids
+
+
+def check_prompts(prompts: list[list[int]], params: SamplingParams, max_len: int, batch: int) -> None:
+    """Prompts fit the generator: non-empty, at most `batch` rows, prompt + new tokens <= max_len."""
+    if not prompts or min(len(p) for p in prompts) < 1:
+        raise ValueError("every prompt needs at least one token.")
+    if len(prompts) > batch:
+        raise ValueError(f"{len(prompts)} prompts exceed the generator's batch of {batch}.")
+    longest = max(len(p) for p in prompts)
+    if longest + params.max_new_tokens > max_len:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+            f"context of {max_len}: shorten the prompt or lower max_new_tokens.")
+
+
+def decode_loop(first_logits, step, positions: Tensor, params: SamplingParams, rows: int,
+                samples_here: bool = True, broadcast=lambda t: t, keep_logits: bool = False,
+                on_token=None):
+    """The token loop shared by every generator: sample, append, stop, step.
+
+    `step(tokens, positions)` returns the next logits (or None on ranks that do not sample);
+    `broadcast` hands the sampled tokens to every rank. Returns (tokens per row, kept step logits).
+    """
+    gen = torch.Generator().manual_seed(params.seed)
+    tokens = sample(first_logits, params, gen) if samples_here else torch.zeros(
+        rows, dtype=torch.long, device=positions.device)
+    tokens = broadcast(tokens)
+    out, done = [[] for _ in range(rows)], [False] * rows
+    append_tokens(out, done, tokens, params.stop_ids)
+    kept = []
+    for i in range(params.max_new_tokens - 1):
+        if all(done):
+            break
+        logits = step(tokens, positions)
+        if samples_here:
+            if keep_logits:
+                kept.append(logits)
+            tokens = sample(logits, params, gen)
+        tokens, positions = broadcast(tokens), positions + 1
+        append_tokens(out, done, tokens, params.stop_ids)
+        if on_token is not None:
+            on_token(i + 2)
+    return out, kept

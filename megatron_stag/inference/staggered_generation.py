@@ -29,7 +29,7 @@ from torch import Tensor
 
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_stag.inference.sampling import SamplingParams, append_tokens, sample
+from megatron_stag.inference.sampling import SamplingParams, check_prompts, decode_loop
 from megatron_stag.inference.section_decoder import SectionDecoder, _add_bias
 
 
@@ -203,34 +203,14 @@ class StaggeredGenerator:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  keep_logits: bool = False, progress: bool = False) -> GenerationResult:
-        if len(prompts) > self.batch:
-            raise ValueError(f"{len(prompts)} prompts exceed the generator's batch of {self.batch}.")
-        longest = max(len(p) for p in prompts)
-        if min(len(p) for p in prompts) < 1:
-            raise ValueError("every prompt needs at least one token.")
-        if longest + params.max_new_tokens > self.max_len:
-            raise ValueError(
-                f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"context of {self.max_len}: shorten the prompt or lower max_new_tokens.")
+        check_prompts(prompts, params, self.max_len, self.batch)
         start = time.perf_counter()
-        gen = torch.Generator().manual_seed(params.seed)
         prompt_logits = [self.prefill(r, p) for r, p in enumerate(prompts)]
-        last = torch.stack([l[-1] for l in prompt_logits])
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
-        tokens = sample(last, params, gen)
-        out, done = [[] for _ in prompts], [False] * len(prompts)
-        append_tokens(out, done, tokens, params.stop_ids)
-        step_logits = []
-        for i in range(params.max_new_tokens - 1):
-            if all(done):
-                break
-            logits = self.step(tokens, positions)
-            if keep_logits:
-                step_logits.append(logits)
-            tokens, positions = sample(logits, params, gen), positions + 1
-            append_tokens(out, done, tokens, params.stop_ids)
-            if progress:
-                _progress(i + 2, params.max_new_tokens, len(prompts), start)
+        report = (lambda n: _progress(n, params.max_new_tokens, len(prompts), start)) if progress else None
+        out, step_logits = decode_loop(torch.stack([l[-1] for l in prompt_logits]), self.step,
+                                       positions, params, len(prompts), keep_logits=keep_logits,
+                                       on_token=report)
         if progress:
             print(file=sys.stderr)
         return GenerationResult(out, prompt_logits if keep_logits else None,
