@@ -18,7 +18,23 @@ def tiny_config(**overrides):
     return StagFormerConfig(**kw)
 
 
-def tiny_model(seed: int = 0, **overrides):
+ALTUP_PARAMS = ("altup.", "sequence_altup", "final_layernorm.weight", "final_layernorm.projections",
+                "altup_widening.projections")
+
+
+def perturb_altup(model, seed: int = 1, scale: float = 0.3):
+    """Move AltUp's coefficients off their identity init, so tests see real predict/correct maths
+    (at init every block equals the baseline's hidden state, which would hide a wrong equation)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(key in name for key in ALTUP_PARAMS) and not name.endswith((".norm.weight", ".norm.bias")):
+                param.add_(scale * torch.randn(param.shape, generator=g, dtype=param.dtype))
+    return model
+
+
+def tiny_model(seed: int = 0, altup_identity: bool = False, **overrides):
+    """A tiny model; AltUp coefficients are perturbed unless `altup_identity`."""
     from megatron_stag.models.stagformer_model import StagFormerModel
 
     torch.manual_seed(seed)
@@ -26,6 +42,8 @@ def tiny_model(seed: int = 0, **overrides):
     specs = overrides.pop("section_specs", None)
     model = StagFormerModel(tiny_config(**overrides), vocab_size=VOCAB, max_sequence_length=MAX_LEN,
                             section_specs=specs, position_embedding_type=pos)
+    if not altup_identity and (model.config.altup_enabled or model.config.altup_sequence_stride > 1):
+        perturb_altup(model, seed + 1)
     return model.eval()
 
 

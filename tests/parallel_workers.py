@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from tests.model_factory import perturb_altup
+
 MICRO_BATCHES = 2
 MB, SEQ, VOCAB = 2, 8, 64
 
@@ -58,8 +60,8 @@ def _shards(model):
     out = {}
     for name, sh in model.sharded_state_dict().items():
         if isinstance(sh, ShardedTensor) and isinstance(sh.data, torch.nn.Parameter):
-            out.setdefault(sh.key, []).append(
-                (tuple(sh.global_offset[sh.prepend_axis_num:]), sh.data))
+            # prepended axes (e.g. megatron's per-expert axis of MoE weights) count as offsets too
+            out.setdefault(sh.key, []).append((tuple(sh.global_offset), sh.prepend_axis_num, sh.data))
     return out
 
 
@@ -74,6 +76,8 @@ def train_step(rank, world, tp, pp, stag, ckpt_in, out_dir):
     cfg, model, ddp = build(tp, pp, **stag)
     if ckpt_in:
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt_in))
+    else:
+        perturb_altup(model)  # the reference run: AltUp coefficients off their identity init
     ckpt_out = os.path.join(out_dir, "ckpt")
     os.makedirs(ckpt_out, exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), ckpt_out)
@@ -95,7 +99,8 @@ def train_step(rank, world, tp, pp, stag, ckpt_in, out_dir):
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(_data()), model=[ddp],
         num_microbatches=MICRO_BATCHES, seq_length=SEQ, micro_batch_size=MB, forward_only=False)
-    grads = {key: [(off, p.main_grad.detach().float().cpu()) for off, p in parts]
+    grads = {key: [(off, p.main_grad.detach().float().cpu().reshape((1,) * axes + p.shape))
+                   for off, axes, p in parts]
              for key, parts in _shards(model).items()}
     result = {"grads": grads}
     if ps.is_pipeline_last_stage():
@@ -174,6 +179,7 @@ def save_single_rank_model(rank, world, stag, out_dir):
                            **stag)
     torch.manual_seed(11)
     model = StagFormerModel(cfg, vocab_size=VOCAB, max_sequence_length=32)
+    perturb_altup(model)
     os.makedirs(os.path.join(out_dir, "ckpt"), exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), os.path.join(out_dir, "ckpt"))
 

@@ -14,6 +14,9 @@ CASES = {
     "p2": dict(stag_sections=2),
     "p2-shared-window2": dict(stag_sections=2, stag_shared_weights=True, stag_cross_window=2),
     "p3-combine": dict(stag_sections=3, stag_output="combine"),
+    "p2-altup-gemma3n": dict(stag_sections=2, altup_blocks=2, altup_form="gemma3n",
+                             altup_schedule="fixed", altup_embedding="projected",
+                             altup_output="projected"),
 }
 
 

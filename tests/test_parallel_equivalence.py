@@ -25,13 +25,23 @@ def _results(out_dir):
     return loss, grads
 
 
+def _assemble(parts):
+    """The whole tensor from the reference run's pieces (one, or one per expert for MoE)."""
+    shape = [max(o + n for o, n in zip(offs, dims)) for offs, dims in
+             zip(zip(*[off for off, _ in parts]), zip(*[t.shape for _, t in parts]))]
+    full = torch.zeros(shape)
+    for offset, t in parts:
+        full[tuple(slice(o, o + n) for o, n in zip(offset, t.shape))] = t
+    return full
+
+
 def _compare(ref_dir, out_dir):
     ref_loss, ref = _results(ref_dir)
     loss, got = _results(out_dir)
     assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     assert set(got) == set(ref), set(got) ^ set(ref)
     for key, parts in got.items():
-        full = ref[key][0][1]
+        full = _assemble(ref[key])
         for offset, shard in parts:
             index = tuple(slice(o, o + n) for o, n in zip(offset, shard.shape))
             torch.testing.assert_close(shard, full[index], atol=ATOL, rtol=RTOL, msg=key)
@@ -44,11 +54,22 @@ CASES = {
     "pp2-separate": (1, 2, dict()),
     "pp2-shared": (1, 2, dict(stag_shared_weights=True)),
     "pp2-one-section": (1, 2, dict(stag_sections=1)),
+    # AltUp: K=3 on one section puts layers 2, 3 (blocks 2, 0) on stage 1: a stage-local schedule
+    # would compute blocks 0, 1 there; the K*d stream crosses the stage boundary.
+    "pp2-altup-k3-widened": (1, 2, dict(stag_sections=1, altup_blocks=3, altup_embedding="widened",
+                                         altup_output="learned")),
+    "tp2-sp-altup-gemma3n": (2, 1, dict(sequence_parallel=True, altup_blocks=2, altup_form="gemma3n",
+                                         altup_schedule="fixed", altup_embedding="projected",
+                                         altup_output="projected", position_embedding_type="rope")),
 }
 SLOW_CASES = {
     "pp4-two-stages-per-section": (1, 4, dict()),
     "pp4-shared": (1, 4, dict(stag_shared_weights=True)),
     "tp2-pp2-combine": (2, 2, dict(stag_output="combine")),
+    "pp2-shared-altup": (1, 2, dict(stag_shared_weights=True, altup_blocks=2)),
+    "tp2-sp-altup-moe": (2, 1, dict(stag_sections=1, sequence_parallel=True, altup_blocks=2,
+                                     num_moe_experts=4, moe_router_topk=2, add_bias_linear=False)),
+    "tp2-altup-sequence-stride2": (2, 1, dict(stag_sections=1, altup_sequence_stride=2)),
 }
 
 

@@ -22,6 +22,14 @@ VARIANTS = {
     "p3-combine": dict(stag_sections=3, num_layers=6, stag_output="combine"),
     "p2-rope-gqa": dict(position_embedding_type="rope", num_query_groups=2),
     "p1-gpt": dict(stag_sections=1, num_layers=2),
+    "p1-altup-k2": dict(stag_sections=1, altup_blocks=2),
+    "p1-altup-gemma3n-rope": dict(stag_sections=1, altup_blocks=4, altup_form="gemma3n",
+                                  altup_schedule="fixed", altup_embedding="projected",
+                                  altup_output="projected", position_embedding_type="rope"),
+    "p1-altup-moe": dict(stag_sections=1, altup_blocks=2, num_moe_experts=4, moe_router_topk=2,
+                         add_bias_linear=False),
+    "p2-altup-widened-learned": dict(altup_blocks=3, altup_embedding="widened", altup_output="learned"),
+    "p2-shared-altup": dict(stag_shared_weights=True, altup_blocks=2),
 }
 
 

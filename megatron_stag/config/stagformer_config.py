@@ -12,8 +12,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron.core.transformer.transformer_config import TransformerConfig
-
+from megatron_stag.config.altup_config import AltUpConfig
 from megatron_stag.config.section_layout import LayoutError, section_layer_counts, stage_pieces
 
 OUTPUT_MODES = ("last", "combine")
@@ -24,11 +23,13 @@ class StagConfigError(ValueError):
 
 
 @dataclass
-class StagFormerConfig(TransformerConfig):
-    """TransformerConfig with StagFormer's sections.
+class StagFormerConfig(AltUpConfig):
+    """TransformerConfig with StagFormer's sections (and AltUp's stream, `AltUpConfig`).
 
     stag_sections = 1 is megatron's GPT. Section k >= 1 re-embeds the tokens and cross-attends to
-    section k-1's final (normed) outputs at positions < i.
+    section k-1's final (normed) outputs at positions < i. With AltUp each section carries the
+    K-block stream and the next section's cross-attention reads the *collapsed* (d-wide, normed)
+    section output, so cross-attention and its cache are the same as without AltUp.
     """
 
     stag_sections: int = 1
@@ -54,6 +55,19 @@ class StagFormerConfig(TransformerConfig):
         self._validate_output()
         self._validate_tensor_parallel()
         self._validate_pipeline_alignment()
+        if self.altup_sequence_stride > 1 and self.stag_sections > 1:
+            raise StagConfigError(
+                f"altup_sequence_stride={self.altup_sequence_stride} with stag_sections="
+                f"{self.stag_sections}: Sequence-AltUp computes a layer on anchor tokens only, which "
+                f"the staggered cross-attention (every position reads the previous section) does not "
+                f"support; use --altup-blocks for AltUp inside StagFormer sections."
+            )
+        if self.num_moe_experts and self.add_bias_linear and not self.moe_grouped_gemm:
+            raise StagConfigError(
+                "num_moe_experts with add_bias_linear=True: megatron's sequential experts add the "
+                "bias in place on a tensor-parallel output and fail in backward; set "
+                "add_bias_linear=False (--disable-bias-linear), as MoE recipes do."
+            )
         super().__post_init__()
 
     def _validate_sections(self) -> None:
@@ -121,14 +135,16 @@ class StagFormerConfig(TransformerConfig):
         except LayoutError as err:
             raise StagConfigError(str(err)) from None
 
-    def section_config(self, section_layers: int) -> "StagFormerConfig":
+    def section_config(self, section_layers: int, first_layer: int = 0) -> "StagFormerConfig":
         """A copy for building one section as its own TransformerBlock.
 
         megatron numbers layers from the pipeline offset of `config`; a section is numbered from 1
         inside itself (our checkpoint keys and caches add the section's offsets), so the copy has
-        the section's layer count and no pipeline split of its own.
+        the section's layer count and no pipeline split of its own; `first_layer` (the piece's
+        offset inside its section) keeps AltUp's alternating schedule global.
         """
         cfg = copy.copy(self)
+        cfg.altup_first_layer = first_layer
         cfg.num_layers = section_layers
         cfg.pipeline_model_parallel_size = 1
         cfg.num_layers_in_first_pipeline_stage = None

@@ -107,7 +107,7 @@ class DistributedStaggeredGenerator:
         ids = torch.tensor([prompt], device=self.device)
         positions = torch.arange(n, device=self.device)[None]
         rows = torch.tensor([row], device=self.device)
-        e = self.model.embedding(input_ids=ids, position_ids=positions)
+        e = self.model.embed(ids, positions)
         prev = None
         if self.k > 0:
             prev, req = self._recv((n, 1, self.hidden), self.k - 1)
@@ -129,7 +129,7 @@ class DistributedStaggeredGenerator:
         rows = torch.arange(b, device=self.device)
         pos = positions[:, None]
         prev, req = (self._recv((1, b, self.hidden), self.k - 1) if self.k > 0 else (None, None))
-        e = self.model.embedding(input_ids=tokens[:, None], position_ids=pos)
+        e = self.model.embed(tokens[:, None], pos)
         t = self.decoder.forward(e, pos, rows)
         send = self._send(t, self.k + 1) if not self.last else None
         self._send_for_output(t)
@@ -148,7 +148,7 @@ class DistributedStaggeredGenerator:
         """The section's step; returns (message for the next rank, next tokens on the last rank).
         The message is the next section's cross K/V of this output (balanced placement)."""
         rows = torch.arange(tokens.shape[0], device=self.device)
-        e = self.model.embedding(input_ids=tokens[:, None], position_ids=positions[:, None])
+        e = self.model.embed(tokens[:, None], positions[:, None])
         t = self.decoder.forward(e, positions[:, None], rows)
         if self.last:
             logits = output_logits(self.model, self.model.section_output([t]))[0]

@@ -14,7 +14,9 @@ Caches, allocated once with fixed shapes (rows = batch):
 
 The layer maths follows megatron's `TransformerLayer` (pre-norm, bias-dropout-add in eval mode), and
 reuses the layer's own modules (`get_query_key_value_tensors`, `linear_proj`, `mlp`) so weights and
-tensor-parallel collectives are megatron's.
+tensor-parallel collectives are megatron's. AltUp layers carry the K-block stream between layers
+(predict before, correct after: the same `altup` module the training forward uses); attention and
+its caches see one d-wide block, so AltUp adds nothing to the KV cache.
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ from torch import Tensor
 
 from megatron_stag.layers.sdpa_attention import banded_causal_mask
 from megatron_stag.layers.staggered_cross_attention import shift_right_for_stagger
+
+
+def altup_predict(layer, stream: Tensor):
+    """AltUp layers run on one block of the K-block stream: (layer input, prediction)."""
+    altup = getattr(layer, "altup", None)
+    return (stream, None) if altup is None else altup.predict(stream)
+
+
+def altup_correct(layer, prediction, output: Tensor) -> Tensor:
+    altup = getattr(layer, "altup", None)
+    return output if altup is None else altup.correct(prediction, output)
 
 
 def _add_bias(out_and_bias) -> Tensor:
@@ -236,13 +249,15 @@ class SectionDecoder:
         entries = shift_right_for_stagger(prefill_context) if prefill_context is not None else None
         self.begin(positions, prefill=entries is not None)
         for i, layer in enumerate(self.block.layers):
-            h = h + self._self_attention(i, layer, layer.input_layernorm(h), positions, rows)
+            x, prediction = altup_predict(layer, h)
+            x = x + self._self_attention(i, layer, layer.input_layernorm(x), positions, rows)
             if self.section > 0:
-                x = layer.pre_cross_attn_layernorm(h)
+                c = layer.pre_cross_attn_layernorm(x)
                 if entries is not None:
-                    h = h + self._prefill_cross_attention(i, layer, x, entries, rows)
+                    x = x + self._prefill_cross_attention(i, layer, c, entries, rows)
                 else:
-                    h = h + self.cross_attention(i, layer, x, positions, rows)
-            h = h + _add_bias(layer.mlp(layer.pre_mlp_layernorm(h)))
+                    x = x + self.cross_attention(i, layer, c, positions, rows)
+            x = x + _add_bias(layer.mlp(layer.pre_mlp_layernorm(x)))
+            h = altup_correct(layer, prediction, x)
         norm = self.block.final_layernorm  # absent on a stage that ends mid-section
         return norm(h) if norm is not None else h

@@ -30,7 +30,7 @@ from torch import Tensor
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_stag.inference.sampling import SamplingParams, check_prompts, decode_loop
-from megatron_stag.inference.section_decoder import SectionDecoder, _add_bias
+from megatron_stag.inference.section_decoder import SectionDecoder, _add_bias, altup_correct, altup_predict
 
 
 @dataclass
@@ -48,6 +48,9 @@ def check_decodable(model, recurrent: bool = False) -> None:
                          "distributed_generation for one section per rank.")
     if cfg.window_size is not None:
         raise ValueError("window_size (sliding self-attention) is not supported by the decoder.")
+    if cfg.altup_sequence_stride > 1:
+        raise ValueError("altup_sequence_stride > 1 (Sequence-AltUp) is not supported by the decoder: "
+                         "a step would need each layer's anchor states; decode with the full forward.")
     if cfg.rotary_interleaved:
         raise ValueError("rotary_interleaved=True is not supported by the decoder.")
     if recurrent and not (cfg.stag_shared_weights and cfg.stag_sections == 2):
@@ -97,7 +100,7 @@ class StaggeredGenerator:
         self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
 
     def _embed(self, ids: Tensor, positions: Tensor) -> Tensor:
-        return self.model.embedding(input_ids=ids, position_ids=positions)  # [n, b, h]
+        return self.model.embed(ids, positions)  # [n, b, h] (K*h with AltUp)
 
     @torch.no_grad()
     def prefill(self, row: int, prompt: list[int]) -> Tensor:
@@ -125,17 +128,18 @@ class StaggeredGenerator:
         if decs[0].rotary is not None:  # the batched q/k carry p*b rows: repeat cos/sin per pass
             decs[0]._cos_sin = tuple(c.repeat(1, len(decs), 1, 1) for c in decs[0]._cos_sin)
         for i, owner in enumerate(decs[0].block.layers):
-            x = torch.cat(hs, dim=1)
+            x, prediction = altup_predict(owner, torch.cat(hs, dim=1))
             q, k, v = decs[0].qkv(owner, owner.input_layernorm(x), pos_all)
             core = torch.cat([d.attend_self(i, q[:, j * b:(j + 1) * b], k[:, j * b:(j + 1) * b],
                                             v[:, j * b:(j + 1) * b], pos, rows)
                               for j, d in enumerate(decs)], dim=1)
-            hs = list((x + _add_bias(owner.self_attention.linear_proj(core))).split(b, dim=1))
+            xs = list((x + _add_bias(owner.self_attention.linear_proj(core))).split(b, dim=1))
             for j in range(1, len(decs)):
                 layer = decs[j].block.layers[i]
-                hs[j] = hs[j] + decs[j].cross_attention(i, layer, layer.pre_cross_attn_layernorm(hs[j]), pos, rows)
-            x = torch.cat(hs, dim=1)
-            hs = list((x + _add_bias(owner.mlp(owner.pre_mlp_layernorm(x)))).split(b, dim=1))
+                xs[j] = xs[j] + decs[j].cross_attention(i, layer, layer.pre_cross_attn_layernorm(xs[j]), pos, rows)
+            x = torch.cat(xs, dim=1)
+            x = x + _add_bias(owner.mlp(owner.pre_mlp_layernorm(x)))
+            hs = list(altup_correct(owner, prediction, x).split(b, dim=1))
         return [d.block.final_layernorm(h) for d, h in zip(decs, hs)]
 
     def _run_sections(self, decoders, e: Tensor, pos: Tensor, rows: Tensor) -> list[Tensor]:

@@ -15,7 +15,8 @@ import torch
 
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-SHARED_SUBMODULES = ("input_layernorm.", "self_attention.", "pre_mlp_layernorm.", "mlp.")
+SHARED_LAYER_MODULES = ("input_layernorm", "self_attention", "pre_mlp_layernorm", "mlp", "altup")
+SHARED_SUBMODULES = tuple(name + "." for name in SHARED_LAYER_MODULES)
 
 
 def _rekey(sharded: dict, old: str, new: str, replica: int | None = None) -> None:

@@ -15,6 +15,11 @@ its width changes along the pipeline, which is why `config.variable_seq_lengths`
 Shared weights: the sections' layers on one stage are the same modules (aliased, one storage); copies
 on other stages are synchronised at build time and their gradients summed
 (`training/shared_weight_sync.py`).
+
+AltUp (`altup_blocks = K > 1`): the embedding is widened into a K-block stream [s, b, K*d]
+(`AltUpWidening`), every layer is an `AltUpTransformerLayer`, and each section's final norm slot
+collapses the stream back to d (`AltUpCollapse`). On pipelines the stream slots h and e are K*d wide,
+finished section outputs d wide. With one section this is an AltUp GPT.
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ from megatron.core.transformer.transformer_block import (
 
 from megatron_stag.config.section_layout import stage_pieces, stream_slots
 from megatron_stag.config.stagformer_config import StagFormerConfig
+from megatron_stag.layers.altup_stream import AltUpCollapseNorm, AltUpWidening
 from megatron_stag.layers.sequence_parallel_norm import SequenceParallelNorm
 from megatron_stag.layers.staggered_cross_attention import shift_right_for_stagger
-from megatron_stag.models.section_pieces import SectionPieces
+from megatron_stag.models.section_pieces import SHARED_LAYER_MODULES, SectionPieces
 from megatron_stag.specs.stagformer_specs import get_stagformer_section_specs
 
 
@@ -100,6 +106,8 @@ class StagFormerModel(LanguageModule):
                 position_embedding_type=position_embedding_type,
                 tp_group=self.pg_collection.tp,
             )
+            if config.altup_enabled:
+                self.altup_widening = AltUpWidening(config, vocab_size, tp_group=self.pg_collection.tp)
         if position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 kv_channels=config.kv_channels,
@@ -150,8 +158,10 @@ class StagFormerModel(LanguageModule):
             from megatron.core.extensions.transformer_engine import TENorm
 
             norm = TENorm
+        if self.config.altup_enabled:
+            norm = AltUpCollapseNorm(norm)
         return TransformerBlock(
-            config=self.config.section_config(piece.section_layers),
+            config=self.config.section_config(piece.section_layers, piece.first_layer),
             spec=TransformerBlockSubmodules(layer_specs=[spec] * piece.num_layers, layer_norm=norm),
             post_layer_norm=True,
             pre_process=True,  # inputs are handed to the block explicitly, never via set_input_tensor
@@ -164,8 +174,9 @@ class StagFormerModel(LanguageModule):
         owners = self.blocks[0].layers
         for piece, block in zip(self.pieces[1:], list(self.blocks)[1:]):
             for owner, layer in zip(owners, block.layers):
-                for name in ("input_layernorm", "self_attention", "pre_mlp_layernorm", "mlp"):
-                    setattr(layer, name, getattr(owner, name))
+                for name in SHARED_LAYER_MODULES:
+                    if hasattr(owner, name):
+                        setattr(layer, name, getattr(owner, name))
 
     def shared_weight_replicas(self) -> list[torch.nn.Parameter]:
         """Parameters of this stage's shared layers (one copy of each), in layer order."""
@@ -173,21 +184,23 @@ class StagFormerModel(LanguageModule):
             return []
         params = []
         for layer in self.blocks[0].layers:
-            for name in ("input_layernorm", "self_attention", "pre_mlp_layernorm", "mlp"):
-                params.extend(getattr(layer, name).parameters())
+            for name in SHARED_LAYER_MODULES:
+                if hasattr(layer, name):
+                    params.extend(getattr(layer, name).parameters())
         return params
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """megatron's LanguageModule entries, with extra embedding copies marked as replicas.
 
-        Decode models hold the embedding on every pipeline rank (each section re-embeds the
-        tokens); only the first stage's copy is the main replica, so each shard is written once.
+        Decode models hold the embedding (and AltUp's widening) on every pipeline rank (each
+        section re-embeds the tokens); only the first stage's copy is the main replica, so each
+        shard is written once.
         """
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         pp_rank = self.pg_collection.pp.rank()
         if self.pre_process and pp_rank > 0:
             for key, value in sd.items():
-                if key.startswith(f"{prefix}embedding.") and hasattr(value, "replica_id"):
+                if key.startswith((f"{prefix}embedding.", f"{prefix}altup_widening.")) and hasattr(value, "replica_id"):
                     value.replica_id = (pp_rank,) + tuple(value.replica_id[1:])
         return sd
 
@@ -207,12 +220,21 @@ class StagFormerModel(LanguageModule):
         self.input_tensor = input_tensor
 
     # ------------------------------------------------------------------ forward
+    def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """Token ids [b, s] -> what every section starts from, [s, b, d] (or [s, b, K*d] with AltUp)."""
+        e = self.embedding(input_ids=input_ids, position_ids=position_ids)
+        return self.altup_widening(e, input_ids) if self.config.altup_enabled else e
+
     def _stage_inputs(self, input_ids, position_ids):
         """(h, e, finished outputs) at the start of this stage."""
         if self.pre_process:
-            e = self.embedding(input_ids=input_ids, position_ids=position_ids)
+            e = self.embed(input_ids, position_ids)
             return e, e, []
-        slots = self.input_tensor.chunk(stream_slots(self.pieces, self._combine, True), dim=-1)
+        n = stream_slots(self.pieces, self._combine, True)
+        streams = 1 if self.pieces[0].starts_section else 2  # e, and h mid-section: K*d wide
+        d = self.config.hidden_size
+        widths = [d * self.config.altup_blocks] * streams + [d] * (n - streams)
+        slots = self.input_tensor.split(widths, dim=-1)
         if self.pieces[0].starts_section:
             return None, slots[0], list(slots[1:])
         return slots[0], slots[1], list(slots[2:])
