@@ -52,10 +52,10 @@ def _free():
 
 
 def bench_single(a: ModelArgs, batch: int, ns, recurrent: bool = False, tp: int = 1,
-                 concurrent: bool = True) -> dict:
+                 concurrent: bool = True, **config_overrides) -> dict:
     from megatron_stag.inference.staggered_generation import StaggeredGenerator
 
-    model = a.build(a.config(tp=tp, dtype=torch.bfloat16)).cuda().eval()
+    model = a.build(a.config(tp=tp, dtype=torch.bfloat16, **config_overrides)).cuda().eval()
     prompts = _prompts(batch, ns.prompt, a.vocab_size)
     gen = StaggeredGenerator(model, ns.prompt + ns.new, batch, recurrent=recurrent, cuda_graph=True,
                              compile=ns.compile, concurrent_sections=concurrent)

@@ -21,12 +21,19 @@ from megatron_stag.models.model_args import ModelArgs
 
 
 def step_flops(a: ModelArgs, batch: int, seq: int) -> float:
-    """Training FLOPs of one step (3 x forward), attention scores counted over the full s x s."""
+    """Training FLOPs of one step (3 x forward), attention scores counted over the full s x s.
+
+    AltUp's predict/correct (O(K^2 d) per token) are not counted: they are the overhead measured."""
     d, s, v = a.hidden_size, seq, a.vocab_size
     ffn = a.ffn_hidden_size or 4 * d
     groups = a.num_query_groups or a.num_attention_heads
     kv = 2 * d * d * groups // a.num_attention_heads
-    layer = d * d + kv + d * d + 2 * d * ffn + 2 * s * d  # q, kv, out, MLP, scores + AV (MACs/token)
+    if a.num_moe_experts:  # routed experts: top-k of them per token, plus the router
+        mlp = a.moe_router_topk * 2 * d * (a.moe_ffn_hidden_size or ffn) + d * a.num_moe_experts
+    else:
+        mlp = 2 * d * ffn
+    layer = d * d + kv + d * d + mlp + 2 * s * d  # q, kv, out, MLP, scores + AV (MACs/token)
+    layer /= a.altup_sequence_stride  # Sequence-AltUp: the layer runs on every k-th token
     cross = 4 * d * d + 2 * s * d
     passes = a.stag_sections
     per_section = a.num_layers // passes
@@ -38,8 +45,8 @@ def step_flops(a: ModelArgs, batch: int, seq: int) -> float:
     return 3 * 2 * macs * batch * s
 
 
-def measure(a: ModelArgs, batch: int, seq: int, steps: int, warmup: int) -> dict:
-    model = a.build(a.config(dtype=torch.bfloat16)).cuda().train()
+def measure(a: ModelArgs, batch: int, seq: int, steps: int, warmup: int, **config_overrides) -> dict:
+    model = a.build(a.config(dtype=torch.bfloat16, **config_overrides)).cuda().train()
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     ids = torch.randint(0, a.vocab_size, (batch, seq + 1), device="cuda")

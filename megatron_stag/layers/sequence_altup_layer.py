@@ -29,22 +29,24 @@ class SequenceAltUpLayer(TransformerLayer):
         self.sequence_altup = torch.nn.Parameter(coefs)
 
     def forward(self, hidden_states, attention_mask=None, *args, rotary_pos_emb=None, **kwargs):
-        s = hidden_states.shape[0]
-        if s <= self.offset:  # no anchor yet: nothing to compute
+        s, o, k = hidden_states.shape[0], self.offset, self.stride
+        if s <= o:  # no anchor yet: nothing to compute
             return hidden_states, kwargs.get("context")
-        device = hidden_states.device
-        anchors = torch.arange(self.offset, s, self.stride, device=device)
+        anchors = slice(o, s, k)  # strided views, no gathers: anchors are every k-th token from o
         if attention_mask is not None:
-            attention_mask = attention_mask[..., anchors, :][..., anchors]
+            attention_mask = attention_mask[..., anchors, anchors]
         if rotary_pos_emb is not None:
             rotary_pos_emb = rotary_pos_emb[anchors]
-        y, context = super().forward(hidden_states[anchors], attention_mask, *args,
+        x_anchor = hidden_states[anchors]
+        y, context = super().forward(x_anchor.contiguous(), attention_mask, *args,
                                      rotary_pos_emb=rotary_pos_emb, **kwargs)
+
+        def per_token(t):  # anchor rows -> one row per token o.. (token i gets anchor (i-o)//k)
+            n = t.shape[0]
+            return t.unsqueeze(1).expand(n, k, *t.shape[1:]).reshape(n * k, *t.shape[1:])[: s - o]
+
         alpha, beta, gamma = self.sequence_altup
-        positions = torch.arange(s, device=device)
-        has_anchor = (positions >= self.offset)[:, None, None]
-        which = ((positions - self.offset).clamp(min=0) // self.stride)  # anchor index per token
-        x_anchor = hidden_states[anchors][which]
-        prediction = alpha * hidden_states + beta * x_anchor
-        corrected = prediction + gamma * (y[which] - (alpha + beta) * x_anchor)
-        return torch.where(has_anchor, corrected, hidden_states), context
+        x_a = per_token(x_anchor)
+        prediction = alpha * hidden_states[o:] + beta * x_a
+        corrected = prediction + gamma * (per_token(y) - (alpha + beta) * x_a)
+        return torch.cat([hidden_states[:o], corrected]), context

@@ -28,6 +28,18 @@ class ModelArgs:
     stag_shared_weights: bool = False
     stag_cross_window: Optional[int] = None
     stag_output: str = "last"
+    altup_blocks: int = 1
+    altup_schedule: str = "alternating"
+    altup_fixed_block: int = 0
+    altup_embedding: str = "recycled"
+    altup_output: str = "sum"
+    altup_form: str = "standard"
+    altup_coef_clip: Optional[float] = None
+    altup_sequence_stride: int = 1
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    add_bias_linear: bool = True
     core_attention: str = "sdpa"
 
     def save(self, path: Path) -> None:
@@ -55,6 +67,8 @@ class ModelArgs:
             stag_sections=self.stag_sections, stag_section_layers=self.stag_section_layers,
             stag_shared_weights=self.stag_shared_weights, stag_cross_window=self.stag_cross_window,
             stag_output=self.stag_output, tensor_model_parallel_size=tp,
+            **{f.name: getattr(self, f.name) for f in fields(self)
+               if f.name.startswith(("altup_", "moe_")) or f.name in ("num_moe_experts", "add_bias_linear")},
             pipeline_model_parallel_size=pp, params_dtype=dtype, bf16=dtype == torch.bfloat16,
             pipeline_dtype=dtype if pp > 1 else None, hidden_dropout=0.0, attention_dropout=0.0,
             use_cpu_initialization=not torch.cuda.is_available(),

@@ -1,0 +1,108 @@
+"""AltUp's cost: training step time / MFU and decode latency against the same baseline, same job.
+
+    python -m megatron_stag.benchmarks.altup_overhead --out results/altup_overhead_h100.json
+
+Training (bf16, seq 2048, AdamW, median of timed steps): baseline GPT; AltUp K=2 and K=4 recycled,
+eager and with predict/correct compiled (`altup_compile`); K=4 widened; Gemma 3n form K=4;
+Sequence-AltUp stride 2; megatron MoE and AltUp K=2 + the same MoE. Decode (1 GPU, CUDA-graph steps,
+batch 1): baseline against AltUp K=2 / K=4 through the staggered decoding engine, eager steps and
+whole-step torch.compile (which fuses each correct with the next predict).
+Targets (issue 4): recycled K=2 step time <= 1.05x baseline, K=4 <= 1.10x; decode <= 1.05x.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from megatron_stag.benchmarks.hardware import peak_tflops, write_result
+from megatron_stag.benchmarks.train_throughput import measure
+from megatron_stag.models.model_args import ModelArgs
+
+
+def training_runs(base: ModelArgs, moe_experts: int) -> dict[str, tuple[ModelArgs, dict]]:
+    k2 = replace(base, altup_blocks=2)
+    k4 = replace(base, altup_blocks=4)
+    moe = replace(base, num_moe_experts=moe_experts, moe_router_topk=2,
+                  moe_ffn_hidden_size=base.hidden_size, add_bias_linear=False)
+    return {
+        "baseline GPT": (base, {}),
+        "AltUp K=2 recycled": (k2, {}),
+        "AltUp K=2 recycled, compiled predict/correct": (k2, dict(altup_compile=True)),
+        "AltUp K=4 recycled": (k4, {}),
+        "AltUp K=4 recycled, compiled predict/correct": (k4, dict(altup_compile=True)),
+        "AltUp K=4 widened, compiled": (replace(k4, altup_embedding="widened"), dict(altup_compile=True)),
+        "AltUp Gemma 3n form K=4, compiled": (
+            replace(k4, altup_form="gemma3n", altup_schedule="fixed", altup_embedding="projected",
+                    altup_output="projected", altup_coef_clip=120.0), dict(altup_compile=True)),
+        "Sequence-AltUp stride 2": (replace(base, altup_sequence_stride=2), {}),
+        f"MoE {moe_experts} experts top-2": (moe, {}),
+        f"AltUp K=2 + MoE {moe_experts} experts, compiled": (replace(moe, altup_blocks=2),
+                                                             dict(altup_compile=True)),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--moe-experts", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--out", default="results/altup_overhead.json")
+    ns = parser.parse_args(argv)
+
+    from megatron_stag.benchmarks.decode_latency import _free, bench_single
+    from megatron_stag.platform.distributed import initialize
+
+    initialize(tp=1, pp=1)
+    base = ModelArgs(vocab_size=ns.vocab, max_sequence_length=ns.seq, num_layers=ns.layers,
+                     hidden_size=ns.hidden, num_attention_heads=ns.heads, position_embedding_type="rope")
+    train = {}
+    for name, (a, overrides) in training_runs(base, ns.moe_experts).items():
+        train[name] = measure(a, ns.batch, ns.seq, ns.steps, ns.warmup, **overrides)
+        print(f"{name:48s} {train[name]['step_s'] * 1e3:8.1f} ms", flush=True)
+    ref = train["baseline GPT"]
+    moe_ref = train[f"MoE {ns.moe_experts} experts top-2"]
+    for name, r in train.items():
+        against = moe_ref if "MoE" in name else ref
+        r["step_time_vs_baseline"] = r["step_s"] / against["step_s"]
+        r["mfu_vs_baseline"] = r["mfu"] / against["mfu"]
+
+    decode = {}
+    k2 = replace(base, altup_blocks=2)
+    for name, (a, overrides, compile_step) in {
+        "baseline GPT": (base, {}, False),
+        "AltUp K=2 recycled": (k2, {}, False),
+        "AltUp K=2 recycled, compiled predict/correct": (k2, dict(altup_compile=True), False),
+        "AltUp K=4 recycled, compiled predict/correct": (replace(base, altup_blocks=4),
+                                                         dict(altup_compile=True), False),
+        "baseline GPT, compiled step": (base, {}, True),
+        "AltUp K=2 recycled, compiled step": (k2, {}, True),
+    }.items():
+        options = argparse.Namespace(**vars(ns), compile=compile_step)  # whole-step torch.compile
+        decode[name] = bench_single(a, 1, options, **overrides)
+        _free()
+    for name, r in decode.items():
+        ref_name = "baseline GPT, compiled step" if "compiled step" in name else "baseline GPT"
+        r["per_token_vs_baseline"] = r["per_token_ms"] / decode[ref_name]["per_token_ms"]
+
+    print(f"\n{'training (1 GPU, bf16, seq %d, batch %d)' % (ns.seq, ns.batch):56s} {'params':>7s} "
+          f"{'step ms':>8s} {'x base':>7s} {'MFU':>6s}")
+    for name, r in train.items():
+        print(f"{name:56s} {r['params'] / 1e6:6.0f}M {r['step_s'] * 1e3:8.1f} "
+              f"{r['step_time_vs_baseline']:7.3f} {r['mfu']:6.3f}")
+    print(f"\n{'decode (batch 1, CUDA graphs)':56s} {'ms/token':>8s} {'x base':>7s}")
+    for name, r in decode.items():
+        print(f"{name:56s} {r['per_token_ms']:8.3f} {r['per_token_vs_baseline']:7.3f}")
+    write_result(ns.out, dict(settings=vars(ns), peak_tflops=peak_tflops(), training=train, decode=decode))
+
+
+if __name__ == "__main__":
+    main()
