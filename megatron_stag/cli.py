@@ -15,6 +15,12 @@ def _quickstart(ns) -> int:
     return 0
 
 
+def _pretrain(ns) -> int:
+    from megatron_stag.training.megatron_pretrain import main
+
+    return main(ns.args)
+
+
 def _prepare_data(ns) -> int:
     from megatron_stag.data.prepare import prepare_dataset
 
@@ -58,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--corpus-mb", type=float, default=6.0, help="MB of stdlib sources to use")
     q.add_argument("--seed", type=int, default=1234)
     q.set_defaults(func=_quickstart)
+
+    t = sub.add_parser("pretrain", help="Megatron's training loop on a recipe (recipes/*.yaml)",
+                       description="megatron-stag pretrain RECIPE [section.key=value ...] "
+                                   "[-- --megatron-flag value ...]")
+    t.add_argument("args", nargs=argparse.REMAINDER, help="RECIPE, overrides, then -- and Megatron flags")
+    t.set_defaults(func=_pretrain)
 
     d = sub.add_parser("prepare-data", help="text/JSONL files or folders -> megatron indexed dataset")
     d.add_argument("--input", nargs="+", required=True, help="files or directories")

@@ -11,6 +11,10 @@ Everything is written into `<dir>.tmp` and renamed onto `<dir>` at the end, so a
 save never leaves a directory that looks like a checkpoint. `latest_checkpoint` picks only directories
 that carry COMPLETE. Weights are loaded through megatron's dist_checkpointing (torch.load with
 weights_only=True underneath).
+
+Runs of `megatron-stag pretrain` use Megatron's own layout instead: `<save>/iter_NNNNNNN/` (torch_dist)
+and `latest_checkpointed_iteration.txt`, which Megatron writes only after a checkpoint is complete,
+with our `model_args.json` and `tokenizer.model` in `<save>`. `resolve_checkpoint` accepts both.
 """
 
 from __future__ import annotations
@@ -69,11 +73,55 @@ def check_checkpoint(directory: Path) -> Path:
     return directory
 
 
+MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def megatron_latest(save_dir: Path) -> Optional[Path]:
+    """The iteration folder Megatron's tracker names (None when there is no complete checkpoint)."""
+    tracker = Path(save_dir) / MEGATRON_TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{tracker} holds {text!r}, not an iteration number.")
+    return Path(save_dir) / f"iter_{int(text):07d}"
+
+
+def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(weights folder, folder holding model_args.json and tokenizer.model) for a checkpoint path:
+    one of ours, a Megatron save folder (its latest complete iteration), or a Megatron iter_* folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist.")
+    if (path / "model_args.json").is_file() and (path / "COMPLETE").is_file():
+        return path / "model", path
+    latest = megatron_latest(path)
+    if latest is not None:
+        return latest, path
+    if path.name.startswith("iter_") and (path.parent / "model_args.json").is_file():
+        if not (path / "metadata.json").is_file():
+            raise ValueError(f"checkpoint {path} is incomplete (no metadata.json): it was interrupted "
+                             f"while being written; use an earlier one.")
+        return path, path.parent
+    ours = latest_checkpoint(path)
+    if ours is not None:
+        return ours / "model", ours
+    if (path / "model_args.json").is_file():
+        check_checkpoint(path)  # ours, but without COMPLETE: explains the interrupted write
+    raise FileNotFoundError(f"{path} is not a checkpoint: expected a megatron-stag checkpoint (with "
+                            f"model_args.json), a `megatron-stag pretrain` save folder (with "
+                            f"{MEGATRON_TRACKER}) or one of its iter_* folders.")
+
+
 def load_model_weights(model, directory: Path) -> None:
+    """Load the model's shards from any checkpoint `resolve_checkpoint` accepts (tensors only)."""
     from megatron.core import dist_checkpointing
 
-    directory = check_checkpoint(directory)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(directory / "model")))
+    weights, _ = resolve_checkpoint(directory)
+    wanted = model.sharded_state_dict()
+    loaded = dist_checkpointing.load(wanted, str(weights))
+    # a training checkpoint also carries Megatron's common state (iteration, optimizer, ...)
+    model.load_state_dict({key: loaded[key] for key in wanted})
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:

@@ -7,22 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_stag.checkpointing.checkpoint_io import (
-    check_checkpoint, latest_checkpoint, load_model_weights)
+from megatron_stag.checkpointing.checkpoint_io import load_model_weights, resolve_checkpoint
 from megatron_stag.models.model_args import ModelArgs
-
-
-def resolve_checkpoint(path: str) -> Path:
-    path = Path(path)
-    if path.is_dir() and not (path / "model_args.json").exists():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise SystemExit(f"{path} holds no complete iter_* checkpoint.")
-        return latest
-    try:
-        return check_checkpoint(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(str(err)) from None
 
 
 def generate_from_checkpoint(ns, prompts: list[str]) -> int:
@@ -31,9 +17,13 @@ def generate_from_checkpoint(ns, prompts: list[str]) -> int:
     from megatron_stag.inference.staggered_generation import StaggeredGenerator
     from megatron_stag.platform.distributed import initialize
 
-    ckpt = resolve_checkpoint(ns.checkpoint)
-    args = ModelArgs.load(ckpt / "model_args.json")
-    tok_path = Path(ns.tokenizer) if ns.tokenizer else ckpt / "tokenizer.model"
+    try:
+        weights, run_dir = resolve_checkpoint(ns.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    ckpt = ns.checkpoint  # load_model_weights resolves it the same way
+    args = ModelArgs.load(run_dir / "model_args.json")
+    tok_path = Path(ns.tokenizer) if ns.tokenizer else run_dir / "tokenizer.model"
     try:
         tok = load_tokenizer(tok_path)
     except FileNotFoundError as err:
