@@ -18,6 +18,7 @@ setup(
         "safetensors",
         "pyyaml",
         "psutil",  # hidden dependency of megatron's torch_dist checkpoint saving
+        "matplotlib",  # megatron-stag plot
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.19,<0.20"],

@@ -21,6 +21,20 @@ def _pretrain(ns) -> int:
     return main(ns.args)
 
 
+def _plot(ns) -> int:
+    from megatron_stag.training.run_logs import plot_runs, read_log
+
+    labels = ns.label or []
+    if labels and len(labels) != len(ns.logs):
+        raise SystemExit(f"--label given {len(labels)} times for {len(ns.logs)} logs: one per log.")
+    try:
+        runs = [read_log(Path(p), labels[i] if labels else None) for i, p in enumerate(ns.logs)]
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    print(f"wrote {plot_runs(runs, Path(ns.out), ns.title)}")
+    return 0
+
+
 def _prepare_data(ns) -> int:
     from megatron_stag.data.prepare import prepare_dataset
 
@@ -60,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="tiny StagFormer pretraining on local text + staggered generation")
     q.add_argument("--out", default="runs/quickstart")
-    q.add_argument("--iterations", type=int, default=400)
-    q.add_argument("--corpus-mb", type=float, default=6.0, help="MB of stdlib sources to use")
+    q.add_argument("--iterations", type=int, default=500)
+    q.add_argument("--corpus-mb", type=float, default=4.0, help="MB of stdlib sources to use")
     q.add_argument("--seed", type=int, default=1234)
     q.set_defaults(func=_quickstart)
 
@@ -70,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "[-- --megatron-flag value ...]")
     t.add_argument("args", nargs=argparse.REMAINDER, help="RECIPE, overrides, then -- and Megatron flags")
     t.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("plot", help="loss curves of one or more runs (their train.log) as a PNG")
+    p.add_argument("logs", nargs="+", help="train.log files or save folders holding one")
+    p.add_argument("--out", default="loss.png")
+    p.add_argument("--label", action="append", help="legend name per log (default: folder name)")
+    p.add_argument("--title", default="lm loss")
+    p.set_defaults(func=_plot)
 
     d = sub.add_parser("prepare-data", help="text/JSONL files or folders -> megatron indexed dataset")
     d.add_argument("--input", nargs="+", required=True, help="files or directories")

@@ -27,9 +27,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def megatron_world():
     """A single-process (TP=1, PP=1) megatron world on gloo for in-process model tests."""
-    from tests.dist_helpers import free_port
     from megatron_stag.platform.distributed import initialize
 
-    os.environ["MASTER_PORT"] = str(free_port())
     initialize(tp=1, pp=1, seed=1234)
     yield

@@ -1,7 +1,9 @@
 """The public entry points: `megatron-stag --help`, the quickstart (shortened; same code path as
-`make quickstart`), and `megatron-stag generate` with its error messages."""
+`make quickstart`: prepare-data -> megatron pretrain -> staggered generation), and `megatron-stag
+generate` with its error messages."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +23,7 @@ def cli(*args, check=True):
 
 def test_help_lists_subcommands():
     out = cli("--help").stdout
-    for sub in ("quickstart", "prepare-data", "generate"):
+    for sub in ("quickstart", "prepare-data", "pretrain", "generate", "plot"):
         assert sub in out
 
 
@@ -37,8 +39,11 @@ def test_quickstart_trains_and_decodes_exactly(quickstart_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_loss"] < summary["first_loss"] - 0.3, summary
     assert summary["decode_vs_forward_max_abs_diff"] < 1e-4
-    assert "iteration    100/100" in proc.stderr and "tokens/s" in proc.stderr and "ETA" in proc.stderr
+    assert re.search(r"iteration\s+100/\s+100 \|", proc.stdout)  # Megatron's own iteration line
+    assert "tokens/s" in proc.stdout and "ETA" in proc.stdout
+    assert "validation loss at iteration" in proc.stdout
     assert (out / "data" / "stdlib_text_document.bin").is_file()
+    assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "100"
 
 
 def test_generate_from_checkpoint(quickstart_run, tmp_path):
@@ -59,11 +64,14 @@ def test_generate_errors(quickstart_run, tmp_path):
     missing = cli("generate", str(tmp_path / "nope"), "--prompt", "x", check=False)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
     ckpt = next((out / "checkpoints").glob("iter_*"))
-    broken = tmp_path / "iter_0000001"
+    broken = tmp_path / "run" / "iter_0000001"  # a save interrupted before Megatron finalised it
     shutil.copytree(ckpt, broken)
-    (broken / "COMPLETE").unlink()
+    shutil.copy(out / "checkpoints" / "model_args.json", broken.parent)
+    (broken / "metadata.json").unlink()
     incomplete = cli("generate", str(broken), "--prompt", "x", check=False)
     assert "incomplete" in incomplete.stderr
+    not_ckpt = cli("generate", str(tmp_path), "--prompt", "x", check=False)
+    assert "is not a checkpoint" in not_ckpt.stderr
     too_long = cli("generate", str(ckpt), "--prompt", "x = 1\n" * 200, check=False)
     assert "exceeds the context" in too_long.stderr
     no_tok = cli("generate", str(ckpt), "--prompt", "x", "--tokenizer", str(tmp_path / "t.model"),

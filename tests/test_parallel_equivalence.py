@@ -53,6 +53,8 @@ CASES = {
                                                   position_embedding_type="rope")),
     "pp2-separate": (1, 2, dict()),
     "pp2-shared": (1, 2, dict(stag_shared_weights=True)),
+    # a gated MLP checkpoints linear_fc1 through a ShardedTensorFactory: keys must be layout-free too
+    "pp2-shared-gated-mlp": (1, 2, dict(stag_shared_weights=True, gated_linear_unit=True)),
     "pp2-one-section": (1, 2, dict(stag_sections=1)),
     # AltUp: K=3 on one section puts layers 2, 3 (blocks 2, 0) on stage 1: a stage-local schedule
     # would compute blocks 0, 1 there; the K*d stream crosses the stage boundary.

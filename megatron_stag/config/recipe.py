@@ -26,7 +26,9 @@ SECTIONS = ("model", "parallelism", "training", "optimizer", "data", "checkpoint
 PLUGIN_KEYS = {
     "model": {"core_attention": "sdpa (torch SDPA, default) or local (megatron's DotProductAttention)"},
     "parallelism": {"nproc_per_node": "processes per node launched by `megatron-stag pretrain`"},
+    "logging": {"log_file": "also write the job's output here (default: <save>/train.log)"},
 }
+LAUNCHER_KEYS = {"nproc_per_node", "log_file"}
 RECIPE_DIRS = [Path(__file__).resolve().parents[2] / "recipes"]
 
 
@@ -193,7 +195,7 @@ def recipe_argv(recipe: Recipe, parser: argparse.ArgumentParser | None = None) -
     for section, values in recipe.sections.items():
         for key, value in values.items():
             where = f"{where_base} [{section}]"
-            if key in PLUGIN_KEYS.get("parallelism", {}):
+            if key in LAUNCHER_KEYS:
                 continue  # launcher settings, not Megatron arguments
             if key not in actions:
                 hint = _close_keys(key, actions)

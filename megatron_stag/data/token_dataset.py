@@ -62,3 +62,22 @@ def check_indexed_dataset(prefix: Path) -> None:
     if actual != expected:
         raise ValueError(f"dataset {prefix}.bin has {actual} bytes but its index describes {expected}: "
                          f"the file is truncated or corrupt; prepare the data again.")
+
+
+def check_split_documents(prefix: Path, split_matrix, samples) -> None:
+    """Each split megatron will draw samples from must own at least one document.
+
+    megatron's GPTDataset splits a dataset by document ([round(lo * n), round(hi * n))); a split with
+    no document but a positive sample count makes its epoch loop spin forever (seen with small
+    data and a 2% validation split), so say so up front."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    n = IndexedDataset(str(prefix), mmap=True).document_indices.shape[0] - 1
+    for name, bounds, wanted in zip(("train", "valid", "test"), split_matrix, samples):
+        if bounds is None or not wanted:
+            continue
+        if int(round(bounds[1] * n)) - int(round(bounds[0] * n)) < 1:
+            raise ValueError(
+                f"{prefix}: {n} documents give the {name} split (fraction {bounds[1] - bounds[0]:.3f}) "
+                f"no document, but {wanted} {name} samples are needed: use more data (more, smaller "
+                f"documents) or a larger {name} share in data.split.")

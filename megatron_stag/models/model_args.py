@@ -21,6 +21,7 @@ class ModelArgs:
     num_query_groups: Optional[int] = None
     ffn_hidden_size: Optional[int] = None
     normalization: str = "LayerNorm"
+    swiglu: bool = False  # gated MLP with SiLU (megatron's --swiglu)
     position_embedding_type: str = "learned_absolute"
     share_embeddings_and_output_weights: bool = True
     stag_sections: int = 1
@@ -73,6 +74,10 @@ class ModelArgs:
             pipeline_dtype=dtype if pp > 1 else None, hidden_dropout=0.0, attention_dropout=0.0,
             use_cpu_initialization=not torch.cuda.is_available(),
         )
+        if self.swiglu:
+            import torch.nn.functional as F
+
+            kw.update(gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False)
         kw.update(overrides)
         return StagFormerConfig(**kw)
 

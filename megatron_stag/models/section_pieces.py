@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
 SHARED_LAYER_MODULES = ("input_layernorm", "self_attention", "pre_mlp_layernorm", "mlp", "altup")
 SHARED_SUBMODULES = tuple(name + "." for name in SHARED_LAYER_MODULES)
@@ -21,7 +21,8 @@ SHARED_SUBMODULES = tuple(name + "." for name in SHARED_LAYER_MODULES)
 
 def _rekey(sharded: dict, old: str, new: str, replica: int | None = None) -> None:
     for value in sharded.values():
-        if isinstance(value, (ShardedTensor, ShardedObject)) and value.key.startswith(old):
+        # factories too: megatron's gated MLP (swiglu) checkpoints linear_fc1 through one
+        if isinstance(value, (ShardedTensor, ShardedObject, ShardedTensorFactory)) and value.key.startswith(old):
             value.key = new + value.key[len(old):]
             if replica is not None:
                 rid = value.replica_id

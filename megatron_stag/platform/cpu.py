@@ -168,17 +168,15 @@ def activate() -> bool:
 
 def adapt_megatron_training() -> None:
     """What `megatron.training.pretrain` needs on top of `activate()` (environment.md): it asserts
-    CUDA unless `allow_no_cuda`, compiles the dataset helpers with a Makefile the wheel does not ship
-    (the compiled helper is shipped), and its clip-grad / sniff paths ask for a GPU architecture."""
+    CUDA unless `allow_no_cuda`, and its argument checks ask for a GPU architecture."""
     import functools
 
-    from megatron.core.datasets import utils as dataset_utils
-    from megatron.training import initialize, training
+    from megatron.training import arguments, initialize, training
 
     if not _ACTIVE:
         raise RuntimeError("adapt_megatron_training() is for CPU machines: call activate() first.")
     training.initialize_megatron = functools.partial(initialize.initialize_megatron, allow_no_cuda=True)
-    dataset_utils.compile_helpers = lambda: None
+    arguments.get_device_arch_version = lambda: 0  # only picks performance advice for TP/CP
 
 
 def is_active() -> bool:

@@ -10,17 +10,35 @@ import torch.distributed as dist
 from megatron_stag.platform import cpu
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun, srun with exported variables, our test spawner) set us up."""
+    return all(v in os.environ for v in LAUNCHER_VARS)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """Start torch.distributed from the usual env vars (single process if unset) and megatron's groups."""
+    """Start torch.distributed (from the launcher's env vars, or as a lone process on a free port,
+    leaving the environment untouched for child processes) and megatron's parallel groups."""
     cpu.activate()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if launched():
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -1,8 +1,9 @@
 """`megatron-stag pretrain RECIPE [key=value ...] [-- --megatron-flag ...]`: Megatron's training loop
 (`megatron.training.pretrain`, 0.19 API) with our model, on any TP/PP/DP layout.
 
-What is ours: the model provider (a StagFormerModel for baseline GPT, StagFormer, AltUp and
-StagFormer+AltUp, all from the same config fields), the dataset provider (megatron's GPTDataset over
+What is ours: the model, through Megatron's model-config hook (`megatron_builder.py`: a
+StagFormerModel for baseline GPT, StagFormer, AltUp and StagFormer+AltUp, all from the same config
+fields), the dataset provider (megatron's GPTDataset over
 the indexed datasets written by `prepare-data`, tokenised with the run's sentencepiece model), the
 forward step and loss. Everything else is Megatron's: argument parsing and validation, schedules,
 optimizer and LR schedule, iteration logs, evaluation, TensorBoard, torch_dist checkpoints and resume
@@ -29,13 +30,61 @@ from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
 
 
 def _under_launcher() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """torchrun (or srun exporting the same variables) started this process as one rank."""
+    from megatron_stag.platform.distributed import launched
+
+    return launched() and "LOCAL_RANK" in os.environ
+
+
+def check_schedule(recipe) -> None:
+    """Megatron only asserts these deep inside; say which key to change before anything starts."""
+    iters = recipe.get("train_iters")
+    decay = recipe.get("lr_decay_iters") or iters
+    warmup = recipe.get("lr_warmup_iters") or 0
+    if iters is not None and decay is not None and warmup >= decay:
+        raise RecipeError(f"optimizer.lr_warmup_iters={warmup} must be below the decay length "
+                          f"({decay}, training.train_iters or optimizer.lr_decay_iters): shorten the "
+                          f"warm-up or train longer.")
+    mbs, gbs = recipe.get("micro_batch_size") or 1, recipe.get("global_batch_size")
+    if gbs is not None and gbs % mbs:
+        raise RecipeError(f"training.global_batch_size={gbs} is not a multiple of "
+                          f"training.micro_batch_size={mbs}.")
+
+
+def check_model(recipe) -> None:
+    """Build the model's config from the recipe (no tensors): StagFormer/AltUp/TP/PP errors name
+    their field before any process starts."""
+    import dataclasses
+
+    from megatron_stag.config.stagformer_config import StagFormerConfig
+
+    missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads") if not recipe.get(k)]
+    if missing:
+        raise RecipeError(f"model.{missing[0]} is missing: a runnable recipe sets num_layers, "
+                          f"hidden_size and num_attention_heads (or inherits them with base:).")
+    names = {f.name for f in dataclasses.fields(StagFormerConfig) if f.init}
+    kw = {k: v for values in recipe.sections.values() for k, v in values.items()
+          if k in names and (k.startswith(("stag_", "altup_")) or k in (
+              "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+              "tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel",
+              "add_bias_linear"))}
+    if recipe.get("num_experts"):
+        kw["num_moe_experts"] = recipe.get("num_experts")
+    if not recipe.get("group_query_attention"):
+        kw.pop("num_query_groups", None)
+    kw.pop("altup_compile", None)
+    try:
+        StagFormerConfig(use_cpu_initialization=True, pipeline_dtype=torch.float32, **kw)
+    except ValueError as err:
+        raise RecipeError(f"model settings: {err}") from None
 
 
 def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
     """Validate the recipe here (cheap, before any process starts), then run it on N processes."""
     recipe = load_recipe(recipe_name, overrides)
     recipe_argv(recipe)  # raises RecipeError naming the key
+    check_schedule(recipe)
+    check_model(recipe)
     if _under_launcher():
         return run(recipe_name, overrides, extra)
     nproc = recipe.get("nproc_per_node") or (
@@ -45,7 +94,24 @@ def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
            str(recipe_name), *overrides]
     if extra:
         cmd += ["--", *extra]
-    return subprocess.call(cmd)  # argv list: no shell ever sees recipe values
+    log_file = recipe.get("log_file") or (Path(recipe.get("save")) / "train.log" if recipe.get("save") else None)
+    return _run_logged(cmd, Path(log_file) if log_file else None)
+
+
+def _run_logged(cmd: list[str], log_file: Path | None) -> int:
+    """Run the job (an argv list: no shell ever sees recipe values), echoing its output and
+    appending it to `log_file` (a resumed run continues the same log; `megatron-stag plot` reads it)."""
+    env = dict(os.environ)
+    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # megatron's TP/SP overlap needs it (Hopper)
+    if log_file is None:
+        return subprocess.call(cmd, env=env)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a", encoding="utf-8") as log, subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        return proc.wait()
 
 
 def _free_port() -> int:
@@ -68,30 +134,6 @@ def megatron_argv(recipe_name: str, overrides: list[str], extra: list[str]) -> l
 
 
 # ---------------------------------------------------------------------------- Megatron hooks
-def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
-    from megatron.training import get_args
-    from megatron.training.argument_utils import core_transformer_config_from_args
-
-    from megatron_stag.config.stagformer_config import StagFormerConfig
-    from megatron_stag.models.stagformer_model import StagFormerModel
-    from megatron_stag.specs.stagformer_specs import get_stagformer_section_specs
-    from megatron_stag.training.shared_weight_sync import make_finalize_model_grads
-
-    args = get_args()
-    config = core_transformer_config_from_args(args, config_class=StagFormerConfig)
-    backend = "te" if args.transformer_impl == "transformer_engine" else "local"
-    model = StagFormerModel(
-        config, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
-        section_specs=get_stagformer_section_specs(config, backend=backend,
-                                                   core_attention=args.core_attention),
-        pre_process=pre_process, post_process=post_process,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base, pg_collection=pg_collection)
-    config.finalize_model_grads_func = make_finalize_model_grads()  # shared weights across stages
-    return model
-
-
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -135,7 +177,7 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
     from megatron.training import get_args, get_tokenizer, print_rank_0
     from megatron.training.utils import get_blend_and_blend_per_split
 
-    from megatron_stag.data.token_dataset import check_indexed_dataset
+    from megatron_stag.data.token_dataset import check_indexed_dataset, check_split_documents
 
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
@@ -148,6 +190,9 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
         tokenizer=get_tokenizer(), reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask, eod_mask_loss=args.eod_mask_loss,
         mid_level_dataset_surplus=args.mid_level_dataset_surplus)
+    if blend and not blend_per_split:
+        for prefix in blend[0]:
+            check_split_documents(prefix, config.split_matrix, train_val_test_num_samples)
     print_rank_0("> building train, validation and test datasets (megatron GPTDataset) ...")
 
     def on_this_rank():
@@ -160,11 +205,45 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
 datasets_provider.is_distributed = True  # called on every rank; each data rank builds its own
 
 
+class ProgressLog:
+    """Adds tokens/s and ETA after Megatron's iteration line (which has neither in 0.19): wraps
+    `megatron.training.training.training_log`, measuring wall time between log intervals."""
+
+    def __init__(self, training_log):
+        self.training_log = training_log
+        self.last = None  # (iteration, time) at the previous log line
+
+    def __call__(self, *args, **kwargs):
+        import time
+
+        from megatron.training import get_args, print_rank_last
+
+        out = self.training_log(*args, **kwargs)
+        iteration = kwargs["iteration"] if "iteration" in kwargs else args[3]
+        a = get_args()
+        now = time.time()
+        if self.last is None:
+            self.last = (iteration, now)
+        elif iteration % a.log_interval == 0 and iteration > self.last[0]:
+            steps, seconds = iteration - self.last[0], now - self.last[1]
+            tokens = steps * a.global_batch_size * a.seq_length / seconds
+            eta = (a.train_iters - iteration) * seconds / steps
+            print_rank_last(f" progress: iteration {iteration}/{a.train_iters} | tokens/s: {tokens:,.0f} "
+                            f"| ETA: {_duration(eta)}")
+            self.last = (iteration, now)
+        return out
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def _write_run_files(args) -> None:
     """model_args.json and tokenizer.model beside Megatron's checkpoints, for `generate`."""
     from megatron_stag.models.model_args import ModelArgs
 
-    if not args.save or torch.distributed.get_rank() != 0:
+    if not args.save or int(os.environ.get("RANK", "0")) != 0:
         return
     save = Path(args.save)
     save.mkdir(parents=True, exist_ok=True)
@@ -179,6 +258,19 @@ def _write_run_files(args) -> None:
         shutil.copyfile(args.tokenizer_model, save / "tokenizer.model")
 
 
+def use_shipped_dataset_helpers() -> None:
+    """megatron.training compiles its C++ dataset helpers with `make` on rank 0; the megatron-core
+    wheel ships them compiled but without the Makefile, so that step fails on every machine. Skip it
+    when the compiled module imports (a source checkout still compiles)."""
+    from megatron.core.datasets import utils as dataset_utils
+
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return
+    dataset_utils.compile_helpers = lambda: None
+
+
 def run(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
     """One process of the job (under torchrun/srun): parse, adapt the platform, train."""
     from megatron_stag.platform import cpu
@@ -186,31 +278,23 @@ def run(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
     argv = megatron_argv(recipe_name, overrides, extra)
     if cpu.activate():
         cpu.adapt_megatron_training()
+    use_shipped_dataset_helpers()
+    from megatron.training import training as megatron_training
+
+    megatron_training.training_log = ProgressLog(megatron_training.training_log)
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
-    from megatron_stag.config.cli_args import add_stagformer_args
-    from megatron_stag.config.recipe import add_plugin_args
+    from megatron_stag.training.megatron_builder import add_megatron_stag_args, stag_gpt_config_from_args
 
     sys.argv = [sys.argv[0], *argv]
-    args = parse_and_validate_args(extra_args_provider=lambda p: add_plugin_args(add_stagformer_args(p)))
-    cfg = pretrain_cfg_container_from_args(args)
-    pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step,
-             model_provider=_with_run_files(model_provider))
+    args = parse_and_validate_args(extra_args_provider=add_megatron_stag_args)
+    _write_run_files(args)
+    cfg = pretrain_cfg_container_from_args(args, stag_gpt_config_from_args(args))
+    pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step)
     return 0
-
-
-def _with_run_files(provider):
-    """Write the run files once the process groups exist (the first model build)."""
-    def build(*a, **kw):
-        from megatron.training import get_args
-
-        _write_run_files(get_args())
-        return provider(*a, **kw)
-
-    return build
 
 
 def main(argv: list[str]) -> int:

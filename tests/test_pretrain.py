@@ -1,0 +1,216 @@
+"""`megatron-stag pretrain`: recipes (loading, inheritance, overrides, validation), Megatron's
+training loop on 2 CPU ranks for every model family, kill-and-resume exactness, interrupted
+checkpoints, and `megatron-stag plot`."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- recipes
+def test_every_packaged_recipe_is_valid():
+    """Every recipe parses with Megatron's parser and builds a valid model config."""
+    from megatron_stag.config.recipe import megatron_parser
+    from megatron_stag.training.megatron_pretrain import check_model, check_schedule
+
+    parser = megatron_parser()
+    grid = [f"{size}-{variant}" for size in ("tiny-cpu", "125m", "350m", "1.3b")
+            for variant in ("gpt", "stag", "stag-shared", "stag-window128", "altup", "stag-altup")]
+    names = sorted(p.stem for p in (REPO / "recipes").glob("*-*.yaml"))
+    assert set(grid) <= set(names) and "study-50m" in names
+    for name in names:
+        recipe = load_recipe(name)
+        assert "--num-layers" in recipe_argv(recipe, parser)
+        check_schedule(recipe)
+        check_model(recipe)
+
+
+def test_inheritance_and_overrides():
+    recipe = load_recipe("tiny-cpu-stag-altup", ["training.train_iters=7", "lr=0.01", "stag_cross_window=2",
+                                                 "model.altup_output=mean"])
+    assert recipe.get("stag_sections") == 2 and recipe.get("altup_blocks") == 2  # own keys
+    assert recipe.get("hidden_size") == 128  # inherited from tiny-cpu-gpt
+    assert recipe.get("train_iters") == 7 and recipe.get("lr") == 0.01
+    assert recipe.sections["model"]["stag_cross_window"] == 2  # a new key lands in its section
+    argv = recipe_argv(recipe)
+    assert argv[argv.index("--train-iters") + 1] == "7"
+    assert argv[argv.index("--altup-output") + 1] == "mean"
+    assert "--stag-cross-window" in argv
+    big = load_recipe("1.3b-stag")
+    assert big.get("pipeline_model_parallel_size") == 2 and big.get("stag_sections") == 2
+    assert big.get("lr") == 3.0e-4  # from common.yaml, two levels up
+
+
+def test_switches_and_lists():
+    argv = recipe_argv(load_recipe("125m-gpt"))
+    assert "--swiglu" in argv and "--disable-bias-linear" in argv  # add_bias_linear: false
+    i = argv.index("--data-path")
+    assert argv[i + 1] == "data/corpus_text_document"
+    off = recipe_argv(load_recipe("125m-gpt", ["swiglu=false"]))
+    assert "--swiglu" not in off
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.num_layerz=4"], "unknown key 'num_layerz'.*did you mean num_layers"),
+    (["modle.num_layers=4"], "unknown section 'modle'"),
+    (["train_iters=many"], "train_iters='many' is not accepted"),
+    (["swiglu=3"], "swiglu is a switch"),
+    (["num_layers"], "write key=value"),
+    (["altup_output=median"], "altup_output='median' is not accepted"),
+])
+def test_override_errors_name_the_key(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_argv(load_recipe("tiny-cpu-stag", overrides))
+
+
+def test_recipe_file_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nmodel: {num_layers: 2}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(RecipeError, match="inheritance cycle"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("training: [1, 2]\n")
+    with pytest.raises(RecipeError, match="section 'training' must be a mapping"):
+        load_recipe(tmp_path / "c.yaml")
+    with pytest.raises(RecipeError, match="not found.*packaged recipes: .*tiny-cpu-stag"):
+        load_recipe("no-such-recipe")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["stag_sections=3"], "num_layers=4 is not divisible by stag_sections=3"),
+    (["altup_blocks=0"], "altup_blocks=0"),
+    (["tensor_model_parallel_size=3"], "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
+    (["lr_warmup_iters=400"], "lr_warmup_iters=400 must be below"),
+    (["global_batch_size=12"], "global_batch_size=12 is not a multiple"),
+])
+def test_launch_refuses_bad_settings_before_starting(overrides, message):
+    from megatron_stag.training.megatron_pretrain import launch
+
+    with pytest.raises(RecipeError, match=message):
+        launch("tiny-cpu-stag", overrides, [])
+
+
+def test_bad_recipe_from_the_command_line_is_one_clear_line():
+    proc = subprocess.run([sys.executable, "-m", "megatron_stag.cli", "pretrain", "tiny-cpu-stag",
+                           "stag_sections=3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "recipe error: model settings: num_layers=4 is not divisible" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- training runs
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small indexed dataset of stdlib sources with its sentencepiece model."""
+    from megatron_stag.data.local_corpus import stdlib_files
+    from megatron_stag.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data")
+    files = stdlib_files(max_bytes=600_000)
+    prefix, model = prepare_dataset([str(f) for f in files], out / "stdlib", vocab_size=512)
+    return prefix, model
+
+
+def pretrain(recipe, data, save, *overrides, popen=False):
+    prefix, model = data
+    args = [sys.executable, "-m", "megatron_stag.cli", "pretrain", recipe,
+            f"data.data_path=[{prefix}]", f"data.tokenizer_model={model}",
+            f"checkpoint.save={save}", f"checkpoint.load={save}", "model.hidden_size=64",
+            "model.seq_length=64", "model.max_position_embeddings=64", "training.micro_batch_size=4",
+            "training.global_batch_size=8", "optimizer.lr_warmup_iters=2", "logging.log_interval=1",
+            "logging.eval_interval=1000", "data.split=80,20,0", *overrides]
+    if popen:
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def losses(save):
+    from megatron_stag.training.run_logs import read_log
+
+    return read_log(Path(save) / "train.log").train
+
+
+FAMILIES = {
+    "gpt-tp2": ("tiny-cpu-gpt", ["tensor_model_parallel_size=2"]),
+    "stag-pp2": ("tiny-cpu-stag", ["pipeline_model_parallel_size=2"]),
+    "altup-dp2": ("tiny-cpu-altup", ["nproc_per_node=2"]),
+    "stag-altup-pp2": ("tiny-cpu-stag-altup", ["pipeline_model_parallel_size=2"]),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_short_pretrain_on_two_ranks(family, data, tmp_path):
+    """Megatron's loop on 2 gloo ranks: the loss falls, a checkpoint and the run files appear."""
+    recipe, layout = FAMILIES[family]
+    save = tmp_path / "ckpt"
+    proc = pretrain(recipe, data, save, "training.train_iters=24", "checkpoint.save_interval=24", *layout)
+    loss = losses(save)
+    assert max(loss) == 24
+    assert sum(loss[i] for i in (22, 23, 24)) < sum(loss[i] for i in (1, 2, 3)) - 1.0, loss
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "24"
+    assert (save / "model_args.json").is_file() and (save / "tokenizer.model").is_file()
+    assert "tokens/s" in proc.stdout and "ETA" in proc.stdout
+
+
+def test_kill_and_resume_is_exact(data, tmp_path):
+    """A run killed after its iteration-8 checkpoint resumes at iteration 9 on the same data and
+    logs exactly the uninterrupted run's losses; an interrupted later save is never loaded."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["training.train_iters=14", "pipeline_model_parallel_size=2"]
+    pretrain("tiny-cpu-stag", data, straight, *common, "checkpoint.save_interval=100")
+    ref = losses(straight)
+
+    job = pretrain("tiny-cpu-stag", data, resumed, *common, "checkpoint.save_interval=8", popen=True)
+    tracker = resumed / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 300
+    while not (tracker.is_file() and tracker.read_text().strip() == "8"):
+        assert job.poll() is None and time.time() < deadline, job.stdout.read()[-3000:]
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)  # the whole job: launcher and both ranks
+    job.wait()
+    # a save that died half-way: an iteration folder without metadata, tracker not updated
+    partial = resumed / "iter_0000012"
+    partial.mkdir(exist_ok=True)
+    (partial / "__0_0.distcp").write_bytes(b"truncated")
+
+    proc = pretrain("tiny-cpu-stag", data, resumed, *common, "checkpoint.save_interval=100")
+    assert re.search(r"successfully loaded checkpoint from .* at iteration 8\b", proc.stdout)
+    from megatron_stag.training.run_logs import read_log
+
+    a, b = read_log(straight), read_log(resumed)
+    after = [i for i in a.train if i > 8]
+    # the training state is bit-identical: every grad norm after the resume equals the straight run's
+    assert [b.grad_norm[i] for i in after] == [a.grad_norm[i] for i in after]
+    # and so are the losses, except iteration 10: Megatron does not reset its loss accumulator on
+    # a run's first logged iteration (9), so line 10 shows the mean of 9 and 10
+    assert [b.train[i] for i in after if i != 10] == [a.train[i] for i in after if i != 10]
+    assert b.train[10] == pytest.approx((a.train[9] + a.train[10]) / 2, abs=2e-6)
+
+
+def test_plot_several_runs(tmp_path):
+    log = ("iteration        1/       3 | lm loss: 5.0E+00 |\n iteration        2/       3 | lm loss: "
+           "4.0E+00 |\n validation loss at iteration 2 | lm loss value: 4.5E+00 |\n")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.log").write_text(log)
+    out = tmp_path / "loss.png"
+    proc = subprocess.run([sys.executable, "-m", "megatron_stag.cli", "plot", str(tmp_path / "a"),
+                           str(tmp_path / "b" / "train.log"), "--label", "A", "--label", "B",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, "-m", "megatron_stag.cli", "plot", str(tmp_path / "c")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "does not exist" in bad.stderr
