@@ -128,7 +128,10 @@ def main(argv=None) -> None:
     wanted = set(ns.runs.split(",")) if ns.runs else None
     results_path = out / "quality_study.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    import sys
+
     results.update(machine=machine(), data=data_info, settings=vars(ns))
+    results.setdefault("commands", []).append(" ".join(sys.argv))
     runs = results.setdefault("runs", {})
     for name, overrides in RUNS.items():
         if wanted and name not in wanted and SLUGS[name] not in wanted:
@@ -180,7 +183,7 @@ def _curve(name: str, run: dict):
     from megatron_stag.training.run_logs import RunLog
 
     valid = {int(k): v for k, v in run["validation_curve"].items()}
-    return RunLog(name, train=valid, valid=valid)
+    return RunLog(name, valid=valid)
 
 
 HYPOTHESES = [

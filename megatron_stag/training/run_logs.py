@@ -59,9 +59,10 @@ def plot_runs(runs: list[RunLog], out: Path, title: str = "loss") -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, run in enumerate(runs):
         color = f"C{i}"
-        steps = sorted(run.train)
-        ax.plot(steps, [run.train[s] for s in steps], color=color, alpha=0.5, lw=1,
-                label=f"{run.name} (train)")
+        if run.train:
+            steps = sorted(run.train)
+            ax.plot(steps, [run.train[s] for s in steps], color=color, alpha=0.5, lw=1,
+                    label=f"{run.name} (train)")
         if run.valid:
             steps = sorted(run.valid)
             ax.plot(steps, [run.valid[s] for s in steps], color=color, marker="o", lw=2,
@@ -70,7 +71,7 @@ def plot_runs(runs: list[RunLog], out: Path, title: str = "loss") -> Path:
     ax.set_ylabel("lm loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
