@@ -3,7 +3,6 @@ re-implementations written here), the schedule, Sequence-AltUp causality, MoE, a
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_layer import TransformerLayer
 

@@ -170,7 +170,6 @@ def test_kill_and_resume_is_exact(data, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["training.train_iters=14", "pipeline_model_parallel_size=2"]
     pretrain("tiny-cpu-stag", data, straight, *common, "checkpoint.save_interval=100")
-    ref = losses(straight)
 
     job = pretrain("tiny-cpu-stag", data, resumed, *common, "checkpoint.save_interval=8", popen=True)
     tracker = resumed / "latest_checkpointed_iteration.txt"
