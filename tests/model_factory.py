@@ -52,3 +52,14 @@ def batch(b: int = 2, s: int = SEQ, seed: int = 0):
     ids = torch.randint(0, VOCAB, (b, s), generator=g)
     pos = torch.arange(s)[None].expand(b, -1)
     return ids, pos
+
+
+def assert_causal(model, t: int) -> None:
+    """Changing token t leaves the logits at positions < t unchanged and changes some at >= t."""
+    ids, pos = batch()
+    changed = ids.clone()
+    changed[:, t] = (changed[:, t] + 1) % VOCAB
+    with torch.no_grad():
+        a, b = model(ids, pos), model(changed, pos)
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.allclose(a[:, t:], b[:, t:])

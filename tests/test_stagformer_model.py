@@ -4,7 +4,7 @@ window, shared weights, and the output mix. Each test names the bug it would cat
 import pytest
 import torch
 
-from tests.model_factory import MAX_LEN, SEQ, VOCAB, batch, tiny_config, tiny_model
+from tests.model_factory import MAX_LEN, SEQ, VOCAB, assert_causal, batch, tiny_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 
@@ -51,15 +51,7 @@ def test_sdpa_core_attention_matches_megatron_local_attention():
 ])
 def test_causality(variant):
     """Changing token t leaves logits at positions < t unchanged (catches a future leak)."""
-    model = tiny_model(**variant)
-    ids, pos = batch()
-    t = 7
-    changed = ids.clone()
-    changed[:, t] = (changed[:, t] + 1) % VOCAB
-    with torch.no_grad():
-        a, b = model(ids, pos), model(changed, pos)
-    assert torch.equal(a[:, :t], b[:, :t])
-    assert not torch.allclose(a[:, t:], b[:, t:])
+    assert_causal(tiny_model(**variant), 7)
 
 
 def _perturb_section_output(model, section: int, position: int):
