@@ -101,7 +101,8 @@ def test_parallel_matches_single_rank_slow(tmp_path, case):
     _run_case(tmp_path, *SLOW_CASES[case])
 
 
-@pytest.mark.parametrize("stag", [dict(stag_sections=2), dict(stag_sections=2, stag_shared_weights=True)])
+@pytest.mark.parametrize("stag", [dict(stag_sections=2), dict(stag_sections=2, stag_shared_weights=True),
+                                  dict(stag_sections=2, altup_blocks=2, altup_embedding="widened")])
 def test_distributed_optimizer_step_matches_single_rank(tmp_path, stag):
     """DP=2 with megatron's distributed optimizer takes the same Adam step as DP=1 (catches a
     gradient that is reduced twice or not at all, e.g. for shared weights)."""
