@@ -49,7 +49,7 @@ def test_blend_weights_and_corrupt_file(corpus, tmp_path):
     a, model = prepare_dataset([str(corpus / "a.jsonl")], tmp_path / "a", vocab_size=600)
     b, _ = prepare_dataset([str(corpus / "dir")], tmp_path / "b", tokenizer=model)
     tok = load_tokenizer(model)
-    train, _, _ = build_gpt_datasets([a, b], [0.8, 0.2], "100,0,0", 32, tok, [2000, 0, 0], 1,
+    train, _, _ = build_gpt_datasets(([a, b], [0.8, 0.2]), None, "100,0,0", 32, tok, [2000, 0, 0], 1,
                                      tmp_path / "cache")
     share = np.bincount(train.dataset_index[:2000], minlength=2) / 2000
     assert share[0] == pytest.approx(0.8, abs=0.02)  # megatron's blend follows the weights
@@ -59,10 +59,10 @@ def test_blend_weights_and_corrupt_file(corpus, tmp_path):
     data = (tmp_path / "a_text_document.bin").read_bytes()
     (tmp_path / "a_text_document.bin").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        build_gpt_datasets([a], None, "100,0,0", 32, tok, [10, 0, 0], 1, tmp_path / "cache2")
+        build_gpt_datasets(([a], None), None, "100,0,0", 32, tok, [10, 0, 0], 1, tmp_path / "cache2")
     (tmp_path / "a_text_document.idx").unlink()
     with pytest.raises(FileNotFoundError, match="prepare-data"):
-        build_gpt_datasets([a], None, "100,0,0", 32, tok, [10, 0, 0], 1, tmp_path / "cache3")
+        build_gpt_datasets(([a], None), None, "100,0,0", 32, tok, [10, 0, 0], 1, tmp_path / "cache3")
 
 
 def test_bad_jsonl_names_the_key(tmp_path):

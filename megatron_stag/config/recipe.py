@@ -216,7 +216,3 @@ def _close_keys(key: str, actions: dict) -> str:
 
     close = difflib.get_close_matches(key, list(actions), n=3)
     return f" (did you mean {', '.join(close)}?)" if close else ""
-
-
-def dump(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.sections, sort_keys=False)

@@ -18,7 +18,8 @@ def launched() -> bool:
     return all(v in os.environ for v in LAUNCHER_VARS)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free right now on this host."""
     import socket
 
     with socket.socket() as s:
@@ -37,7 +38,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
         if launched():
             dist.init_process_group(backend)
         else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                     rank=0, world_size=1)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed

@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 
 from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
+from megatron_stag.platform.distributed import free_port, launched
 
 
 def _under_launcher() -> bool:
     """torchrun (or srun exporting the same variables) started this process as one rank."""
-    from megatron_stag.platform.distributed import launched
-
     return launched() and "LOCAL_RANK" in os.environ
 
 
@@ -82,15 +81,15 @@ def check_model(recipe) -> None:
 def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
     """Validate the recipe here (cheap, before any process starts), then run it on N processes."""
     recipe = load_recipe(recipe_name, overrides)
-    recipe_argv(recipe)  # raises RecipeError naming the key
+    argv = recipe_argv(recipe)  # raises RecipeError naming the key
     check_schedule(recipe)
     check_model(recipe)
     if _under_launcher():
-        return run(recipe_name, overrides, extra)
+        return run(argv + platform_flags() + list(extra))  # raw Megatron flags last: they win
     nproc = recipe.get("nproc_per_node") or (
         (recipe.get("tensor_model_parallel_size") or 1) * (recipe.get("pipeline_model_parallel_size") or 1))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={int(nproc)}",
-           "--master-port", str(_free_port()), "-m", "megatron_stag.cli", "pretrain",
+           "--master-port", str(free_port()), "-m", "megatron_stag.cli", "pretrain",
            str(recipe_name), *overrides]
     if extra:
         cmd += ["--", *extra]
@@ -114,23 +113,14 @@ def _run_logged(cmd: list[str], log_file: Path | None) -> int:
         return proc.wait()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def megatron_argv(recipe_name: str, overrides: list[str], extra: list[str]) -> list[str]:
+def platform_flags() -> list[str]:
+    """Flags this machine needs: megatron's fused rope, grad-accumulation and persistent layer norm
+    are TE/apex kernels; gloo where there is no CUDA."""
     from megatron.core.extensions.transformer_engine import HAVE_TE
 
-    argv = recipe_argv(load_recipe(recipe_name, overrides))
-    if not HAVE_TE:  # megatron's fused rope and grad-accumulation fusion are TE/apex kernels
-        argv += ["--no-rope-fusion", "--no-gradient-accumulation-fusion", "--no-persist-layer-norm"]
-    if not torch.cuda.is_available():
-        argv += ["--distributed-backend", "gloo"]
-    return argv + list(extra)  # raw Megatron flags last: they win
+    flags = [] if HAVE_TE else ["--no-rope-fusion", "--no-gradient-accumulation-fusion",
+                                "--no-persist-layer-norm"]
+    return flags + ([] if torch.cuda.is_available() else ["--distributed-backend", "gloo"])
 
 
 # ---------------------------------------------------------------------------- Megatron hooks
@@ -172,34 +162,20 @@ def forward_step(data_iterator, model):
 def datasets_provider(train_val_test_num_samples, vp_stage=None):
     """megatron's GPTDataset (blends and splits from --data-path / --split) on every data rank."""
     from megatron.core import parallel_state as ps
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.training import get_args, get_tokenizer, print_rank_0
     from megatron.training.utils import get_blend_and_blend_per_split
 
-    from megatron_stag.data.token_dataset import check_indexed_dataset, check_split_documents
+    from megatron_stag.data.megatron_datasets import build_gpt_datasets
 
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
-    for prefixes in [blend] + list(blend_per_split or []):
-        for prefix in (prefixes[0] if prefixes else []):
-            check_indexed_dataset(prefix)
-    config = GPTDatasetConfig(
-        random_seed=args.seed, sequence_length=args.seq_length, blend=blend,
-        blend_per_split=blend_per_split, split=args.split, path_to_cache=args.data_cache_path,
-        tokenizer=get_tokenizer(), reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask, eod_mask_loss=args.eod_mask_loss,
-        mid_level_dataset_surplus=args.mid_level_dataset_surplus)
-    if blend and not blend_per_split:
-        for prefix in blend[0]:
-            check_split_documents(prefix, config.split_matrix, train_val_test_num_samples)
     print_rank_0("> building train, validation and test datasets (megatron GPTDataset) ...")
-
-    def on_this_rank():
-        return ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage()
-
-    return BlendedMegatronDatasetBuilder(GPTDataset, train_val_test_num_samples, on_this_rank,
-                                         config).build()
+    return build_gpt_datasets(
+        blend, blend_per_split, args.split, args.seq_length, get_tokenizer(),
+        train_val_test_num_samples, args.seed, args.data_cache_path,
+        on_this_rank=lambda: ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage(),
+        reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss, mid_level_dataset_surplus=args.mid_level_dataset_surplus)
 
 
 datasets_provider.is_distributed = True  # called on every rank; each data rank builds its own
@@ -271,11 +247,10 @@ def use_shipped_dataset_helpers() -> None:
     dataset_utils.compile_helpers = lambda: None
 
 
-def run(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
-    """One process of the job (under torchrun/srun): parse, adapt the platform, train."""
+def run(argv: list[str]) -> int:
+    """One process of the job (under torchrun/srun): parse Megatron's argv, adapt the platform, train."""
     from megatron_stag.platform import cpu
 
-    argv = megatron_argv(recipe_name, overrides, extra)
     if cpu.activate():
         cpu.adapt_megatron_training()
     use_shipped_dataset_helpers()
