@@ -21,7 +21,8 @@ setup(
         "matplotlib",  # megatron-stag plot
     ],
     extras_require={
-        "deepspeed": ["deepspeed>=0.19,<0.20"],
+        # AutoTP (tensor-parallel DeepSpeed inference) imports transformers
+        "deepspeed": ["deepspeed>=0.19,<0.20", "transformers>=4.40"],
         "test": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["megatron-stag=megatron_stag.cli:main"]},

@@ -64,12 +64,32 @@ def _read_prompts(ns) -> list[str]:
 def _generate(ns) -> int:
     from megatron_stag.inference.generate_cli import generate_from_checkpoint
 
+    if ns.engine == "megatron" and (ns.tp != 1 or ns.dtype != "fp32" or ns.cuda_graph):
+        raise SystemExit("--tp, --dtype and --cuda-graph choose the DeepSpeed engine's layout: add "
+                         "--engine deepspeed (with an exported model), or drop them.")
     return generate_from_checkpoint(ns, _read_prompts(ns))
+
+
+def _export(ns) -> int:
+    import torch
+
+    from megatron_stag.export.megatron_export import ExportError, export_checkpoint
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ns.dtype]
+    try:
+        out = export_checkpoint(Path(ns.checkpoint), Path(ns.out), dtype=dtype,
+                                tokenizer=Path(ns.tokenizer) if ns.tokenizer else None)
+    except (ExportError, FileNotFoundError) as err:
+        raise SystemExit(str(err)) from None
+    print(f"wrote {out} (config.json, model.safetensors, tokenizer.model)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-stag", description="StagFormer on megatron-core: train, decode, benchmark.")
+    # DeepSpeed's launcher prepends --local_rank=N (LOCAL_RANK is in the environment as well)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quickstart", help="tiny StagFormer pretraining on local text + staggered generation")
@@ -114,7 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (its token ids)")
     g.add_argument("--recurrent", action="store_true", help="recurrent inference (shared weights)")
     g.add_argument("--output", help="write JSONL here instead of text on stdout")
+    g.add_argument("--engine", choices=("megatron", "deepspeed"), default="megatron",
+                   help="deepspeed: serve an exported package (megatron-stag export) with deepspeed.init_inference")
+    g.add_argument("--tp", type=int, default=1, help="(deepspeed) tensor-parallel ranks per section")
+    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="(deepspeed) weights dtype")
+    g.add_argument("--cuda-graph", action="store_true", help="(deepspeed) replay decode steps as CUDA graphs")
     g.set_defaults(func=_generate)
+
+    x = sub.add_parser("export", help="megatron checkpoint (any TP/PP) -> plain-PyTorch package (safetensors)")
+    x.add_argument("checkpoint", help="a checkpoint directory (iter_*) or a run's checkpoints folder")
+    x.add_argument("out", help="new folder for config.json, model.safetensors, tokenizer.model")
+    x.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    x.add_argument("--tokenizer", help="sentencepiece .model to ship (default: the checkpoint's)")
+    x.set_defaults(func=_export)
     return parser
 
 

@@ -23,7 +23,7 @@ def cli(*args, check=True):
 
 def test_help_lists_subcommands():
     out = cli("--help").stdout
-    for sub in ("quickstart", "prepare-data", "pretrain", "generate", "plot"):
+    for sub in ("quickstart", "prepare-data", "pretrain", "generate", "plot", "export"):
         assert sub in out
 
 
@@ -91,3 +91,36 @@ def test_generate_one_section_per_rank_under_torchrun(quickstart_run, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == single
+
+
+def test_export_and_generate_with_deepspeed(quickstart_run, tmp_path):
+    """`export` then `generate --engine deepspeed`: one process, and DeepSpeed's launcher with one
+    section per rank, both print what the megatron engine prints (greedy)."""
+    pytest.importorskip("deepspeed")
+    out, _ = quickstart_run
+    package = tmp_path / "pkg"
+    cli("export", str(out / "checkpoints"), str(package))
+    assert sorted(p.name for p in package.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    again = cli("export", str(out / "checkpoints"), str(package), check=False)
+    assert again.returncode != 0 and "exists" in again.stderr
+    args = ["--prompt", "def f(x):", "--prompt", "import os", "--max-new-tokens", "10"]
+
+    def records(path):
+        return [json.loads(l) for l in path.read_text().splitlines()]
+
+    cli("generate", str(out / "checkpoints"), *args, "--output", str(tmp_path / "megatron.jsonl"))
+    cli("generate", str(package), "--engine", "deepspeed", *args, "--output", str(tmp_path / "ds.jsonl"))
+    assert records(tmp_path / "ds.jsonl") == records(tmp_path / "megatron.jsonl")
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                str(free_port()), "--module", "megatron_stag.cli"]
+    proc = subprocess.run(launcher + ["generate", str(package), "--engine", "deepspeed", *args,
+                                      "--output", str(tmp_path / "ds2.jsonl")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert records(tmp_path / "ds2.jsonl") == records(tmp_path / "megatron.jsonl")
+    bad_tp = cli("generate", str(package), "--engine", "deepspeed", "--tp", "3", *args, check=False)
+    assert bad_tp.returncode != 0 and "--tp 3 does not divide" in bad_tp.stderr
+    not_pkg = cli("generate", str(out / "checkpoints"), "--engine", "deepspeed", *args, check=False)
+    assert "is not an exported model" in not_pkg.stderr
+    tp_without_ds = cli("generate", str(out / "checkpoints"), "--tp", "2", *args, check=False)
+    assert "add --engine deepspeed" in tp_without_ds.stderr

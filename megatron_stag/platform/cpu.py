@@ -135,6 +135,9 @@ def _patch_cuda_queries() -> None:
     """Device queries and synchronisation that megatron calls unconditionally."""
     torch.cuda.current_device = lambda: 0
     torch.cuda.device_count = lambda: 1  # megatron skips model-parallel init when this is 0
+    # ...but availability stays honest: with PYTORCH_NVML_BASED_CUDA_CHECK=1 (set by importing
+    # DeepSpeed) torch derives is_available() from device_count()
+    torch.cuda.is_available = lambda: False
     torch.cuda.set_device = lambda *a, **k: None
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda: None

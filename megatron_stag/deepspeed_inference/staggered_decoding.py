@@ -1,0 +1,224 @@
+"""Staggered decoding of an exported (plain-PyTorch) model, on one rank or one section per rank group.
+
+The loop of `inference/staggered_generation.py` and `inference/distributed_generation.py` for
+`export.plain_model.StagLM`, which DeepSpeed serves: at step i every section runs token i; section k
+reads section k-1's entries <= i, all written at earlier steps; after the step, section k-1's output
+becomes section k's entry i+1. Sampling is `inference.sampling.decode_loop`, shared by every engine.
+
+Several ranks: rank r runs section r // tp as tensor-parallel rank r % tp of its section (the
+sections' TP groups are what `engine.init_deepspeed_engine` shards with). Rank (k, t) sends its
+step output to (k+1, t) while (k+1, t) computes the same step, so the critical path per token is one
+section plus a small send and the broadcast of the sampled token from the last section's rank 0.
+Communication goes through `comm`: `deepspeed.comm` under DeepSpeed, torch.distributed otherwise.
+
+Recurrent mode (shared weights, p = 2, one rank): after the prompt only pass 2 runs, and its own
+outputs become its cross-attention entries.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron_stag.export.plain_model import StagLM
+from megatron_stag.inference.sampling import SamplingParams, check_prompts, decode_loop
+from megatron_stag.inference.staggered_generation import GenerationResult, _progress
+
+
+@dataclass(frozen=True)
+class SectionPlacement:
+    """Where sections run: rank = section * tp + tensor-parallel rank."""
+
+    sections: int
+    tp: int
+    rank: int
+
+    @property
+    def section(self) -> int:
+        return self.rank // self.tp
+
+    def peer(self, section: int) -> int:
+        """The rank of `section` with this rank's tensor-parallel index."""
+        return section * self.tp + self.rank % self.tp
+
+    @property
+    def sampler(self) -> int:
+        return (self.sections - 1) * self.tp
+
+    def check(self, world: int) -> None:
+        if world != self.sections * self.tp:
+            raise ValueError(f"{world} ranks for {self.sections} sections x tp {self.tp}: one section per "
+                             f"tensor-parallel group needs exactly {self.sections * self.tp} ranks.")
+
+
+class PlainStaggeredGenerator:
+    """Greedy or sampled generation from a StagLM (possibly DeepSpeed-sharded).
+
+    `placement` None: every section on this process (which may still be one of a TP group, with
+    `comm` given to share the sampled tokens); otherwise this rank's section only.
+    """
+
+    def __init__(self, model: StagLM, max_len: int, batch: int, placement: Optional[SectionPlacement] = None,
+                 comm=None, recurrent: bool = False, cuda_graph: bool = False):
+        cfg = model.cfg
+        if recurrent and not (cfg.shared_weights and cfg.sections == 2 and placement is None
+                              and cfg.output == "last"):
+            raise ValueError("recurrent=True needs shared weights, 2 sections, output 'last' and one "
+                             "rank (it feeds pass 2's outputs back into its own cross-attention).")
+        if max_len > cfg.max_sequence_length and cfg.position_embedding == "learned_absolute":
+            raise ValueError(f"max_len={max_len} exceeds the model's {cfg.max_sequence_length} positions.")
+        self.model, self.max_len, self.batch, self.recurrent = model.eval(), max_len, batch, recurrent
+        self.place, self.comm = placement, comm
+        self.p = cfg.sections
+        self.mine = list(range(self.p)) if placement is None else [placement.section]
+        self.caches = model.new_caches(batch, max_len, self.mine)
+        param = next(model.parameters())
+        self.device, self.dtype, self.hidden = param.device, param.dtype, cfg.hidden_size
+        self.combine = cfg.output == "combine"
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self._graph = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _last(self) -> bool:
+        return self.place is None or self.place.section == self.p - 1
+
+    def _send(self, t: Tensor, section: int):
+        return self.comm.isend(t.contiguous(), self.place.peer(section))
+
+    def _recv(self, shape, section: int):
+        buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return buf, self.comm.irecv(buf, self.place.peer(section))
+
+    def _outputs_for_logits(self, mine: Tensor, prev: Optional[Tensor]) -> list[Tensor]:
+        """On the last section's ranks: every section's output ('combine') or just its own."""
+        if not self.combine:
+            return [mine]
+        outs = []
+        for k in range(self.p - 2):
+            buf, req = self._recv(mine.shape, k)
+            req.wait()
+            outs.append(buf)
+        return outs + [prev, mine]
+
+    def _send_for_logits(self, t: Tensor, k: int) -> None:
+        if self.combine and k < self.p - 2:
+            self._send(t, self.p - 1).wait()
+
+    @property
+    def _sampler(self) -> bool:
+        """Whether this rank samples (others receive its tokens; without `comm` it is the only one)."""
+        return self.comm is None or self.comm.get_rank() == (self.place.sampler if self.place else 0)
+
+    def _broadcast(self, tokens: Tensor) -> Tensor:
+        if self.comm is not None:
+            self.comm.broadcast(tokens, self.place.sampler if self.place else 0)
+        return tokens
+
+    # ------------------------------------------------------------------ prefill
+    @torch.no_grad()
+    def prefill(self, row: int, prompt: list[int]) -> Optional[Tensor]:
+        """Every section over one prompt into cache row `row`; the last logits [V] where sampled."""
+        m, n = self.model, len(prompt)
+        ids = torch.tensor([prompt], device=self.device)
+        positions = torch.arange(n, device=self.device)[None]
+        rows = torch.tensor([row], device=self.device)
+        first = torch.zeros(1, dtype=torch.long, device=self.device)
+        e, rope = m.embed(ids, positions), m.rope(positions)
+        if self.place is None:
+            outs = []
+            for k in range(self.p):
+                if k:  # entries 0..n: the null entry, then section k-1 at positions 0..n-1
+                    m.sections[k].write_entries(self.caches[k], torch.cat([m.null_entry(outs[-1]), outs[-1]], 1), first, rows)
+                outs.append(m.sections[k](e, positions, rows, self.caches[k], rope))
+            return m.logits(outs)[0, -1]
+        k, prev = self.place.section, None
+        if k:
+            prev, req = self._recv((1, n, self.hidden), k - 1)
+            req.wait()
+            m.sections[k].write_entries(self.caches[k], torch.cat([m.null_entry(prev), prev], 1), first, rows)
+        out = m.sections[k](e, positions, rows, self.caches[k], rope)
+        if not self._last:
+            self._send(out, k + 1).wait()
+            self._send_for_logits(out, k)
+            return None
+        return m.logits(self._outputs_for_logits(out, prev))[0, -1]
+
+    # ------------------------------------------------------------------ steps
+    def _compute(self, tokens: Tensor, positions: Tensor) -> tuple[list[Tensor], Optional[Tensor]]:
+        """This process's sections on tokens [b] at positions [b]: (outputs, logits or None)."""
+        m = self.model
+        pos = positions[:, None]
+        e, rope = m.embed(tokens[:, None], pos), m.rope(pos)
+        active = [1] if self.recurrent else self.mine
+        outs = [m.sections[k](e, pos, None, self.caches[k], rope) for k in active]
+        if self.place is None:
+            if self.recurrent:
+                m.sections[1].write_entries(self.caches[1], outs[0], positions + 1)
+            else:
+                for k in range(1, self.p):
+                    m.sections[k].write_entries(self.caches[k], outs[k - 1], positions + 1)
+            return outs, m.logits(outs)[:, 0]
+        return outs, (m.logits(outs)[:, 0] if self._last and not self.combine else None)
+
+    def _compute_graphed(self, tokens: Tensor, positions: Tensor):
+        """The step's compute replayed from a CUDA graph (static shapes, no host sync inside)."""
+        if not self.cuda_graph:
+            return self._compute(tokens, positions)
+        if self._graph is None or self._static[0].shape != tokens.shape:
+            static = (tokens.clone(), positions.clone())
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up repeats this very step: same slots, same values
+                self._compute(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                outs, logits = self._compute(*static)
+            self._static = (*static, outs, logits)
+        self._static[0].copy_(tokens)
+        self._static[1].copy_(positions)
+        self._graph.replay()
+        return self._static[2], self._static[3]
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, positions: Tensor) -> Optional[Tensor]:
+        if self.place is None:
+            logits = self._compute_graphed(tokens, positions)[1]
+            return logits.clone() if self.cuda_graph else logits
+        k, b = self.place.section, tokens.shape[0]
+        prev, req = self._recv((b, 1, self.hidden), k - 1) if k else (None, None)
+        outs, logits = self._compute_graphed(tokens, positions)
+        out = outs[0]
+        send = self._send(out, k + 1) if not self._last else None
+        self._send_for_logits(out, k)
+        if req is not None:
+            req.wait()
+            self.model.sections[k].write_entries(self.caches[k], prev, positions + 1)
+        if send is not None:
+            send.wait()
+        if self._last and self.combine:
+            logits = self.model.logits(self._outputs_for_logits(out, prev))[:, 0]
+        return logits.clone() if logits is not None and self.cuda_graph else logits
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, keep_logits: bool = False,
+                 progress: bool = False) -> GenerationResult:
+        """Collective when distributed: every rank calls it with the same prompts."""
+        check_prompts(prompts, params, self.max_len, self.batch)
+        start = time.perf_counter()
+        last = [self.prefill(r, p) for r, p in enumerate(prompts)]
+        sampler = self._sampler
+        positions = torch.tensor([len(p) for p in prompts], device=self.device)
+        report = (lambda n: _progress(n, params.max_new_tokens, len(prompts), start)) if progress else None
+        out, kept = decode_loop(torch.stack(last) if sampler else None, self.step, positions, params,
+                                len(prompts), samples_here=sampler, broadcast=self._broadcast,
+                                keep_logits=keep_logits, on_token=report)
+        if progress:
+            print(file=sys.stderr)
+        return GenerationResult(out, [l for l in last] if keep_logits and sampler else None,
+                                torch.stack(kept) if kept else None, time.perf_counter() - start)

@@ -1,0 +1,178 @@
+"""`megatron-stag export`: a megatron distributed checkpoint (any TP/PP) -> a plain-PyTorch package.
+
+The checkpoint is loaded into a TP=1, PP=1 StagFormerModel (torch_dist reshards any saved layout),
+then every megatron module is mapped onto `plain_model.StagLM`'s conventional names: megatron's fused
+`linear_qkv` (per query group: the group's query heads, then its key and value) splits into
+q/k/v_proj, the cross-attention's `linear_kv` (per head: key, value) into k/v_proj, a gated
+`linear_fc1` ([gate; up]) into gate/up_proj. The package is a folder with `config.json`,
+`model.safetensors` (shared and tied tensors stored once) and the tokenizer; it is written to a
+temporary sibling and renamed, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from megatron_stag.export.plain_model import PlainConfig, StagLM
+
+
+class ExportError(ValueError):
+    pass
+
+
+def check_exportable(args) -> None:
+    """Refuse what the plain model does not implement, before any checkpoint is read."""
+    if args.num_moe_experts:
+        raise ExportError(f"num_moe_experts={args.num_moe_experts}: MoE models are not exported (the plain "
+                          f"model has dense MLPs only); serve them with `megatron-stag generate`.")
+    if args.altup_sequence_stride > 1:
+        raise ExportError(f"altup_sequence_stride={args.altup_sequence_stride}: Sequence-AltUp is not "
+                          f"exported (no decoder implements its anchor states); evaluate it with the forward.")
+    if args.normalization not in ("LayerNorm", "RMSNorm"):
+        raise ExportError(f"normalization={args.normalization!r}: export supports LayerNorm and RMSNorm.")
+
+
+def plain_config(model, args) -> PlainConfig:
+    cfg = model.config
+    active = []
+    if cfg.altup_enabled:
+        active = [[layer.altup.active_block for layer in block.layers] for block in model.blocks]
+    rope = model.position_embedding_type == "rope"
+    return PlainConfig(
+        vocab_size=model.vocab_size, max_sequence_length=model.max_sequence_length,
+        hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups or cfg.num_attention_heads, head_dim=cfg.kv_channels,
+        section_layers=list(cfg.section_layers), shared_weights=cfg.stag_shared_weights,
+        cross_window=cfg.stag_cross_window, output=cfg.stag_output,
+        normalization=cfg.normalization, norm_eps=cfg.layernorm_epsilon,
+        activation="swiglu" if cfg.gated_linear_unit else "gelu", bias=cfg.add_bias_linear,
+        position_embedding=model.position_embedding_type,
+        rotary_dim=2 * model.rotary_pos_emb.inv_freq.numel() if rope else 0,
+        rotary_base=10000.0, tie_embeddings=model.share_embeddings_and_output_weights,
+        altup_blocks=cfg.altup_blocks, altup_active=active, altup_embedding=cfg.altup_embedding,
+        altup_output=cfg.altup_output, altup_form=cfg.altup_form, altup_coef_clip=cfg.altup_coef_clip)
+
+
+def _linear(sd: dict, name: str, weight, bias) -> None:
+    sd[f"{name}.weight"] = weight
+    if bias is not None:
+        sd[f"{name}.bias"] = bias
+
+
+def _norm(sd: dict, name: str, norm) -> None:
+    for key, value in norm.state_dict().items():
+        sd[f"{name}.{key}"] = value
+
+
+def _layer(sd: dict, p: str, layer, cfg: PlainConfig) -> None:
+    hd, heads, groups = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups
+    per_group = heads // groups
+    _norm(sd, f"{p}.input_layernorm", layer.input_layernorm)
+    qkv = layer.self_attention.linear_qkv
+    w = qkv.weight.view(groups, per_group + 2, hd, -1)
+    b = qkv.bias.view(groups, per_group + 2, hd) if qkv.bias is not None else None
+    for name, sl in (("q_proj", slice(0, per_group)), ("k_proj", slice(per_group, per_group + 1)),
+                     ("v_proj", slice(per_group + 1, per_group + 2))):
+        _linear(sd, f"{p}.self_attn.{name}", w[:, sl].reshape(-1, w.shape[-1]),
+                b[:, sl].reshape(-1) if b is not None else None)
+    proj = layer.self_attention.linear_proj
+    _linear(sd, f"{p}.self_attn.o_proj", proj.weight, proj.bias)
+    if getattr(layer, "cross_attention", None) is not None and hasattr(layer.cross_attention, "linear_kv"):
+        cross = layer.cross_attention
+        _norm(sd, f"{p}.cross_attn_layernorm", layer.pre_cross_attn_layernorm)
+        _linear(sd, f"{p}.cross_attn.q_proj", cross.linear_q.weight, cross.linear_q.bias)
+        kv = cross.linear_kv.weight.view(heads, 2, hd, -1)
+        kvb = cross.linear_kv.bias.view(heads, 2, hd) if cross.linear_kv.bias is not None else None
+        for i, name in enumerate(("k_proj", "v_proj")):
+            _linear(sd, f"{p}.cross_attn.{name}", kv[:, i].reshape(-1, kv.shape[-1]),
+                    kvb[:, i].reshape(-1) if kvb is not None else None)
+        _linear(sd, f"{p}.cross_attn.o_proj", cross.linear_proj.weight, cross.linear_proj.bias)
+    _norm(sd, f"{p}.post_attention_layernorm", layer.pre_mlp_layernorm)
+    fc1, fc2 = layer.mlp.linear_fc1, layer.mlp.linear_fc2
+    if cfg.activation == "swiglu":
+        f = cfg.ffn_hidden_size
+        _linear(sd, f"{p}.mlp.gate_proj", fc1.weight[:f], fc1.bias[:f] if fc1.bias is not None else None)
+        _linear(sd, f"{p}.mlp.up_proj", fc1.weight[f:], fc1.bias[f:] if fc1.bias is not None else None)
+    else:
+        _linear(sd, f"{p}.mlp.up_proj", fc1.weight, fc1.bias)
+    _linear(sd, f"{p}.mlp.down_proj", fc2.weight, fc2.bias)
+    if hasattr(layer, "altup"):
+        for key, value in layer.altup.state_dict().items():
+            sd[f"{p}.altup.{key}"] = value
+
+
+def plain_state_dict(model, cfg: PlainConfig) -> dict:
+    """The megatron model's weights under StagLM's names (shared modules listed once per section)."""
+    sd = {"embed_tokens.weight": model.embedding.word_embeddings.weight}
+    if cfg.position_embedding == "learned_absolute":
+        sd["embed_positions.weight"] = model.embedding.position_embeddings.weight
+    if cfg.altup_blocks > 1 and cfg.altup_embedding == "widened":
+        sd["altup_embed_tokens.weight"] = model.altup_widening.extra_embeddings.weight
+    if cfg.altup_blocks > 1 and cfg.altup_embedding == "projected":
+        for i, w in enumerate(model.altup_widening.projections):
+            sd[f"altup_projections.{i}"] = w
+    for k, block in enumerate(model.blocks):
+        for i, layer in enumerate(block.layers):
+            _layer(sd, f"sections.{k}.layers.{i}", layer, cfg)
+        final = block.final_layernorm
+        if cfg.altup_blocks > 1:
+            _norm(sd, f"sections.{k}.norm", final.norm)
+            if cfg.altup_output == "learned":
+                sd[f"sections.{k}.collapse"] = final.weight
+            if cfg.altup_output == "projected":
+                for i, w in enumerate(final.projections):
+                    sd[f"sections.{k}.collapse_projections.{i}"] = w
+        else:
+            _norm(sd, f"sections.{k}.norm", final)
+    if cfg.output == "combine":
+        sd["section_mix"] = model.section_mix
+    sd["lm_head.weight"] = (model.shared_embedding_or_output_weight() if cfg.tie_embeddings
+                            else model.output_layer.weight)
+    return {key: value.detach() for key, value in sd.items()}
+
+
+def to_plain_model(model, args) -> StagLM:
+    """A (TP=1, PP=1) StagFormerModel -> the equivalent StagLM with the same weights."""
+    cfg = plain_config(model, args)
+    plain = StagLM(cfg)
+    plain.load_state_dict(plain_state_dict(model, cfg), strict=True)
+    return plain.eval()
+
+
+def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.float32,
+                      tokenizer: Path | None = None) -> Path:
+    """Write the package for `checkpoint` (anything `resolve_checkpoint` accepts) to `out`."""
+    from safetensors.torch import save_model
+
+    from megatron_stag.checkpointing.checkpoint_io import load_model_weights, resolve_checkpoint
+    from megatron_stag.models.model_args import ModelArgs
+    from megatron_stag.platform.distributed import initialize
+
+    out = Path(out)
+    if out.exists():
+        raise ExportError(f"{out} exists: export into a new folder (nothing was written).")
+    _, run_dir = resolve_checkpoint(checkpoint)
+    args = ModelArgs.load(run_dir / "model_args.json")
+    check_exportable(args)
+    tokenizer = Path(tokenizer) if tokenizer else run_dir / "tokenizer.model"
+    initialize(tp=1, pp=1)
+    model = args.build(args.config()).eval()
+    load_model_weights(model, checkpoint)
+    plain = to_plain_model(model, args).to(dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        plain.cfg.save(tmp / "config.json")
+        save_model(plain, str(tmp / "model.safetensors"))
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

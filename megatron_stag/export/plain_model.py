@@ -1,0 +1,420 @@
+"""A StagFormer / AltUp language model in plain PyTorch: what `megatron-stag export` writes.
+
+Loadable without megatron (torch and safetensors only), built from `nn.Linear` layers with the usual
+names (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`), so DeepSpeed's
+AutoTP can shard it by name. The maths is megatron's (see `models/stagformer_model.py`): pre-norm
+layers, rotary or learned positions, section k >= 1 cross-attending to section k-1's final normed
+outputs shifted right by one (entry 0 = the null entry, entry j = position j-1), optionally inside a
+window; AltUp's K-block stream with predict/correct around every layer.
+
+One code path serves the teacher-forced forward and decoding: a section runs over new positions of
+some cache rows, writing their self-attention K/V into its cache and reading cross-attention entries
+from its cross cache (`SectionCache`). The forward is a prefill of every row at once. Head counts are
+read from the weight shapes, so the same modules run whole or tensor-parallel (sharded by DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FORMAT_VERSION = 1
+_EPS = 1e-6  # AltUp's RMS rescaling floor (layers/altup_stream.py)
+
+
+@dataclass
+class PlainConfig:
+    vocab_size: int
+    max_sequence_length: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    section_layers: list[int]
+    shared_weights: bool = False
+    cross_window: Optional[int] = None
+    output: str = "last"  # 'last' section, or 'combine' (learned mix of all sections)
+    normalization: str = "LayerNorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu"  # or 'swiglu'
+    bias: bool = True
+    position_embedding: str = "learned_absolute"  # or 'rope'
+    rotary_dim: int = 0
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = True
+    altup_blocks: int = 1
+    altup_active: list[list[int]] = field(default_factory=list)  # active block per layer, per section
+    altup_embedding: str = "recycled"
+    altup_output: str = "sum"
+    altup_form: str = "standard"
+    altup_coef_clip: Optional[float] = None
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def sections(self) -> int:
+        return len(self.section_layers)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "PlainConfig":
+        data = json.loads(Path(path).read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {data.get('format_version')} is not "
+                             f"{FORMAT_VERSION}: re-export the checkpoint with this megatron-stag.")
+        return cls(**data)
+
+
+def make_norm(cfg: PlainConfig) -> nn.Module:
+    if cfg.normalization == "RMSNorm":
+        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+# ---------------------------------------------------------------------------------------- layers
+class Attention(nn.Module):
+    """Multi-head (grouped-query for self-attention) attention over a cache given by the caller."""
+
+    def __init__(self, cfg: PlainConfig, kv_heads: int):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.head_dim = hd
+        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, kv_heads * hd, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, kv_heads * hd, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=cfg.bias)
+
+    def heads(self, x: Tensor, proj: nn.Module) -> Tensor:
+        """[b, n, d] -> [b, local heads, n, head_dim] (local: this rank's shard under TP)."""
+        y = proj(x)
+        return y.view(*y.shape[:2], -1, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep,
+                                             enable_gqa=keys.shape[1] != q.shape[1])
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: PlainConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.ffn_hidden_size
+        self.gated = cfg.activation == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(d, f, bias=cfg.bias)
+        self.up_proj = nn.Linear(d, f, bias=cfg.bias)
+        self.down_proj = nn.Linear(f, d, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+def _mix(coefs: Tensor, x: Tensor) -> Tensor:
+    """out_i = sum_j coefs[..., i, j] x_j for blocks x [..., K, d]."""
+    return torch.einsum("...ij,...jd->...id", coefs, x)
+
+
+class AltUp(nn.Module):
+    """AltUp's predict/correct around one layer: standard scalars, or Gemma 3n's router."""
+
+    def __init__(self, cfg: PlainConfig, active: int):
+        super().__init__()
+        k, d = cfg.altup_blocks, cfg.hidden_size
+        self.active, self.blocks, self.gemma = active, k, cfg.altup_form == "gemma3n"
+        if self.gemma:
+            self.clip = cfg.altup_coef_clip
+            self.router_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+            self.router = nn.Parameter(torch.zeros(k, d))  # a Parameter, not a Linear: never sharded
+            self.prediction = nn.Parameter(torch.zeros(k * k, k))
+            self.correction = nn.Parameter(torch.zeros(k, k))
+        else:
+            self.prediction = nn.Parameter(torch.eye(k))
+            self.correction = nn.Parameter(torch.ones(k))
+
+    def _weight(self, w: Tensor) -> Tensor:
+        return w if self.clip is None else w.clamp(-self.clip, self.clip)
+
+    def _modalities(self, x: Tensor) -> Tensor:
+        routed = F.linear(self.router_norm(x) / x.shape[-1], self.router)
+        return torch.tanh(routed.float()).to(x.dtype)
+
+    def predict(self, stream: Tensor) -> tuple[Tensor, Tensor]:
+        """stream [b, n, K*d] -> (the layer's input [b, n, d], prediction [b, n, K, d])."""
+        x = stream.unflatten(-1, (self.blocks, -1))
+        if self.gemma:
+            m = self._modalities(x[..., self.active, :])
+            coefs = F.linear(m, self._weight(self.prediction)).unflatten(-1, (self.blocks, self.blocks))
+            prediction = x + _mix(coefs, x)
+            return prediction[..., self.active, :], prediction
+        return x[..., self.active, :], _mix(self.prediction, x)
+
+    def correct(self, prediction: Tensor, output: Tensor) -> Tensor:
+        gains = self.correction
+        if self.gemma:
+            gains = 1.0 + F.linear(self._modalities(output), self._weight(self.correction))
+        innovation = output - prediction[..., self.active, :]
+        return (prediction + gains.unsqueeze(-1) * innovation.unsqueeze(-2)).flatten(-2)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm layer: self-attention, cross-attention (sections >= 1), MLP; AltUp around it."""
+
+    def __init__(self, cfg: PlainConfig, cross: bool, active: Optional[int]):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, cfg.num_query_groups)
+        if cross:
+            self.cross_attn_layernorm = make_norm(cfg)
+            self.cross_attn = Attention(cfg, cfg.num_attention_heads)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        if active is not None:
+            self.altup = AltUp(cfg, active)
+
+
+# ---------------------------------------------------------------------------------------- caches
+@dataclass
+class SectionCache:
+    """One section's decode state. Self-attention K/V per layer [b, kv heads, T, hd] (slot = position);
+    cross-attention K/V per layer [b, heads, T + 1, hd] (slot j = entry j: the previous section's
+    output at position j - 1, slot 0 the null entry)."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+    ck: list[Tensor]
+    cv: list[Tensor]
+
+
+def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """megatron's non-interleaved rotary embedding on the first rot dims of t [b, h, n, hd]."""
+    rot = cos.shape[-1]
+    x, rest = t[..., :rot], t[..., rot:]
+    x1, x2 = x.chunk(2, dim=-1)
+    x = x * cos.to(t.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(t.dtype)
+    return torch.cat((x, rest), dim=-1)
+
+
+class Section(nn.Module):
+    def __init__(self, cfg: PlainConfig, index: int, layers: Optional[list[DecoderLayer]] = None):
+        super().__init__()
+        self.cfg, self.index = cfg, index
+        active = cfg.altup_active[index] if cfg.altup_blocks > 1 else [None] * cfg.section_layers[index]
+        self.layers = nn.ModuleList(
+            [DecoderLayer(cfg, index > 0, a) for a in active] if layers is None else layers)
+        self.norm = make_norm(cfg)
+        if cfg.altup_blocks > 1 and cfg.altup_output == "learned":
+            self.collapse = nn.Parameter(torch.eye(cfg.hidden_size).repeat(1, cfg.altup_blocks))
+        if cfg.altup_blocks > 1 and cfg.altup_output == "projected":
+            d = cfg.hidden_size
+            self.collapse_projections = nn.ParameterList(
+                [nn.Parameter(torch.zeros(d, d)) for _ in range(cfg.altup_blocks - 1)])
+
+    def new_cache(self, batch: int, max_len: int, dtype, device) -> SectionCache:
+        def zeros(attn: Attention, proj: nn.Module, slots: int) -> list:
+            heads = proj.weight.shape[0] // attn.head_dim
+            return torch.zeros(batch, heads, slots, attn.head_dim, dtype=dtype, device=device)
+
+        k = [zeros(l.self_attn, l.self_attn.k_proj, max_len) for l in self.layers]
+        v = [zeros(l.self_attn, l.self_attn.v_proj, max_len) for l in self.layers]
+        ck = [zeros(l.cross_attn, l.cross_attn.k_proj, max_len + 1) for l in self.layers] if self.index else []
+        cv = [zeros(l.cross_attn, l.cross_attn.v_proj, max_len + 1) for l in self.layers] if self.index else []
+        return SectionCache(k, v, ck, cv)
+
+    def write_entries(self, cache: SectionCache, entries: Tensor, first: Tensor,
+                      rows: Optional[Tensor] = None) -> None:
+        """Store cross-attention entries [b', m, d] at slots first[r].. of rows `rows` (None: all)."""
+        slots = first[:, None] + torch.arange(entries.shape[1], device=entries.device)[None]
+        if rows is None:
+            rows = torch.arange(first.shape[0], device=first.device)
+        r = rows[:, None].expand_as(slots)
+        for i, layer in enumerate(self.layers):
+            attn = layer.cross_attn
+            cache.ck[i][r, :, slots] = attn.heads(entries, attn.k_proj).transpose(1, 2)
+            cache.cv[i][r, :, slots] = attn.heads(entries, attn.v_proj).transpose(1, 2)
+
+    def _collapse(self, stream: Tensor) -> Tensor:
+        cfg = self.cfg
+        if cfg.altup_blocks == 1:
+            return stream
+        if cfg.altup_output == "learned":
+            return stream @ self.collapse.t()
+        x = stream.unflatten(-1, (cfg.altup_blocks, -1))
+        if cfg.altup_output == "sum":
+            return x.sum(-2)
+        if cfg.altup_output == "mean":
+            return x.mean(-2)
+        base = x[..., 0, :]
+        target = _rms(base)
+        blocks = [base] + [_rescaled(x[..., i + 1, :] @ w.t(), target)
+                           for i, w in enumerate(self.collapse_projections)]
+        return torch.stack(blocks, -2).mean(-2)
+
+    def forward(self, h: Tensor, positions: Tensor, rows: Optional[Tensor], cache: SectionCache,
+                rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Run new positions [b', n] of cache rows `rows` (None: every row) from the input h [b', n, D].
+
+        Writes their self-attention K/V; cross-attention reads entries <= position (and > position -
+        window), which the caller stored beforehand. Returns the section's normed output [b', n, d].
+        """
+        slot = torch.arange(cache.k[0].shape[2], device=h.device)
+        keep = (slot[None, None, :] <= positions[:, :, None])[:, None]  # [b', 1, n, T]
+        if self.index:
+            entry = torch.arange(cache.ck[0].shape[2], device=h.device)[None, None, :]
+            cross_keep = entry <= positions[:, :, None]
+            if self.cfg.cross_window is not None:
+                cross_keep &= entry > positions[:, :, None] - self.cfg.cross_window
+            cross_keep = cross_keep[:, None]
+        whole = rows is None
+        if whole:
+            rows = torch.arange(positions.shape[0], device=h.device)
+        r = rows[:, None].expand_as(positions)
+        for i, layer in enumerate(self.layers):
+            x, prediction = layer.altup.predict(h) if hasattr(layer, "altup") else (h, None)
+            attn = layer.self_attn
+            a = layer.input_layernorm(x)
+            q, k, v = attn.heads(a, attn.q_proj), attn.heads(a, attn.k_proj), attn.heads(a, attn.v_proj)
+            if rope is not None:
+                q, k = _rotate(q, *rope), _rotate(k, *rope)
+            cache.k[i][r, :, positions] = k.transpose(1, 2)
+            cache.v[i][r, :, positions] = v.transpose(1, 2)
+            keys, values = (cache.k[i], cache.v[i]) if whole else (cache.k[i][rows], cache.v[i][rows])
+            x = x + attn.attend(q, keys, values, keep)
+            if self.index:
+                cross = layer.cross_attn
+                q = cross.heads(layer.cross_attn_layernorm(x), cross.q_proj)
+                keys, values = (cache.ck[i], cache.cv[i]) if whole else (cache.ck[i][rows], cache.cv[i][rows])
+                x = x + cross.attend(q, keys, values, cross_keep)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            h = layer.altup.correct(prediction, x) if prediction is not None else x
+        return self.norm(self._collapse(h))
+
+
+def _rms(x: Tensor) -> Tensor:
+    return x.float().pow(2).mean(-1, keepdim=True).sqrt()
+
+
+def _rescaled(x: Tensor, target_rms: Tensor) -> Tensor:
+    return (x.float() * (target_rms / _rms(x).clamp(min=_EPS))).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------- model
+class StagLM(nn.Module):
+    """Embeddings -> sections -> output head. `forward(ids)` gives teacher-forced logits [b, s, V]."""
+
+    def __init__(self, cfg: PlainConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, k = cfg.hidden_size, cfg.altup_blocks
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        if cfg.position_embedding == "learned_absolute":
+            self.embed_positions = nn.Embedding(cfg.max_sequence_length, d)
+        if k > 1 and cfg.altup_embedding == "widened":
+            self.altup_embed_tokens = nn.Embedding(cfg.vocab_size, (k - 1) * d)
+        if k > 1 and cfg.altup_embedding == "projected":
+            self.altup_projections = nn.ParameterList([nn.Parameter(torch.zeros(d, d)) for _ in range(k - 1)])
+        sections = [Section(cfg, 0)]
+        for s in range(1, cfg.sections):
+            layers = None
+            if cfg.shared_weights:  # the same self-attention, MLP, norms and AltUp as section 0
+                layers = [DecoderLayer(cfg, True, getattr(owner, "altup", None) and owner.altup.active)
+                          for owner in sections[0].layers]
+                for owner, layer in zip(sections[0].layers, layers):
+                    for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "altup"):
+                        if hasattr(owner, name):
+                            setattr(layer, name, getattr(owner, name))
+            sections.append(Section(cfg, s, layers))
+        self.sections = nn.ModuleList(sections)
+        if cfg.output == "combine":
+            mix = torch.zeros(cfg.sections)
+            mix[-1] = 1.0
+            self.section_mix = nn.Parameter(mix)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    # -------------------------------------------------------------- pieces used by the decoders
+    def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """[b, n] ids at positions -> the section input [b, n, d] (K*d with AltUp)."""
+        e = self.embed_tokens(ids)
+        if hasattr(self, "embed_positions"):
+            e = e + self.embed_positions(positions)
+        k = self.cfg.altup_blocks
+        if k == 1:
+            return e
+        if self.cfg.altup_embedding == "recycled":
+            return e.repeat(1, 1, k)
+        if self.cfg.altup_embedding == "widened":
+            return torch.cat([e, self.altup_embed_tokens(ids).to(e.dtype)], dim=-1)
+        target = _rms(e)
+        return torch.cat([e] + [_rescaled(e @ w.t(), target) for w in self.altup_projections], dim=-1)
+
+    def rope(self, positions: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """cos, sin [b, 1, n, rot] in fp32 (megatron's RotaryEmbedding, computed per call)."""
+        if self.cfg.position_embedding != "rope":
+            return None
+        dim = self.cfg.rotary_dim
+        inv = 1.0 / (self.cfg.rotary_base ** (
+            torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+        freqs = positions.float()[..., None] * inv
+        freqs = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return torch.cos(freqs), torch.sin(freqs)
+
+    def new_caches(self, batch: int, max_len: int, sections: Optional[list[int]] = None) -> dict:
+        p = next(self.parameters())
+        wanted = range(self.cfg.sections) if sections is None else sections
+        return {s: self.sections[s].new_cache(batch, max_len, p.dtype, p.device) for s in wanted}
+
+    def null_entry(self, like: Tensor) -> Tensor:
+        """The cross-attention's entry 0 (no previous position): a zero vector, like megatron's shift."""
+        return torch.zeros_like(like[:, :1])
+
+    def logits(self, outputs: list[Tensor]) -> Tensor:
+        """Section outputs (all of them, or just the last) -> logits."""
+        if self.cfg.output == "combine":
+            return self.lm_head(sum(w * t for w, t in zip(self.section_mix, outputs)))
+        return self.lm_head(outputs[-1])
+
+    def forward(self, ids: Tensor) -> Tensor:
+        b, s = ids.shape
+        positions = torch.arange(s, device=ids.device)[None].expand(b, -1)
+        caches = self.new_caches(b, s)
+        h0, rope = self.embed(ids, positions), self.rope(positions)
+        outs = []
+        for k, section in enumerate(self.sections):
+            if k:
+                entries = torch.cat([self.null_entry(outs[-1]), outs[-1][:, :-1]], dim=1)
+                section.write_entries(caches[k], entries, torch.zeros(b, dtype=torch.long, device=ids.device))
+            outs.append(section(h0, positions, None, caches[k], rope))
+        return self.logits(outs)
+
+    def keep_sections(self, wanted: list[int]) -> None:
+        """Drop the layers of other sections (one section per rank); shared modules stay alive."""
+        for k in range(self.cfg.sections):
+            if k not in wanted:
+                self.sections[k] = nn.Module()
+
+
+def load_plain_model(directory: Path, device="cpu", dtype: torch.dtype = torch.float32) -> StagLM:
+    """An exported model package (config.json + model.safetensors) -> StagLM in eval mode."""
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    for name in ("config.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} is missing: export a checkpoint with "
+                                    f"`megatron-stag export CHECKPOINT {directory}`.")
+    cfg = PlainConfig.load(directory / "config.json")
+    with torch.device(device):
+        model = StagLM(cfg)
+    load_model(model, directory / "model.safetensors", strict=True, device=str(device))
+    return model.to(dtype).eval()
