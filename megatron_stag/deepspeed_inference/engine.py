@@ -114,7 +114,7 @@ def init_deepspeed_engine(model: StagLM, dtype: torch.dtype = torch.float32, tp:
             raise ValueError("tp > 1 needs the section's tensor-parallel group (section_groups).")
         tensor_parallel.update(mpu=_SectionGroup(group), tp_group=group)
     engine = deepspeed.init_inference(model, dtype=dtype, tensor_parallel=tensor_parallel,
-                                      injection_policy=injection_policy(model),
+                                      injection_policy=injection_policy(model) if tp > 1 else None,
                                       replace_with_kernel_inject=False,
                                       enable_cuda_graph=cuda_graph and tp == 1)
     return engine

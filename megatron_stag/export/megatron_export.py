@@ -136,10 +136,11 @@ def plain_state_dict(model, cfg: PlainConfig) -> dict:
     return {key: value.detach() for key, value in sd.items()}
 
 
-def to_plain_model(model, args) -> StagLM:
-    """A (TP=1, PP=1) StagFormerModel -> the equivalent StagLM with the same weights."""
+def to_plain_model(model, args, device="cpu") -> StagLM:
+    """A (TP=1, PP=1) StagFormerModel -> the equivalent StagLM with the same weights (fp32 on `device`)."""
     cfg = plain_config(model, args)
-    plain = StagLM(cfg)
+    with torch.device(device):
+        plain = StagLM(cfg)
     plain.load_state_dict(plain_state_dict(model, cfg), strict=True)
     return plain.eval()
 
