@@ -85,6 +85,97 @@ def _export(ns) -> int:
     return 0
 
 
+def _job_options(ns, name: str, run_dir: Path):
+    from megatron_stag.platform.slurm import JobOptions
+
+    return JobOptions(job_name=ns.job_name or name, run_dir=run_dir.resolve(), partition=ns.partition,
+                      account=ns.account, time=ns.time, signal_seconds=ns.signal_seconds,
+                      container_image=ns.container_image, container_mounts=ns.container_mounts,
+                      extra_sbatch=ns.sbatch or [])
+
+
+def _submit(ns) -> int:
+    """Validate the recipe like `pretrain` does, derive the job's shape, sbatch slurm/pretrain.sbatch."""
+    from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
+    from megatron_stag.platform import slurm
+    from megatron_stag.training.megatron_pretrain import check_model, check_schedule
+
+    argv, extra = (ns.args[:ns.args.index("--")], ns.args[ns.args.index("--") + 1:]) if "--" in ns.args \
+        else (ns.args, [])
+    if not argv:
+        raise SystemExit("usage: megatron-stag submit [options] RECIPE [key=value ...] [-- megatron flags]")
+    try:
+        recipe = load_recipe(argv[0], argv[1:])
+        recipe_argv(recipe)
+        check_schedule(recipe)
+        check_model(recipe)
+        run_dir = Path(ns.run_dir or Path("runs") / Path(argv[0]).stem)
+        shape = slurm.pretrain_shape(recipe, ns.nodes, ns.gpus_per_node, ns.cpu)
+        data = recipe.get("data_path") or []
+        paths = [run_dir] + [Path(p) for p in (data if isinstance(data, list) else [data])
+                             if not str(p).replace(".", "").isdigit()]
+        if recipe.get("tokenizer_model"):
+            paths.append(Path(recipe.get("tokenizer_model")))
+        slurm.check_shared_paths(paths, shape.nodes)
+        opts = _job_options(ns, f"stag-{Path(argv[0]).stem}", run_dir)
+        cmd = slurm.sbatch_command("pretrain.sbatch", shape, opts, [*argv, *(["--", *extra] if extra else [])])
+        slurm.submit(cmd, slurm.job_environment(opts), ns.dry_run)
+    except (RecipeError, slurm.SlurmError) as err:
+        raise SystemExit(f"submit: {err}") from None
+    return 0
+
+
+def _submit_generate(ns) -> int:
+    """Parse the generate options now (errors before submitting), size the job from the model."""
+    from megatron_stag.platform import slurm
+
+    gen = build_parser().parse_args(["generate", ns.checkpoint, *ns.args])
+    ckpt = Path(ns.checkpoint)
+    try:
+        if gen.engine == "deepspeed":
+            from megatron_stag.export.plain_model import PlainConfig
+
+            if not (ckpt / "config.json").is_file():
+                raise slurm.SlurmError(f"{ckpt} is not an exported model (no config.json): run "
+                                       f"`megatron-stag export` first for --engine deepspeed.")
+            sections = PlainConfig.load(ckpt / "config.json").sections
+        else:
+            from megatron_stag.checkpointing.checkpoint_io import resolve_checkpoint
+            from megatron_stag.models.model_args import ModelArgs
+
+            try:
+                sections = ModelArgs.load(resolve_checkpoint(ckpt)[1] / "model_args.json").stag_sections
+            except (FileNotFoundError, ValueError) as err:
+                raise slurm.SlurmError(str(err)) from None
+        run_dir = Path(ns.run_dir or Path("runs") / "generate")
+        shape = slurm.generate_shape(sections, gen.tp, ns.nodes, ns.gpus_per_node, ns.cpu)
+        paths = [run_dir, ckpt] + [Path(p) for p in (gen.prompt_file, gen.output) if p]
+        slurm.check_shared_paths(paths, shape.nodes)
+        opts = _job_options(ns, "stag-generate", run_dir)
+        cmd = slurm.sbatch_command("generate.sbatch", shape, opts, [ns.checkpoint, *ns.args])
+        slurm.submit(cmd, slurm.job_environment(opts), ns.dry_run)
+    except slurm.SlurmError as err:
+        raise SystemExit(f"submit-generate: {err}") from None
+    return 0
+
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, help="nodes (default: enough for one model replica)")
+    p.add_argument("--gpus-per-node", type=int, help="tasks (GPUs) per node")
+    p.add_argument("--cpu", action="store_true", help="CPU ranks (gloo), no GPUs requested")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--time", help="time limit, e.g. 04:00:00")
+    p.add_argument("--job-name")
+    p.add_argument("--run-dir", help="per-job logs (and checkpoints); shared on multi-node jobs")
+    p.add_argument("--signal-seconds", type=int, default=300,
+                   help="warning before the time limit: save a checkpoint and requeue")
+    p.add_argument("--container-image", help="pyxis image for srun --container-image")
+    p.add_argument("--container-mounts", help="pyxis mounts, src:dst[,src:dst]")
+    p.add_argument("--sbatch", action="append", help="extra sbatch option, e.g. --sbatch=--exclusive")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch command instead of submitting")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-stag", description="StagFormer on megatron-core: train, decode, benchmark.")
@@ -141,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph", action="store_true", help="(deepspeed) replay decode steps as CUDA graphs")
     g.set_defaults(func=_generate)
 
+    s = sub.add_parser("submit", help="sbatch slurm/pretrain.sbatch for a recipe (nodes/tasks from its parallelism)",
+                       description="megatron-stag submit [options] RECIPE [key=value ...] [-- megatron flags]")
+    _add_job_options(s)
+    s.add_argument("args", nargs=argparse.REMAINDER, help="RECIPE, overrides, then -- and Megatron flags")
+    s.set_defaults(func=_submit)
+
+    sg = sub.add_parser("submit-generate", help="sbatch slurm/generate.sbatch: one section per task",
+                        description="megatron-stag submit-generate [options] CHECKPOINT [generate options]")
+    _add_job_options(sg)
+    sg.add_argument("checkpoint")
+    sg.add_argument("args", nargs=argparse.REMAINDER, help="options of megatron-stag generate")
+    sg.set_defaults(func=_submit_generate)
+
     x = sub.add_parser("export", help="megatron checkpoint (any TP/PP) -> plain-PyTorch package (safetensors)")
     x.add_argument("checkpoint", help="a checkpoint directory (iter_*) or a run's checkpoints folder")
     x.add_argument("out", help="new folder for config.json, model.safetensors, tokenizer.model")
@@ -151,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from megatron_stag.platform.slurm import adopt_slurm_rank_env
+
+    adopt_slurm_rank_env()  # a task of our batch scripts: Slurm's variables -> RANK, WORLD_SIZE, ...
     ns = build_parser().parse_args(argv)
     return ns.func(ns)
 

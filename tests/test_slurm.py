@@ -1,0 +1,208 @@
+"""Slurm: job shapes and sbatch commands from recipes (unit), and real jobs on a one-node cluster
+started on this machine (pretraining as a 2-task job, staggered generation with one section per task,
+preemption -> checkpoint -> requeue -> resume)."""
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_stag.config.recipe import load_recipe
+from megatron_stag.platform import slurm
+from tests.slurm_cluster import LocalCluster, ensure_installed
+
+TINY = ["model.hidden_size=64", "model.seq_length=64", "model.max_position_embeddings=64",
+        "training.micro_batch_size=4", "training.global_batch_size=8", "optimizer.lr_warmup_iters=2",
+        "logging.log_interval=1", "logging.eval_interval=1000", "data.split=80,20,0",
+        "parallelism.pipeline_model_parallel_size=2"]
+
+
+def cli(*args, env=None, cwd=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "megatron_stag.cli", *args], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+# ---------------------------------------------------------------------------------- rendering
+@pytest.mark.parametrize("overrides,nodes,gpus,expect", [
+    (["parallelism.tensor_model_parallel_size=8", "parallelism.pipeline_model_parallel_size=2"], None, 8, (2, 8)),
+    (["parallelism.tensor_model_parallel_size=2"], 4, 8, (4, 8)),
+    ([], None, None, (1, 8)),
+])
+def test_pretrain_shape_from_recipe(overrides, nodes, gpus, expect):
+    recipe = load_recipe("350m-stag", overrides + ["training.global_batch_size=512"])
+    shape = slurm.pretrain_shape(recipe, nodes, gpus, cpu=False)
+    assert (shape.nodes, shape.tasks_per_node) == expect and shape.gpus_per_node == shape.tasks_per_node
+
+
+@pytest.mark.parametrize("overrides,nodes,gpus,message", [
+    (["parallelism.tensor_model_parallel_size=4", "parallelism.pipeline_model_parallel_size=3"], 1, 8,
+     "8 ranks is not a multiple of tensor x pipeline x context parallel = 4 x 3 x 1 = 12"),
+    (["parallelism.tensor_model_parallel_size=16"], 2, 8,
+     "tensor_model_parallel_size=16 exceeds the 8 tasks per node"),
+    (["training.global_batch_size=100"], 2, 8,
+     "global_batch_size=100 is not a multiple of micro_batch_size x data-parallel size = 4 x 16"),
+])
+def test_pretrain_shape_errors(overrides, nodes, gpus, message):
+    with pytest.raises(slurm.SlurmError, match=re.escape(message)):
+        slurm.pretrain_shape(load_recipe("350m-stag", overrides), nodes, gpus, cpu=False)
+
+
+def test_generate_shape():
+    assert slurm.generate_shape(2, 1, None, None, cpu=False).world == 2
+    two_nodes = slurm.generate_shape(4, 2, 2, 4, cpu=False)
+    assert (two_nodes.nodes, two_nodes.tasks_per_node) == (2, 4)
+    with pytest.raises(slurm.SlurmError, match="2 sections need 2 tasks, but 1 node"):
+        slurm.generate_shape(2, 1, 1, 4, cpu=False)
+
+
+def test_sbatch_command_multinode_and_environment(tmp_path):
+    opts = slurm.JobOptions(job_name="j", run_dir=tmp_path, partition="gpu", time="04:00:00",
+                            container_image="nvcr.io/x:1", container_mounts="/data:/data",
+                            extra_sbatch=["--exclusive"])
+    cmd = slurm.sbatch_command("pretrain.sbatch", slurm.JobShape(4, 8, 8), opts, ["350m-stag", "lr=1e-4; rm -rf /"])
+    assert cmd[0] == "sbatch" and cmd[-2:] == ["350m-stag", "lr=1e-4; rm -rf /"]  # argv, never a shell
+    for option in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu",
+                   "--time=04:00:00", "--signal=B:USR1@300", "--requeue", "--open-mode=append",
+                   f"--output={tmp_path}/slurm-%j.out", "--exclusive"):
+        assert option in cmd
+    env = slurm.job_environment(opts)
+    assert env["STAG_CONTAINER_IMAGE"] == "nvcr.io/x:1" and env["STAG_CONTAINER_MOUNTS"] == "/data:/data"
+    assert "STAG_PYTHON" not in env  # the container's interpreter
+    cpu = slurm.sbatch_command("pretrain.sbatch", slurm.JobShape(1, 2, 0), opts, [])
+    assert not any(o.startswith("--gpus-per-node") for o in cpu)
+
+
+def test_submit_dry_run_and_errors(tmp_path):
+    shared_data = ["data.data_path=[/shared/corpus_text_document]", "data.tokenizer_model=/shared/corpus.model"]
+    out = cli("submit", "--dry-run", "--nodes", "2", "--run-dir", "/shared/run", "350m-stag", *shared_data,
+              "parallelism.tensor_model_parallel_size=2", "training.global_batch_size=512",
+              "--", "--log-timers-to-tensorboard").stdout
+    assert "sbatch --job-name=stag-350m-stag --nodes=2 --ntasks-per-node=8" in out
+    assert "STAG_RUN_DIR=/shared/run" in out
+    assert out.rstrip().endswith("parallelism.tensor_model_parallel_size=2 "
+                                 "training.global_batch_size=512 -- --log-timers-to-tensorboard")
+    shared = cli("submit", "--dry-run", "--nodes", "2", "--run-dir", "/dev/shm/run", "350m-stag", *shared_data,
+                 "training.global_batch_size=512", check=False)
+    assert shared.returncode != 0 and "node-local filesystem" in shared.stderr and "/dev/shm/run" in shared.stderr
+    misfit = cli("submit", "--dry-run", "--nodes", "1", "--gpus-per-node", "4", "350m-stag",
+                 "parallelism.tensor_model_parallel_size=8", check=False)
+    assert "exceeds the 4 tasks per node" in misfit.stderr
+    bad_key = cli("submit", "--dry-run", "350m-stag", "training.nonsense=1", check=False)
+    assert bad_key.returncode != 0 and "nonsense" in bad_key.stderr
+    no_slurm = cli("submit", "--run-dir", str(tmp_path / "r"), "350m-stag", "training.global_batch_size=512",
+                   env={"PATH": "/nonexistent", "HOME": str(tmp_path)}, check=False)
+    assert "sbatch was not found on PATH" in no_slurm.stderr
+
+
+def test_rank_variables_from_slurm():
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8",
+           "MASTER_ADDR": "node1", "MASTER_PORT": "23456"}
+    assert slurm.adopt_slurm_rank_env(env)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("5", "1", "8")
+    torchrun = {"RANK": "0", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "MASTER_ADDR": "a", "MASTER_PORT": "1"}
+    assert not slurm.adopt_slurm_rank_env(torchrun) and torchrun["RANK"] == "0"
+    assert not slurm.adopt_slurm_rank_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"})  # salloc shell
+
+
+# ---------------------------------------------------------------------------------- real cluster
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(reason)
+    c = LocalCluster(tmp_path_factory.mktemp("slurm"))
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from megatron_stag.data.local_corpus import stdlib_files
+    from megatron_stag.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data")
+    prefix, model = prepare_dataset([str(f) for f in stdlib_files(max_bytes=400_000)], out / "stdlib",
+                                    vocab_size=512)
+    return [f"data.data_path=[{prefix}]", f"data.tokenizer_model={model}"]
+
+
+def submitted(proc) -> str:
+    return re.search(r"submitted job (\d+)", proc.stdout).group(1)
+
+
+def log_of(run: Path, job: str) -> str:
+    path = run / f"slurm-{job}.out"
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def trained(cluster, data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("pretrain")
+    proc = cli("submit", "--cpu", "--gpus-per-node", "2", "--run-dir", str(run), "tiny-cpu-stag", *data, *TINY,
+               "training.train_iters=12", "checkpoint.save_interval=12", env=cluster.env)
+    job = submitted(proc)
+    state = cluster.wait(job)
+    return run, job, state
+
+
+def test_pretrain_job_on_two_tasks(cluster, trained):
+    run, job, state = trained
+    log = log_of(run, job)
+    assert state == "COMPLETED", log[-4000:]
+    assert "1 node(s) x 2 tasks" in log
+    assert re.search(r"iteration\s+12/\s+12 \|", log)  # Megatron's own iteration line
+    assert "tokens/s" in log
+    assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
+    assert (run / "checkpoints" / "model_args.json").is_file()
+
+
+def test_generation_job_one_section_per_task(cluster, trained, tmp_path):
+    run, _, _ = trained
+    ckpt = run / "checkpoints"
+    args = ["--prompt", "def f(x):", "--prompt", "import os", "--max-new-tokens", "8"]
+    proc = cli("submit-generate", "--cpu", "--run-dir", str(tmp_path), str(ckpt), *args,
+               "--output", str(tmp_path / "slurm.jsonl"), env=cluster.env)
+    job = submitted(proc)
+    assert cluster.wait(job) == "COMPLETED", log_of(tmp_path, job)[-4000:]
+    assert "2 tasks on 1 node(s)" in log_of(tmp_path, job)
+    cli("generate", str(ckpt), *args, "--output", str(tmp_path / "local.jsonl"))
+    assert (tmp_path / "slurm.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
+
+
+def test_preemption_checkpoints_requeues_and_resumes(cluster, data, tmp_path):
+    """USR1 to the batch script (what --signal=B:USR1@N sends before the time limit): Megatron saves a
+    checkpoint at the end of the current iteration, the job requeues itself, and the requeued job
+    (same id, same log) resumes from that iteration and finishes."""
+    proc = cli("submit", "--cpu", "--gpus-per-node", "2", "--run-dir", str(tmp_path), "tiny-cpu-stag", *data,
+               *TINY, "training.train_iters=40", "checkpoint.save_interval=1000", env=cluster.env)
+    job = submitted(proc)
+    deadline = time.time() + 300
+    while not re.search(r"iteration\s+5/\s+40 \|", log_of(tmp_path, job)):
+        assert time.time() < deadline, log_of(tmp_path, job)[-3000:]
+        assert cluster.job_state(job) in ("PENDING", "RUNNING"), log_of(tmp_path, job)[-3000:]
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster.env, check=True)
+    while "requeueing job" not in log_of(tmp_path, job) or cluster.job_state(job) != "PENDING":
+        assert time.time() < deadline, log_of(tmp_path, job)[-3000:]
+        time.sleep(0.5)
+    # Slurm holds a requeued job for a while (BeginTime); the administrator may release it at once
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env, check=True)
+    state = cluster.wait(job, timeout=400)
+    log = log_of(tmp_path, job)
+    assert state == "COMPLETED", log[-4000:]
+    saved = int(re.search(r"saving checkpoint at iteration\s+(\d+)", log).group(1))
+    assert 5 <= saved < 40
+    assert "exiting program after receiving SIGTERM" in log
+    assert "restart 1" in log
+    after = log[log.index("restart 1"):]
+    assert re.search(rf"loaded checkpoint.* at iteration {saved}\b", after), after[:3000]
+    first = int(re.search(r"iteration\s+(\d+)/\s+40 \|", after).group(1))
+    assert first == saved + 1
+    assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "40"
