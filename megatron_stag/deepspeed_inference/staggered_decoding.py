@@ -82,6 +82,8 @@ class PlainStaggeredGenerator:
         self.combine = cfg.output == "combine"
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self._graph = None
+        # graphed steps run the sections of a step on parallel streams (branches of the graph)
+        self._streams = [torch.cuda.Stream() for _ in self.mine] if self.cuda_graph and len(self.mine) > 1 else []
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -156,7 +158,7 @@ class PlainStaggeredGenerator:
         pos = positions[:, None]
         e, rope = m.embed(tokens[:, None], pos), m.rope(pos)
         active = [1] if self.recurrent else self.mine
-        outs = [m.sections[k](e, pos, None, self.caches[k], rope) for k in active]
+        outs = self._run_sections(active, e, pos, rope)
         if self.place is None:
             if self.recurrent:
                 m.sections[1].write_entries(self.caches[1], outs[0], positions + 1)
@@ -165,6 +167,20 @@ class PlainStaggeredGenerator:
                     m.sections[k].write_entries(self.caches[k], outs[k - 1], positions + 1)
             return outs, m.logits(outs)[:, 0]
         return outs, (m.logits(outs)[:, 0] if self._last and not self.combine else None)
+
+    def _run_sections(self, active: list[int], e: Tensor, pos: Tensor, rope) -> list[Tensor]:
+        """The sections of a step are independent: on their own CUDA streams when graphed."""
+        m = self.model
+        if len(active) == 1 or not self._streams:
+            return [m.sections[k](e, pos, None, self.caches[k], rope) for k in active]
+        main, outs = torch.cuda.current_stream(), []
+        for k, stream in zip(active, self._streams):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outs.append(m.sections[k](e, pos, None, self.caches[k], rope))
+        for stream in self._streams[:len(active)]:
+            main.wait_stream(stream)
+        return outs
 
     def _compute_graphed(self, tokens: Tensor, positions: Tensor):
         """The step's compute replayed from a CUDA graph (static shapes, no host sync inside)."""

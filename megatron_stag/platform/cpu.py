@@ -131,6 +131,17 @@ def _patch_rng() -> None:
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+class _CpuGenerator(torch.Generator):
+    """torch.Generator(device=<cuda>) (megatron.core.inference's sampling RNG) -> a CPU generator;
+    a subclass, so isinstance checks against torch.Generator still hold."""
+
+    def __new__(cls, device=None):
+        return super().__new__(cls, "cpu" if _is_cuda_device(device) else (device or "cpu"))
+
+    def __init__(self, device=None):
+        pass
+
+
 def _patch_cuda_queries() -> None:
     """Device queries and synchronisation that megatron calls unconditionally."""
     torch.cuda.current_device = lambda: 0
@@ -151,6 +162,7 @@ def _patch_cuda_queries() -> None:
     torch.cuda.memory_allocated = lambda *a, **k: 0
     torch.cuda.max_memory_allocated = lambda *a, **k: 0
     torch.cuda.get_device_capability = lambda *a, **k: (0, 0)
+    torch.Generator = _CpuGenerator
 
 
 def activate() -> bool:
