@@ -60,11 +60,12 @@ def test_compiled_altup_equals_eager(kw):
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(stag_sections=3, num_layers=6, stag_output="combine"),
-                                     dict(altup_blocks=2, position_embedding_type="rope")])
-def test_deepspeed_engine_graphed_decode_equals_forward(variant):
-    """The exported model under deepspeed.init_inference, decode steps replayed as CUDA graphs with
-    the sections on parallel streams: logits equal the exported model's forward."""
+@pytest.mark.parametrize("variant,compile", [(dict(), False), (dict(), True),
+                                             (dict(stag_sections=3, num_layers=6, stag_output="combine"), False),
+                                             (dict(altup_blocks=2, position_embedding_type="rope"), True)])
+def test_deepspeed_engine_graphed_decode_equals_forward(variant, compile):
+    """The exported model under deepspeed.init_inference, decode steps replayed as CUDA graphs (sections
+    on parallel streams, or the step torch.compile'd): logits equal the exported model's forward."""
     pytest.importorskip("deepspeed")
     from megatron_stag.deepspeed_inference.engine import init_deepspeed_engine
     from megatron_stag.deepspeed_inference.staggered_decoding import PlainStaggeredGenerator
@@ -76,7 +77,7 @@ def test_deepspeed_engine_graphed_decode_equals_forward(variant):
     plain = to_plain_model(tiny_model(**variant), None, device="cuda")
     engine = init_deepspeed_engine(plain)
     prompts = [[5, 9, 2, 33, 7], [1, 2, 3]]
-    gen = PlainStaggeredGenerator(engine.module, max_len=24, batch=2, cuda_graph=True)
+    gen = PlainStaggeredGenerator(engine.module, max_len=24, batch=2, cuda_graph=True, compile=compile)
     result = gen.generate(prompts, SamplingParams(max_new_tokens=10), keep_logits=True)
     for r, prompt in enumerate(prompts):
         full = prompt + result.tokens[r]

@@ -7,8 +7,9 @@
 
 Same process, same model: a megatron StagFormerModel (bf16, random weights) is exported in memory
 (`export.megatron_export.to_plain_model`) and wrapped by `deepspeed.init_inference`. Rows per batch:
-our engine (CUDA-graph steps), the DeepSpeed engine as DeepSpeed runs it (eager steps), and the
-DeepSpeed engine with our CUDA-graph step. Greedy steps are timed end to end with CUDA events.
+our engine (CUDA-graph steps), the DeepSpeed engine as DeepSpeed runs it (eager steps), the
+DeepSpeed engine with our CUDA-graph step, and with that step torch.compile'd first; beside them the
+weight-read floor (this rank's weight bytes / copy bandwidth measured in the same run). Greedy steps are timed end to end with CUDA events.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_stag.benchmarks.decode_latency import _free, _prompts, _timed
-from megatron_stag.benchmarks.hardware import write_result
+from megatron_stag.benchmarks.hardware import copy_bandwidth_gbs, write_result
 from megatron_stag.models.model_args import ModelArgs
 
 
@@ -53,13 +54,15 @@ def bench_ours(model, a: ModelArgs, batch: int, ns, distributed: bool) -> float:
     return _time_steps(lambda t, p: gen.step(t, p).argmax(-1), tokens, positions, ns.new)
 
 
-def bench_deepspeed(plain, a: ModelArgs, batch: int, ns, cuda_graph: bool, placement) -> float:
+def bench_deepspeed(plain, a: ModelArgs, batch: int, ns, cuda_graph: bool, placement,
+                    compile: bool = False) -> float:
     import deepspeed.comm as ds_comm
 
     from megatron_stag.deepspeed_inference.staggered_decoding import PlainStaggeredGenerator
 
     gen = PlainStaggeredGenerator(plain, ns.prompt + ns.new, batch, placement=placement,
-                                  comm=ds_comm if placement is not None else None, cuda_graph=cuda_graph)
+                                  comm=ds_comm if placement is not None else None, cuda_graph=cuda_graph,
+                                  compile=compile)
     prompts = _prompts(batch, ns.prompt, a.vocab_size)
     with torch.no_grad():
         last = [gen.prefill(r, p) for r, p in enumerate(prompts)]
@@ -77,6 +80,16 @@ def bench_deepspeed(plain, a: ModelArgs, batch: int, ns, cuda_graph: bool, place
     return _time_steps(step, tokens, positions, ns.new)
 
 
+def weight_read_floor(model, bandwidth_gbs: float) -> float:
+    """Seconds to read this rank's weights once (a decode step's lower bound at small batch)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total / (bandwidth_gbs * 1e9)
+
+
 def run_model(a: ModelArgs, name: str, batches, ns, world: int) -> list[dict]:
     from megatron.core import parallel_state as ps
 
@@ -87,6 +100,7 @@ def run_model(a: ModelArgs, name: str, batches, ns, world: int) -> list[dict]:
 
     distributed = world > 1
     rows = []
+    bandwidth = copy_bandwidth_gbs()
     # the export needs the whole model (PP=1); with one section per GPU each rank keeps its own,
     # and our engine's PP=2 model is a second build (same shapes, its own random weights)
     initialize(tp=1, pp=1)
@@ -109,10 +123,15 @@ def run_model(a: ModelArgs, name: str, batches, ns, world: int) -> list[dict]:
         _free()
         ds_graph = bench_deepspeed(engine.module, a, b, ns, True, placement)
         _free()
+        ds_compiled = bench_deepspeed(engine.module, a, b, ns, True, placement, compile=True)
+        _free()
+        floor = weight_read_floor(engine.module, bandwidth)
         row = dict(model=name, layout=f"{world} GPU" + ("s, one section per GPU" if distributed else ""),
                    batch=b, ours_ms=ours * 1e3, deepspeed_eager_ms=ds_eager * 1e3,
-                   deepspeed_graph_ms=ds_graph * 1e3, deepspeed_eager_over_ours=ds_eager / ours,
-                   deepspeed_graph_over_ours=ds_graph / ours)
+                   deepspeed_graph_ms=ds_graph * 1e3, deepspeed_compiled_graph_ms=ds_compiled * 1e3,
+                   floor_ms=floor * 1e3, deepspeed_eager_over_ours=ds_eager / ours,
+                   deepspeed_graph_over_ours=ds_graph / ours, deepspeed_compiled_over_ours=ds_compiled / ours,
+                   deepspeed_compiled_over_floor=ds_compiled / floor)
         rows.append(row)
         if not distributed or dist.get_rank() == world - 1:
             print(row, flush=True)
@@ -128,6 +147,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--models", default="gpt,stag", help="gpt (1 GPU only) and/or stag")
     ap.add_argument("--out", required=True)
     ns = ap.parse_args()
     from megatron_stag.deepspeed_inference.engine import init_comm
@@ -140,8 +160,9 @@ def main() -> None:
     base = ModelArgs(vocab_size=ns.vocab, max_sequence_length=ns.prompt + ns.new, num_layers=ns.layers,
                      hidden_size=ns.hidden, num_attention_heads=ns.heads, position_embedding_type="rope")
     batches = [int(b) for b in ns.batches.split(",")]
-    models = [("StagFormer p=2", replace(base, stag_sections=2))]
-    if world == 1:
+    wanted = ns.models.split(",")
+    models = [("StagFormer p=2", replace(base, stag_sections=2))] if "stag" in wanted else []
+    if world == 1 and "gpt" in wanted:
         models.insert(0, ("GPT baseline", base))
     rows = [r for name, a in models for r in run_model(a, name, batches, ns, world)]
     if world == 1 or dist.get_rank() == world - 1:
@@ -151,7 +172,9 @@ def main() -> None:
                                                deepspeed_eager="deepspeed.init_inference(exported "
                                                "StagLM, bf16) + PlainStaggeredGenerator, eager steps",
                                                deepspeed_graph="the same engine, steps replayed as "
-                                               "CUDA graphs by PlainStaggeredGenerator")))
+                                               "CUDA graphs by PlainStaggeredGenerator",
+                                               deepspeed_compiled_graph="the same, the step "
+                                               "torch.compile'd before capture")))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ outputs become its cross-attention entries.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ class PlainStaggeredGenerator:
     """
 
     def __init__(self, model: StagLM, max_len: int, batch: int, placement: Optional[SectionPlacement] = None,
-                 comm=None, recurrent: bool = False, cuda_graph: bool = False):
+                 comm=None, recurrent: bool = False, cuda_graph: bool = False, compile: bool = False):
         cfg = model.cfg
         if recurrent and not (cfg.shared_weights and cfg.sections == 2 and placement is None
                               and cfg.output == "last"):
@@ -82,8 +83,13 @@ class PlainStaggeredGenerator:
         self.combine = cfg.output == "combine"
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self._graph = None
-        # graphed steps run the sections of a step on parallel streams (branches of the graph)
+        # graphed steps run the sections of a step on parallel streams (branches of the graph);
+        # `compile` fuses each section's step and cross-entry write (norms, rope, cache writes, bias
+        # adds) with torch.compile, one compiled function per section so the streams stay parallel
         self._streams = [torch.cuda.Stream() for _ in self.mine] if self.cuda_graph and len(self.mine) > 1 else []
+        wrap = (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
+        self._run = {k: wrap(functools.partial(self._run_section, k)) for k in self.mine}
+        self._write = {k: wrap(functools.partial(self._write_entries, k)) for k in self.mine if k}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -161,23 +167,28 @@ class PlainStaggeredGenerator:
         outs = self._run_sections(active, e, pos, rope)
         if self.place is None:
             if self.recurrent:
-                m.sections[1].write_entries(self.caches[1], outs[0], positions + 1)
+                self._write[1](outs[0], positions + 1)
             else:
                 for k in range(1, self.p):
-                    m.sections[k].write_entries(self.caches[k], outs[k - 1], positions + 1)
+                    self._write[k](outs[k - 1], positions + 1)
             return outs, m.logits(outs)[:, 0]
         return outs, (m.logits(outs)[:, 0] if self._last and not self.combine else None)
 
+    def _run_section(self, k: int, e: Tensor, pos: Tensor, rope) -> Tensor:
+        return self.model.sections[k](e, pos, None, self.caches[k], rope)
+
+    def _write_entries(self, k: int, entries: Tensor, first: Tensor) -> None:
+        self.model.sections[k].write_entries(self.caches[k], entries, first)
+
     def _run_sections(self, active: list[int], e: Tensor, pos: Tensor, rope) -> list[Tensor]:
         """The sections of a step are independent: on their own CUDA streams when graphed."""
-        m = self.model
         if len(active) == 1 or not self._streams:
-            return [m.sections[k](e, pos, None, self.caches[k], rope) for k in active]
+            return [self._run[k](e, pos, rope) for k in active]
         main, outs = torch.cuda.current_stream(), []
         for k, stream in zip(active, self._streams):
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
-                outs.append(m.sections[k](e, pos, None, self.caches[k], rope))
+                outs.append(self._run[k](e, pos, rope))
         for stream in self._streams[:len(active)]:
             main.wait_stream(stream)
         return outs
@@ -191,7 +202,8 @@ class PlainStaggeredGenerator:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up repeats this very step: same slots, same values
-                self._compute(*static)
+                for _ in range(2):
+                    self._compute(*static)
             torch.cuda.current_stream().wait_stream(side)
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
@@ -215,7 +227,7 @@ class PlainStaggeredGenerator:
         self._send_for_logits(out, k)
         if req is not None:
             req.wait()
-            self.model.sections[k].write_entries(self.caches[k], prev, positions + 1)
+            self._write[k](prev, positions + 1)
         if send is not None:
             send.wait()
         if self._last and self.combine:
