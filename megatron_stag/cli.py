@@ -64,9 +64,9 @@ def _read_prompts(ns) -> list[str]:
 def _generate(ns) -> int:
     from megatron_stag.inference.generate_cli import generate_from_checkpoint
 
-    if ns.engine == "megatron" and (ns.tp != 1 or ns.dtype != "fp32" or ns.cuda_graph):
-        raise SystemExit("--tp, --dtype and --cuda-graph choose the DeepSpeed engine's layout: add "
-                         "--engine deepspeed (with an exported model), or drop them.")
+    if ns.engine == "megatron" and (ns.tp != 1 or ns.dtype != "fp32" or ns.cuda_graph or ns.compile):
+        raise SystemExit("--tp, --dtype, --cuda-graph and --compile choose the DeepSpeed engine's layout: "
+                         "add --engine deepspeed (with an exported model), or drop them.")
     return generate_from_checkpoint(ns, _read_prompts(ns))
 
 
@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, default=1, help="(deepspeed) tensor-parallel ranks per section")
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="(deepspeed) weights dtype")
     g.add_argument("--cuda-graph", action="store_true", help="(deepspeed) replay decode steps as CUDA graphs")
+    g.add_argument("--compile", action="store_true", help="(deepspeed) torch.compile each section's step")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("submit", help="sbatch slurm/pretrain.sbatch for a recipe (nodes/tasks from its parallelism)",

@@ -69,7 +69,7 @@ def generate_with_deepspeed(ns, prompts: list[str]) -> int:
     engine = init_deepspeed_engine(model, dtype=DTYPES[ns.dtype], tp=ns.tp, group=group)
     gen = PlainStaggeredGenerator(engine.module, max_len=cfg.max_sequence_length, batch=len(ids),
                                   placement=placement, comm=comm, recurrent=ns.recurrent,
-                                  cuda_graph=ns.cuda_graph)
+                                  cuda_graph=ns.cuda_graph, compile=ns.compile)
     result = gen.generate(ids, params, progress=world == 1)
     if comm is not None and comm.get_rank() != (placement.sampler if placement else 0):
         return 0  # the sampling rank reports
