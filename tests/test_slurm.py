@@ -176,6 +176,22 @@ def test_generation_job_one_section_per_task(cluster, trained, tmp_path):
     assert (tmp_path / "slurm.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
 
 
+def test_deepspeed_generation_job(cluster, trained, tmp_path):
+    """The generation job with --engine deepspeed on an exported package: one section per task over
+    deepspeed.comm, same output as the local megatron engine."""
+    pytest.importorskip("deepspeed")
+    run, _, _ = trained
+    package = tmp_path / "pkg"
+    cli("export", str(run / "checkpoints"), str(package))
+    args = ["--prompt", "def f(x):", "--max-new-tokens", "8"]
+    proc = cli("submit-generate", "--cpu", "--run-dir", str(tmp_path), str(package), "--engine", "deepspeed",
+               *args, "--output", str(tmp_path / "slurm.jsonl"), env=cluster.env)
+    job = submitted(proc)
+    assert cluster.wait(job) == "COMPLETED", log_of(tmp_path, job)[-4000:]
+    cli("generate", str(run / "checkpoints"), *args, "--output", str(tmp_path / "local.jsonl"))
+    assert (tmp_path / "slurm.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
+
+
 def test_preemption_checkpoints_requeues_and_resumes(cluster, data, tmp_path):
     """USR1 to the batch script (what --signal=B:USR1@N sends before the time limit): Megatron saves a
     checkpoint at the end of the current iteration, the job requeues itself, and the requeued job
