@@ -29,7 +29,7 @@ def perturb_altup(model, seed: int = 1, scale: float = 0.3):
     with torch.no_grad():
         for name, param in model.named_parameters():
             if any(key in name for key in ALTUP_PARAMS) and not name.endswith((".norm.weight", ".norm.bias")):
-                param.add_(scale * torch.randn(param.shape, generator=g, dtype=param.dtype))
+                param.add_(scale * torch.randn(param.shape, generator=g, dtype=param.dtype).to(param.device))
     return model
 
 

@@ -72,7 +72,7 @@ def train_step(rank, world, tp, pp, stag, ckpt_in, out_dir):
 
     from megatron_stag.platform.distributed import initialize
 
-    initialize(tp=tp, pp=pp, seed=1234)
+    initialize(tp=tp, pp=pp, seed=1234, ep=stag.get("expert_model_parallel_size", 1))
     cfg, model, ddp = build(tp, pp, **stag)
     if ckpt_in:
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt_in))

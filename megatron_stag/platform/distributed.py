@@ -27,7 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, ep: int = 1) -> None:
     """Start torch.distributed (from the launcher's env vars, or as a lone process on a free port,
     leaving the environment untouched for child processes) and megatron's parallel groups."""
     cpu.activate()
@@ -45,7 +45,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep)
     model_parallel_cuda_manual_seed(seed)
 
 
