@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--models", default="gpt,stag", help="gpt (1 GPU only) and/or stag")
+    ap.add_argument("--models", default="gpt,stag", help="gpt and altup (1 GPU only) and/or stag")
     ap.add_argument("--out", required=True)
     ns = ap.parse_args()
     from megatron_stag.deepspeed_inference.engine import init_comm
@@ -162,6 +162,8 @@ def main() -> None:
     batches = [int(b) for b in ns.batches.split(",")]
     wanted = ns.models.split(",")
     models = [("StagFormer p=2", replace(base, stag_sections=2))] if "stag" in wanted else []
+    if world == 1 and "altup" in wanted:
+        models.insert(0, ("AltUp K=2 recycled", replace(base, altup_blocks=2)))
     if world == 1 and "gpt" in wanted:
         models.insert(0, ("GPT baseline", base))
     rows = [r for name, a in models for r in run_model(a, name, batches, ns, world)]
