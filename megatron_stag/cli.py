@@ -71,13 +71,10 @@ def _generate(ns) -> int:
 
 
 def _export(ns) -> int:
-    import torch
+    from megatron_stag.export.megatron_export import DTYPES, ExportError, export_checkpoint
 
-    from megatron_stag.export.megatron_export import ExportError, export_checkpoint
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ns.dtype]
     try:
-        out = export_checkpoint(Path(ns.checkpoint), Path(ns.out), dtype=dtype,
+        out = export_checkpoint(Path(ns.checkpoint), Path(ns.out), dtype=DTYPES[ns.dtype],
                                 tokenizer=Path(ns.tokenizer) if ns.tokenizer else None)
     except (ExportError, FileNotFoundError) as err:
         raise SystemExit(str(err)) from None

@@ -96,13 +96,12 @@ def section_groups(sections: int, tp: int):
     return mine
 
 
-def init_deepspeed_engine(model: StagLM, dtype: torch.dtype = torch.float32, tp: int = 1, group=None,
-                          cuda_graph: bool = False):
+def init_deepspeed_engine(model: StagLM, dtype: torch.dtype = torch.float32, tp: int = 1, group=None):
     """Wrap `model` in DeepSpeed's InferenceEngine (its `.module` is the sharded, converted model).
 
-    `cuda_graph`: DeepSpeed's own option, which captures the module's forward (the teacher-forced
-    call, fixed shapes) on one rank; DeepSpeed refuses it with tensor parallelism. Decode steps are
-    graphed by `PlainStaggeredGenerator(cuda_graph=True)` instead.
+    DeepSpeed's own `enable_cuda_graph` captures the engine's forward call (fixed shapes, one rank;
+    refused with tensor parallelism), which a decode loop never makes: decode steps are graphed by
+    `PlainStaggeredGenerator(cuda_graph=True)` instead.
     """
     import deepspeed
 
@@ -115,6 +114,5 @@ def init_deepspeed_engine(model: StagLM, dtype: torch.dtype = torch.float32, tp:
         tensor_parallel.update(mpu=_SectionGroup(group), tp_group=group)
     engine = deepspeed.init_inference(model, dtype=dtype, tensor_parallel=tensor_parallel,
                                       injection_policy=injection_policy(model) if tp > 1 else None,
-                                      replace_with_kernel_inject=False,
-                                      enable_cuda_graph=cuda_graph and tp == 1)
+                                      replace_with_kernel_inject=False)
     return engine

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from megatron_stag.export.megatron_export import DTYPES
 
 
 def plan_ranks(world: int, sections: int, tp: int, recurrent: bool):

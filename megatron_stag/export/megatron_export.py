@@ -20,6 +20,9 @@ import torch
 from megatron_stag.export.plain_model import PlainConfig, StagLM
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
+
+
 class ExportError(ValueError):
     pass
 
