@@ -133,6 +133,11 @@ def data(tmp_path_factory):
     return [f"data.data_path=[{prefix}]", f"data.tokenizer_model={model}"]
 
 
+def _node_state(cluster) -> str:
+    return subprocess.run(["sinfo", "-h", "-o", "%T"], env=cluster.env, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def submitted(proc) -> str:
     return re.search(r"submitted job (\d+)", proc.stdout).group(1)
 
@@ -208,7 +213,12 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, data, tmp_path):
     while "requeueing job" not in log_of(tmp_path, job) or cluster.job_state(job) != "PENDING":
         assert time.time() < deadline, log_of(tmp_path, job)[-3000:]
         time.sleep(0.5)
-    # Slurm holds a requeued job for a while (BeginTime); the administrator may release it at once
+    # Slurm holds a requeued job for a while (BeginTime); the administrator may release it early, once the
+    # node has finished the old run (a restart in the same second as the kill gets a revoked credential)
+    while _node_state(cluster) != "idle":
+        assert time.time() < deadline
+        time.sleep(0.5)
+    time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env, check=True)
     state = cluster.wait(job, timeout=400)
     log = log_of(tmp_path, job)
