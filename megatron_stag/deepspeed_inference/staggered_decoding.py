@@ -248,5 +248,5 @@ class PlainStaggeredGenerator:
                                 keep_logits=keep_logits, on_token=report)
         if progress:
             print(file=sys.stderr)
-        return GenerationResult(out, [l for l in last] if keep_logits and sampler else None,
+        return GenerationResult(out, last if keep_logits and sampler else None,
                                 torch.stack(kept) if kept else None, time.perf_counter() - start)
