@@ -91,16 +91,46 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv_heads * hd, bias=cfg.bias)
         self.v_proj = nn.Linear(d, kv_heads * hd, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=cfg.bias)
+        self.qkv = None  # (weight, bias) once fuse_qkv() ran
 
     def heads(self, x: Tensor, proj: nn.Module) -> Tensor:
         """[b, n, d] -> [b, local heads, n, head_dim] (local: this rank's shard under TP)."""
-        y = proj(x)
+        return self._split_heads(proj(x))
+
+    def _split_heads(self, y: Tensor) -> Tensor:
         return y.view(*y.shape[:2], -1, self.head_dim).transpose(1, 2)
+
+    def fuse_qkv(self) -> None:
+        """One matmul for q, k and v (a decode step reads the three weights in one kernel)."""
+        if self.qkv is None:
+            self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.qkv is None:
+            return self.heads(x, self.q_proj), self.heads(x, self.k_proj), self.heads(x, self.v_proj)
+        sizes = [self.q_proj.weight.shape[0], self.k_proj.weight.shape[0], self.v_proj.weight.shape[0]]
+        return tuple(self._split_heads(y) for y in F.linear(x, *self.qkv).split(sizes, dim=-1))
 
     def attend(self, q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep,
                                              enable_gqa=keys.shape[1] != q.shape[1])
         return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Optional[Tensor]]:
+    """Concatenate the weights (and biases) of `linears` along the output and make each layer's
+    parameters views into the result: one matmul computes them all, with no second copy in memory
+    and the parameters (names, sharding, state dict) unchanged."""
+    weight = torch.cat([m.weight.data for m in linears])
+    bias = torch.cat([m.bias.data for m in linears]) if linears[0].bias is not None else None
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[start:start + rows]
+        if bias is not None:
+            m.bias.data = bias[start:start + rows]
+        start += rows
+    return weight, bias
 
 
 class MLP(nn.Module):
@@ -120,8 +150,10 @@ class MLP(nn.Module):
 
 
 def _mix(coefs: Tensor, x: Tensor) -> Tensor:
-    """out_i = sum_j coefs[..., i, j] x_j for blocks x [..., K, d]."""
-    return torch.einsum("...ij,...jd->...id", coefs, x)
+    """out_i = sum_j coefs[..., i, j] x_j for blocks x [..., K, d], as K broadcast multiply-adds:
+    pointwise, so a compiled decode step fuses it into its neighbours (an einsum is a batched GEMM
+    launch of its own per layer)."""
+    return sum(coefs[..., :, j, None] * x[..., j, None, :] for j in range(x.shape[-2]))
 
 
 class AltUp(nn.Module):
@@ -185,14 +217,15 @@ class DecoderLayer(nn.Module):
 # ---------------------------------------------------------------------------------------- caches
 @dataclass
 class SectionCache:
-    """One section's decode state. Self-attention K/V per layer [b, kv heads, T, hd] (slot = position);
-    cross-attention K/V per layer [b, heads, T + 1, hd] (slot j = entry j: the previous section's
-    output at position j - 1, slot 0 the null entry)."""
+    """One section's decode state, laid out so that a step writes it with few scatters, each into a
+    whole tensor (a compiled step writes a tensor in place; a scatter into a view of one can cost a copy).
 
-    k: list[Tensor]
-    v: list[Tensor]
-    ck: list[Tensor]
-    cv: list[Tensor]
+    kv: per layer [2, b, kv heads, T, hd], self-attention keys (0) and values (1), slot = position.
+    cross [L, 2, b, heads, T + 1, hd] (sections >= 1): every layer's cross-attention keys and values,
+    slot j = entry j: the previous section's output at position j - 1, slot 0 the null entry."""
+
+    kv: list[Tensor]
+    cross: Optional[Tensor]
 
 
 def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -212,6 +245,7 @@ class Section(nn.Module):
         self.layers = nn.ModuleList(
             [DecoderLayer(cfg, index > 0, a) for a in active] if layers is None else layers)
         self.norm = make_norm(cfg)
+        self.entry_kv = None  # (weight, bias) once fuse_projections() ran
         if cfg.altup_blocks > 1 and cfg.altup_output == "learned":
             self.collapse = nn.Parameter(torch.eye(cfg.hidden_size).repeat(1, cfg.altup_blocks))
         if cfg.altup_blocks > 1 and cfg.altup_output == "projected":
@@ -220,15 +254,22 @@ class Section(nn.Module):
                 [nn.Parameter(torch.zeros(d, d)) for _ in range(cfg.altup_blocks - 1)])
 
     def new_cache(self, batch: int, max_len: int, dtype, device) -> SectionCache:
-        def zeros(attn: Attention, proj: nn.Module, slots: int) -> list:
-            heads = proj.weight.shape[0] // attn.head_dim
-            return torch.zeros(batch, heads, slots, attn.head_dim, dtype=dtype, device=device)
+        def zeros(attn: Attention, slots: int, *layers: int) -> Tensor:
+            heads = attn.k_proj.weight.shape[0] // attn.head_dim
+            return torch.zeros(*layers, 2, batch, heads, slots, attn.head_dim, dtype=dtype, device=device)
 
-        k = [zeros(l.self_attn, l.self_attn.k_proj, max_len) for l in self.layers]
-        v = [zeros(l.self_attn, l.self_attn.v_proj, max_len) for l in self.layers]
-        ck = [zeros(l.cross_attn, l.cross_attn.k_proj, max_len + 1) for l in self.layers] if self.index else []
-        cv = [zeros(l.cross_attn, l.cross_attn.v_proj, max_len + 1) for l in self.layers] if self.index else []
-        return SectionCache(k, v, ck, cv)
+        kv = [zeros(layer.self_attn, max_len) for layer in self.layers]
+        cross = zeros(self.layers[0].cross_attn, max_len + 1, len(self.layers)) if self.index else None
+        return SectionCache(kv, cross)
+
+    def fuse_projections(self) -> None:
+        """Decode-time fusion: each layer's q/k/v as one matmul, and every layer's cross-attention k/v
+        as one matmul over a new entry (`write_entries`). Values are unchanged; parameters become views."""
+        for layer in self.layers:
+            layer.self_attn.fuse_qkv()
+        if self.index and self.entry_kv is None:
+            self.entry_kv = fuse_linears([proj for layer in self.layers
+                                          for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)])
 
     def write_entries(self, cache: SectionCache, entries: Tensor, first: Tensor,
                       rows: Optional[Tensor] = None) -> None:
@@ -236,11 +277,14 @@ class Section(nn.Module):
         slots = first[:, None] + torch.arange(entries.shape[1], device=entries.device)[None]
         if rows is None:
             rows = torch.arange(first.shape[0], device=first.device)
-        r = rows[:, None].expand_as(slots)
-        for i, layer in enumerate(self.layers):
-            attn = layer.cross_attn
-            cache.ck[i][r, :, slots] = attn.heads(entries, attn.k_proj).transpose(1, 2)
-            cache.cv[i][r, :, slots] = attn.heads(entries, attn.v_proj).transpose(1, 2)
+        if self.entry_kv is not None:
+            kv = F.linear(entries, *self.entry_kv)
+        else:
+            kv = torch.cat([proj(entries) for layer in self.layers
+                            for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)], dim=-1)
+        # [b', m, L * 2 * heads * hd] -> [b', m, L, 2, heads, hd]: the layout cross[:, :, r, :, slots] takes
+        cache.cross[:, :, rows[:, None].expand_as(slots), :, slots] = kv.view(
+            *kv.shape[:2], len(self.layers), 2, -1, cache.cross.shape[-1])
 
     def _collapse(self, stream: Tensor) -> Tensor:
         cfg = self.cfg
@@ -266,10 +310,10 @@ class Section(nn.Module):
         Writes their self-attention K/V; cross-attention reads entries <= position (and > position -
         window), which the caller stored beforehand. Returns the section's normed output [b', n, d].
         """
-        slot = torch.arange(cache.k[0].shape[2], device=h.device)
+        slot = torch.arange(cache.kv[0].shape[3], device=h.device)
         keep = (slot[None, None, :] <= positions[:, :, None])[:, None]  # [b', 1, n, T]
         if self.index:
-            entry = torch.arange(cache.ck[0].shape[2], device=h.device)[None, None, :]
+            entry = torch.arange(cache.cross.shape[4], device=h.device)[None, None, :]
             cross_keep = entry <= positions[:, :, None]
             if self.cfg.cross_window is not None:
                 cross_keep &= entry > positions[:, :, None] - self.cfg.cross_window
@@ -281,19 +325,19 @@ class Section(nn.Module):
         for i, layer in enumerate(self.layers):
             x, prediction = layer.altup.predict(h) if hasattr(layer, "altup") else (h, None)
             attn = layer.self_attn
-            a = layer.input_layernorm(x)
-            q, k, v = attn.heads(a, attn.q_proj), attn.heads(a, attn.k_proj), attn.heads(a, attn.v_proj)
+            q, k, v = attn.project_qkv(layer.input_layernorm(x))
             if rope is not None:
                 q, k = _rotate(q, *rope), _rotate(k, *rope)
-            cache.k[i][r, :, positions] = k.transpose(1, 2)
-            cache.v[i][r, :, positions] = v.transpose(1, 2)
-            keys, values = (cache.k[i], cache.v[i]) if whole else (cache.k[i][rows], cache.v[i][rows])
-            x = x + attn.attend(q, keys, values, keep)
+            kv = cache.kv[i]
+            kv[:, r, :, positions] = torch.stack((k, v), dim=2).transpose(1, 3)  # [b', n, 2, heads, hd]
+            if not whole:
+                kv = kv[:, rows]
+            x = x + attn.attend(q, kv[0], kv[1], keep)
             if self.index:
                 cross = layer.cross_attn
                 q = cross.heads(layer.cross_attn_layernorm(x), cross.q_proj)
-                keys, values = (cache.ck[i], cache.cv[i]) if whole else (cache.ck[i][rows], cache.cv[i][rows])
-                x = x + cross.attend(q, keys, values, cross_keep)
+                ckv = cache.cross[i] if whole else cache.cross[i][:, rows]
+                x = x + cross.attend(q, ckv[0], ckv[1], cross_keep)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             h = layer.altup.correct(prediction, x) if prediction is not None else x
         return self.norm(self._collapse(h))
@@ -396,6 +440,12 @@ class StagLM(nn.Module):
                 section.write_entries(caches[k], entries, torch.zeros(b, dtype=torch.long, device=ids.device))
             outs.append(section(h0, positions, None, caches[k], rope))
         return self.logits(outs)
+
+    def fuse_projections(self) -> None:
+        """Fuse the present sections' projections for decoding (see `Section.fuse_projections`)."""
+        for section in self.sections:
+            if isinstance(section, Section):
+                section.fuse_projections()
 
     def keep_sections(self, wanted: list[int]) -> None:
         """Drop the layers of other sections (one section per rank); shared modules stay alive."""
