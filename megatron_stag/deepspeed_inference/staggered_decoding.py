@@ -74,6 +74,7 @@ class PlainStaggeredGenerator:
         if max_len > cfg.max_sequence_length and cfg.position_embedding == "learned_absolute":
             raise ValueError(f"max_len={max_len} exceeds the model's {cfg.max_sequence_length} positions.")
         self.model, self.max_len, self.batch, self.recurrent = model.eval(), max_len, batch, recurrent
+        model.fuse_projections()  # after DeepSpeed's sharding: each rank fuses its own shards
         self.place, self.comm = placement, comm
         self.p = cfg.sections
         self.mine = list(range(self.p)) if placement is None else [placement.section]
@@ -164,13 +165,8 @@ class PlainStaggeredGenerator:
         pos = positions[:, None]
         e, rope = m.embed(tokens[:, None], pos), m.rope(pos)
         active = [1] if self.recurrent else self.mine
-        outs = self._run_sections(active, e, pos, rope)
+        outs = self._run_sections(active, e, pos, rope, positions + 1)
         if self.place is None:
-            if self.recurrent:
-                self._write[1](outs[0], positions + 1)
-            else:
-                for k in range(1, self.p):
-                    self._write[k](outs[k - 1], positions + 1)
             return outs, m.logits(outs)[:, 0]
         return outs, (m.logits(outs)[:, 0] if self._last and not self.combine else None)
 
@@ -180,15 +176,27 @@ class PlainStaggeredGenerator:
     def _write_entries(self, k: int, entries: Tensor, first: Tensor) -> None:
         self.model.sections[k].write_entries(self.caches[k], entries, first)
 
-    def _run_sections(self, active: list[int], e: Tensor, pos: Tensor, rope) -> list[Tensor]:
+    def _run_and_pass_on(self, k: int, e: Tensor, pos: Tensor, rope, entry: Tensor) -> Tensor:
+        """Section k's step, then (all sections here) its output becomes the next section's entry
+        `entry` (recurrent: its own). The next section reads entries <= this step's position only,
+        so the write may overlap that section's step: on k's stream it leaves the critical path."""
+        out = self._run[k](e, pos, rope)
+        if self.place is None:
+            if self.recurrent:
+                self._write[1](out, entry)
+            elif k + 1 < self.p:
+                self._write[k + 1](out, entry)
+        return out
+
+    def _run_sections(self, active: list[int], e: Tensor, pos: Tensor, rope, entry: Tensor) -> list[Tensor]:
         """The sections of a step are independent: on their own CUDA streams when graphed."""
         if len(active) == 1 or not self._streams:
-            return [self._run[k](e, pos, rope) for k in active]
+            return [self._run_and_pass_on(k, e, pos, rope, entry) for k in active]
         main, outs = torch.cuda.current_stream(), []
         for k, stream in zip(active, self._streams):
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
-                outs.append(self._run[k](e, pos, rope))
+                outs.append(self._run_and_pass_on(k, e, pos, rope, entry))
         for stream in self._streams[:len(active)]:
             main.wait_stream(stream)
         return outs
