@@ -3,7 +3,8 @@
     python -m megatron_stag.benchmarks.altup_overhead --out results/altup_overhead_h100.json
 
 Training (bf16, seq 2048, AdamW, median of timed steps): baseline GPT; AltUp K=2 and K=4 recycled,
-eager and with predict/correct compiled (`altup_compile`); K=4 widened; Gemma 3n form K=4;
+eager and with predict/correct fused (`altup_compile`: the Triton kernels of layers/altup_triton.py
+for the standard form, torch.compile for Gemma 3n's); K=4 widened; Gemma 3n form K=4;
 Sequence-AltUp stride 2; megatron MoE and AltUp K=2 + the same MoE. Decode (1 GPU, CUDA-graph steps,
 batch 1): baseline against AltUp K=2 / K=4 through the staggered decoding engine, eager steps and
 whole-step torch.compile (which fuses each correct with the next predict).

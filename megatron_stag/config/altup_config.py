@@ -57,7 +57,8 @@ class AltUpConfig(TransformerConfig):
     from their own input and their anchor at or before them (1 = off)."""
 
     altup_compile: bool = False
-    """torch.compile predict and correct (one fused kernel each over the K*d stream)."""
+    """Fused predict and correct: on CUDA the standard form runs layers/altup_triton.py (one pass over
+    the K*d stream each, forward and backward); the Gemma 3n form and CPU use torch.compile."""
 
     altup_first_layer: int = 0
     """Set by the model for the section piece it builds: index of the piece's first layer inside

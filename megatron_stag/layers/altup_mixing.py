@@ -33,8 +33,8 @@ _COMPILED: dict = {}
 
 
 def _maybe_compiled(fn, config):
-    """altup_compile: one fused kernel for each of predict and correct. Compiled once per
-    function (module-level, tensors in, tensors out), so every layer shares the compiled code."""
+    """altup_compile off the standard form's CUDA path: torch.compile'd predict and correct.
+    Compiled once per function (module-level, tensors in, tensors out), so every layer shares it."""
     if not config.altup_compile:
         return fn
     if fn not in _COMPILED:
@@ -82,15 +82,22 @@ class AltUpCoefficients(MegatronModule):
         self.prediction = torch.nn.Parameter(torch.eye(k, dtype=config.params_dtype))
         self.correction = torch.nn.Parameter(torch.ones(k, dtype=config.params_dtype))
         _mark(self, config)
+        self.fused = config.altup_compile
         self._predict = _maybe_compiled(_standard_predict, config)
         self._correct = _maybe_compiled(_correct, config)
 
     def predict(self, stream: Tensor) -> tuple[Tensor, Tensor]:
         """stream [s, b, K*d] -> (the layer's input [s, b, d], prediction [s, b, K, d])."""
+        if self.fused and stream.is_cuda:  # one Triton pass forward and backward (layers/altup_triton.py)
+            from megatron_stag.layers import altup_triton
+            return altup_triton.predict(self.prediction, stream, self.num_blocks, self.active_block)
         return self._predict(self.prediction, stream, self.num_blocks, self.active_block)
 
     def correct(self, prediction: Tensor, output: Tensor) -> Tensor:
         """prediction [s, b, K, d], layer output [s, b, d] -> new stream [s, b, K*d]."""
+        if self.fused and output.is_cuda:
+            from megatron_stag.layers import altup_triton
+            return altup_triton.correct(self.correction, prediction, output, self.active_block)
         return self._correct(self.correction, prediction, output, self.active_block)
 
 
