@@ -8,12 +8,16 @@ for the standard form, torch.compile for Gemma 3n's); K=4 widened; Gemma 3n form
 Sequence-AltUp stride 2; megatron MoE and AltUp K=2 + the same MoE. Decode (1 GPU, CUDA-graph steps,
 batch 1): baseline against AltUp K=2 / K=4 through the staggered decoding engine, eager steps and
 whole-step torch.compile (which fuses each correct with the next predict).
+Training configurations are measured in `--rounds` interleaved rounds: a ratio is the median over
+rounds of step time / the same round's baseline step time (run-to-run drift on a shared machine is a
+few percent, the size of the targets).
 Targets (issue 4): recycled K=2 step time <= 1.05x baseline, K=4 <= 1.10x; decode <= 1.05x.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from dataclasses import replace
 
 from megatron_stag.benchmarks.hardware import peak_tflops, write_result
@@ -29,16 +33,16 @@ def training_runs(base: ModelArgs, moe_experts: int) -> dict[str, tuple[ModelArg
     return {
         "baseline GPT": (base, {}),
         "AltUp K=2 recycled": (k2, {}),
-        "AltUp K=2 recycled, compiled predict/correct": (k2, dict(altup_compile=True)),
+        "AltUp K=2 recycled, fused predict/correct": (k2, dict(altup_compile=True)),
         "AltUp K=4 recycled": (k4, {}),
-        "AltUp K=4 recycled, compiled predict/correct": (k4, dict(altup_compile=True)),
-        "AltUp K=4 widened, compiled": (replace(k4, altup_embedding="widened"), dict(altup_compile=True)),
+        "AltUp K=4 recycled, fused predict/correct": (k4, dict(altup_compile=True)),
+        "AltUp K=4 widened, fused": (replace(k4, altup_embedding="widened"), dict(altup_compile=True)),
         "AltUp Gemma 3n form K=4, compiled": (
             replace(k4, altup_form="gemma3n", altup_schedule="fixed", altup_embedding="projected",
                     altup_output="projected", altup_coef_clip=120.0), dict(altup_compile=True)),
         "Sequence-AltUp stride 2": (replace(base, altup_sequence_stride=2), {}),
         f"MoE {moe_experts} experts top-2": (moe, {}),
-        f"AltUp K=2 + MoE {moe_experts} experts, compiled": (replace(moe, altup_blocks=2),
+        f"AltUp K=2 + MoE {moe_experts} experts, fused": (replace(moe, altup_blocks=2),
                                                              dict(altup_compile=True)),
     }
 
@@ -53,6 +57,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure every training configuration this many times, interleaved; report medians")
     parser.add_argument("--moe-experts", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=256)
@@ -65,24 +71,35 @@ def main(argv=None) -> None:
     initialize(tp=1, pp=1)
     base = ModelArgs(vocab_size=ns.vocab, max_sequence_length=ns.seq, num_layers=ns.layers,
                      hidden_size=ns.hidden, num_attention_heads=ns.heads, position_embedding_type="rope")
+    runs = training_runs(base, ns.moe_experts)
+    moe_name = f"MoE {ns.moe_experts} experts top-2"
+    rounds = []  # every configuration once per round; ratios against the same round's baseline
+    for r in range(ns.rounds):
+        measured = {}
+        for name, (a, overrides) in runs.items():
+            measured[name] = measure(a, ns.batch, ns.seq, ns.steps, ns.warmup, **overrides)
+            print(f"round {r + 1}/{ns.rounds} {name:48s} {measured[name]['step_s'] * 1e3:8.1f} ms", flush=True)
+        rounds.append(measured)
     train = {}
-    for name, (a, overrides) in training_runs(base, ns.moe_experts).items():
-        train[name] = measure(a, ns.batch, ns.seq, ns.steps, ns.warmup, **overrides)
-        print(f"{name:48s} {train[name]['step_s'] * 1e3:8.1f} ms", flush=True)
-    ref = train["baseline GPT"]
-    moe_ref = train[f"MoE {ns.moe_experts} experts top-2"]
-    for name, r in train.items():
-        against = moe_ref if "MoE" in name else ref
-        r["step_time_vs_baseline"] = r["step_s"] / against["step_s"]
-        r["mfu_vs_baseline"] = r["mfu"] / against["mfu"]
+    for name in runs:
+        per_round = [m[name] for m in rounds]
+        against = [m[moe_name if "MoE" in name else "baseline GPT"] for m in rounds]
+        r = dict(per_round[len(per_round) // 2])
+        r["step_s"] = statistics.median(m["step_s"] for m in per_round)
+        r["step_s_rounds"] = [m["step_s"] for m in per_round]
+        r["step_time_vs_baseline"] = statistics.median(m["step_s"] / b["step_s"] for m, b in zip(per_round, against))
+        r["step_time_vs_baseline_rounds"] = [m["step_s"] / b["step_s"] for m, b in zip(per_round, against)]
+        r["mfu"] = statistics.median(m["mfu"] for m in per_round)
+        r["mfu_vs_baseline"] = statistics.median(m["mfu"] / b["mfu"] for m, b in zip(per_round, against))
+        train[name] = r
 
     decode = {}
     k2 = replace(base, altup_blocks=2)
     for name, (a, overrides, compile_step) in {
         "baseline GPT": (base, {}, False),
         "AltUp K=2 recycled": (k2, {}, False),
-        "AltUp K=2 recycled, compiled predict/correct": (k2, dict(altup_compile=True), False),
-        "AltUp K=4 recycled, compiled predict/correct": (replace(base, altup_blocks=4),
+        "AltUp K=2 recycled, fused predict/correct": (k2, dict(altup_compile=True), False),
+        "AltUp K=4 recycled, fused predict/correct": (replace(base, altup_blocks=4),
                                                          dict(altup_compile=True), False),
         "baseline GPT, compiled step": (base, {}, True),
         "AltUp K=2 recycled, compiled step": (k2, {}, True),
