@@ -18,6 +18,8 @@ slice under SP); the coefficients stay replicated modules as in `altup_mixing`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -127,10 +129,15 @@ def _grid(n: int, d: int) -> tuple[int, int]:
     return triton.cdiv(n, _BLOCK_N), triton.cdiv(d, _BLOCK_D)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _reduction_grid(n: int, d: int, device) -> tuple[tuple[int, int], int]:
     """Backward kernels: a few programs per SM, each over a run of rows (a multiple of its tile)."""
     tiles = triton.cdiv(d, _BLOCK_D)
-    chunks = max(1, _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count // tiles)
+    chunks = max(1, _PROGRAMS_PER_SM * _sm_count(device.index) // tiles)
     rows = triton.cdiv(triton.cdiv(n, chunks), _BWD_BLOCK_N) * _BWD_BLOCK_N
     return (triton.cdiv(n, rows), tiles), rows
 
