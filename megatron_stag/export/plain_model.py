@@ -264,7 +264,9 @@ class Section(nn.Module):
 
     def fuse_projections(self) -> None:
         """Decode-time fusion: each layer's q/k/v as one matmul, and every layer's cross-attention k/v
-        as one matmul over a new entry (`write_entries`). Values are unchanged; parameters become views."""
+        as one matmul over a new entry (`write_entries`). Values are unchanged; parameters become views
+        of the fused weights, so loading weights in place keeps them in step, but a later `.to()` would
+        not move the fused copies: fuse after the model's final device, dtype and sharding."""
         for layer in self.layers:
             layer.self_attn.fuse_qkv()
         if self.index and self.entry_kv is None:
