@@ -86,16 +86,21 @@ class AltUpCoefficients(MegatronModule):
         self._predict = _maybe_compiled(_standard_predict, config)
         self._correct = _maybe_compiled(_correct, config)
 
+    def _triton(self, stream: Tensor) -> bool:
+        """The Triton kernels (layers/altup_triton.py): one pass forward and backward. They address the
+        stream with 32-bit offsets, so a stream of 2^31 elements or more takes the torch.compile path."""
+        return self.fused and stream.is_cuda and stream.numel() < 2 ** 31
+
     def predict(self, stream: Tensor) -> tuple[Tensor, Tensor]:
         """stream [s, b, K*d] -> (the layer's input [s, b, d], prediction [s, b, K, d])."""
-        if self.fused and stream.is_cuda:  # one Triton pass forward and backward (layers/altup_triton.py)
+        if self._triton(stream):
             from megatron_stag.layers import altup_triton
             return altup_triton.predict(self.prediction, stream, self.num_blocks, self.active_block)
         return self._predict(self.prediction, stream, self.num_blocks, self.active_block)
 
     def correct(self, prediction: Tensor, output: Tensor) -> Tensor:
         """prediction [s, b, K, d], layer output [s, b, d] -> new stream [s, b, K*d]."""
-        if self.fused and output.is_cuda:
+        if self._triton(prediction):
             from megatron_stag.layers import altup_triton
             return altup_triton.correct(self.correction, prediction, output, self.active_block)
         return self._correct(self.correction, prediction, output, self.active_block)
