@@ -22,12 +22,12 @@ def run_ranks(fn, world: int, *args) -> None:
     A rank that raises fails the test at once. A rank killed by a signal gets the group one more try on
     a new port: seen once in CI, a gloo rank aborted natively ("terminate called without an active
     exception") three seconds after start, during set-up, and passed on a dozen reruns."""
-    try:
-        mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
-                           start_method="spawn")
-    except mp.ProcessExitedException as crash:
-        if crash.signal_name is None:  # a plain non-zero exit is a failure like any other
-            raise
-        warnings.warn(f"rank {crash.error_index} died by signal {crash.signal_name}; running the ranks again")
-        mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
-                           start_method="spawn")
+    for attempt in (1, 2):
+        try:
+            mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
+                               start_method="spawn")
+            return
+        except mp.ProcessExitedException as crash:
+            if crash.signal_name is None or attempt == 2:  # a plain non-zero exit fails like any other
+                raise
+            warnings.warn(f"rank {crash.error_index} died by signal {crash.signal_name}; running the ranks again")
