@@ -84,12 +84,10 @@ def main(argv=None) -> None:
     for name in runs:
         per_round = [m[name] for m in rounds]
         against = [m[moe_name if "MoE" in name else "baseline GPT"] for m in rounds]
-        r = dict(per_round[len(per_round) // 2])
-        r["step_s"] = statistics.median(m["step_s"] for m in per_round)
+        r = dict(sorted(per_round, key=lambda m: m["step_s"])[len(per_round) // 2])  # the median round
         r["step_s_rounds"] = [m["step_s"] for m in per_round]
         r["step_time_vs_baseline"] = statistics.median(m["step_s"] / b["step_s"] for m, b in zip(per_round, against))
         r["step_time_vs_baseline_rounds"] = [m["step_s"] / b["step_s"] for m, b in zip(per_round, against)]
-        r["mfu"] = statistics.median(m["mfu"] for m in per_round)
         r["mfu_vs_baseline"] = statistics.median(m["mfu"] / b["mfu"] for m, b in zip(per_round, against))
         train[name] = r
 
