@@ -77,6 +77,86 @@ def test_standard_equations(kw):
         torch.testing.assert_close(model(ids, pos), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [dict(altup_blocks=2), dict(altup_blocks=3, altup_embedding="widened",
+                                                            altup_output="learned", stag_sections=2),
+                                dict(altup_blocks=4, altup_schedule="fixed", altup_fixed_block=3)])
+def test_fused_path_equals_two_steps(kw):
+    """altup_compile's path (layers/altup_triton.py; on CPU its equations in torch) recomputes the
+    prediction inside correct and hands the stream's gradient from correct's backward to predict's:
+    logits, loss and every gradient equal the two-step predict/correct (catches a lost or doubled
+    part of the stream's gradient)."""
+    ids, pos = batch()
+    results = []
+    for fused in (False, True):
+        model = tiny_model(altup_compile=fused, **kw).train()
+        loss = model(ids, pos, labels=ids).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def check_fused_against_equations(loss, k=3, schedule=(0, 2, 1), s=5, b=2, d=8, device="cpu",
+                                  dtype=torch.float32):
+    """Two layers through layers/altup_triton.py: the second layer's input is the block the first
+    correct wrote out, and the values and every gradient (stream, P, g of both layers) equal the
+    equations' in plain torch (fp32), whichever way the loss reads the layers."""
+    from megatron_stag.layers import altup_triton
+    from megatron_stag.layers.altup_stream import written_block
+
+    torch.manual_seed(0)
+    cast = dict(device=device, dtype=dtype)
+    init = [torch.randn(s, b, k * d)] + [t for _ in range(2) for t in (torch.eye(k) + 0.3 * torch.randn(k, k),
+                                                                       1 + 0.3 * torch.randn(k))]
+    init = [t.to(**cast) for t in init]
+    w = [(torch.randn(d, d) / d ** 0.5).to(**cast) for _ in range(2)]
+    up = torch.randn(s, b, k * d).to(**cast)
+
+    def run(fused):
+        stream, p1, g1, p2, g2 = (t.clone().requires_grad_() for t in init)
+        h, ys = stream, []
+        for p, g, a, nxt, wl in ((p1, g1, schedule[0], schedule[1], w[0]), (p2, g2, schedule[1], schedule[2], w[1])):
+            if fused:
+                x_in, state = altup_triton.predict(p, h, k, a)
+                if h is not stream:
+                    assert x_in is written_block(h, a), "the block the last correct wrote is the input"
+            else:
+                h = h.float()
+                x_in = h.unflatten(-1, (k, d))[..., a, :]
+            y = x_in + torch.tanh(x_in @ wl.to(x_in.dtype))
+            ys.append(y)
+            if fused:
+                h = altup_triton.correct(g, state, y, a, nxt)
+            else:
+                pred = torch.einsum("ij,sbjd->sbid", p.float(), h.unflatten(-1, (k, d)))
+                h = (pred + g.float()[:, None] * (y - pred[..., a, :])[..., None, :]).flatten(-2)
+        h32, up32 = h.float(), up.float()
+        value = {"stream": (h32 * up32).sum(), "second layer's input only": ys[1].float().pow(2).sum(),
+                 "stream and another reader": (h32 * up32).sum() + h32.pow(2).sum() + ys[0].float().sum()}[loss]
+        value.backward()
+        return h.detach(), stream.grad, p1.grad, g1.grad, p2.grad, g2.grad
+
+    # fp32: to rounding; bf16 (two layers of bf16 activations and grads against fp32): to 4% of the largest entry
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=4e-2, rtol=0)
+    names = ("out", "d stream", "d P1", "d g1", "d P2", "d g2")
+    for name, got, want in zip(names, run(True), run(False)):
+        if want is None:
+            assert got is None or not got.any(), name
+            continue
+        scale = want.float().abs().max().clamp(min=1).item()
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, **tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("loss", ["stream", "second layer's input only", "stream and another reader"])
+def test_fused_kernels_against_equations(loss):
+    """The fused path's autograd structure on CPU (its torch equations); the kernels: test_gpu."""
+    check_fused_against_equations(loss)
+
+
 def _rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 

@@ -39,12 +39,15 @@ def test_cuda_graph_decode_equals_forward(variant):
                                    atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kw", [dict(altup_blocks=2), dict(altup_blocks=4, altup_form="gemma3n",
+@pytest.mark.parametrize("kw", [dict(altup_blocks=2), dict(altup_blocks=3, recompute_granularity="full",
+                                                            recompute_method="uniform", recompute_num_layers=1),
+                                dict(altup_blocks=4, altup_form="gemma3n",
                                 altup_schedule="fixed", altup_embedding="projected",
                                 altup_output="projected", altup_coef_clip=0.2)])
 def test_compiled_altup_equals_eager(kw):
     """altup_compile fuses predict/correct (Triton kernels for the standard form, torch.compile for
-    Gemma 3n's): same loss and gradients as eager."""
+    Gemma 3n's): same loss and gradients as eager, also when megatron recomputes every layer in the
+    backward (the fused path hands the stream's gradient between two autograd functions)."""
     from tests.model_factory import batch, tiny_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -103,39 +106,13 @@ def test_expert_parallel_altup_moe_matches_single_rank(tmp_path):
     _compare(str(ref), str(par))
 
 
-@pytest.mark.parametrize("k,active,dtype", [(2, 0, torch.float32), (2, 1, torch.bfloat16), (3, 2, torch.float32),
-                                            (4, 1, torch.float32), (4, 3, torch.bfloat16)])
-def test_altup_triton_kernels_match_the_equations(k, active, dtype):
-    """layers/altup_triton.py: predict -> a layer -> correct, values and every gradient (stream, P, g,
-    the layer's input) against the equations in plain torch; sizes not multiples of the tiles."""
-    from megatron_stag.layers import altup_triton
+@pytest.mark.parametrize("k,schedule,dtype", [(2, (0, 1, 0), torch.float32), (2, (1, 0, 1), torch.bfloat16),
+                                              (3, (2, 0, 1), torch.float32), (4, (1, 2, 3), torch.float32),
+                                              (4, (3, 3, 3), torch.bfloat16), (8, (5, 6, 7), torch.float32)])
+@pytest.mark.parametrize("loss", ["stream", "second layer's input only", "stream and another reader"])
+def test_altup_triton_kernels_match_the_equations(k, schedule, dtype, loss):
+    """layers/altup_triton.py's kernels: two layers, values and every gradient against the equations in
+    plain torch; sizes not multiples of the tiles."""
+    from tests.test_altup import check_fused_against_equations
 
-    torch.manual_seed(0)
-    s, b, d = 37, 3, 200
-    stream0 = torch.randn(s, b, k * d, device="cuda", dtype=dtype)
-    p0 = (torch.eye(k) + 0.3 * torch.randn(k, k)).to("cuda", dtype)
-    g0 = (1 + 0.3 * torch.randn(k)).to("cuda", dtype)
-    w = torch.randn(d, d, device="cuda", dtype=dtype) / d ** 0.5
-    up = torch.randn(s, b, k * d, device="cuda", dtype=dtype)
-
-    def run(fused):
-        stream, p, g = (t.clone().requires_grad_() for t in (stream0, p0, g0))
-        if fused:
-            x_in, pred = altup_triton.predict(p, stream, k, active)
-        else:
-            x = stream.float().unflatten(-1, (k, d))
-            pred = torch.einsum("ij,sbjd->sbid", p.float(), x)
-            x_in, pred = x[..., active, :].to(dtype), pred.to(dtype)
-        y = x_in + torch.tanh(x_in @ w)
-        if fused:
-            out = altup_triton.correct(g, pred, y, active)
-        else:
-            innovation = y.float() - pred[..., active, :].float()
-            out = (pred.float() + g.float()[:, None] * innovation[..., None, :]).flatten(-2).to(dtype)
-        (out.float() * up.float()).sum().backward()
-        return out, stream.grad, p.grad, g.grad
-
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
-    for name, got, want in zip(("out", "d stream", "d P", "d g"), run(True), run(False)):
-        scale = want.float().abs().max().item() if name in ("d P", "d g") else 1.0
-        torch.testing.assert_close(got.float() / scale, want.float() / scale, **tol, msg=name)
+    check_fused_against_equations(loss, k, schedule, s=37, b=3, d=200, device="cuda", dtype=dtype)

@@ -57,8 +57,9 @@ class AltUpConfig(TransformerConfig):
     from their own input and their anchor at or before them (1 = off)."""
 
     altup_compile: bool = False
-    """Fused predict and correct: on CUDA the standard form runs layers/altup_triton.py (one pass over
-    the K*d stream each, forward and backward); the Gemma 3n form and CPU use torch.compile."""
+    """Fused predict and correct: the standard form runs layers/altup_triton.py (Triton kernels on CUDA,
+    the same equations in torch on CPU: correct recomputes the prediction instead of storing it and
+    writes the next layer's input); the Gemma 3n form uses torch.compile."""
 
     altup_first_layer: int = 0
     """Set by the model for the section piece it builds: index of the piece's first layer inside

@@ -25,8 +25,8 @@ class AltUpTransformerLayer(TransformerLayer):
 
     def __init__(self, config, submodules: AltUpLayerSubmodules, layer_number: int = 1, **kwargs):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
-        active = config.altup_active_block(config.altup_first_layer + layer_number - 1)
-        self.altup = build_module(submodules.altup, config=config, active_block=active)
+        self.altup = build_module(submodules.altup, config=config,
+                                  layer_in_section=config.altup_first_layer + layer_number - 1)
 
     def forward(self, hidden_states, *args, **kwargs):
         layer_input, prediction = self.altup.predict(hidden_states)

@@ -33,7 +33,8 @@ _COMPILED: dict = {}
 
 
 def _maybe_compiled(fn, config):
-    """altup_compile off the standard form's CUDA path: torch.compile'd predict and correct.
+    """altup_compile off the standard form's kernel path (Gemma 3n's form, streams of 2^31 elements or
+    more, or more blocks than its tiles): torch.compile'd predict and correct.
     Compiled once per function (module-level, tensors in, tensors out), so every layer shares it."""
     if not config.altup_compile:
         return fn
@@ -75,10 +76,11 @@ def _correct(gains: Tensor, prediction: Tensor, output: Tensor, active: int) -> 
 class AltUpCoefficients(MegatronModule):
     """Learned scalar predict (K x K) and correct (K) coefficients of one layer."""
 
-    def __init__(self, config, active_block: int):
+    def __init__(self, config, layer_in_section: int):
         super().__init__(config=config)
         k = config.altup_blocks
-        self.num_blocks, self.active_block = k, active_block
+        self.num_blocks, self.active_block = k, config.altup_active_block(layer_in_section)
+        self.next_block = config.altup_active_block(layer_in_section + 1)  # the fused correct writes it out
         self.prediction = torch.nn.Parameter(torch.eye(k, dtype=config.params_dtype))
         self.correction = torch.nn.Parameter(torch.ones(k, dtype=config.params_dtype))
         _mark(self, config)
@@ -86,33 +88,36 @@ class AltUpCoefficients(MegatronModule):
         self._predict = _maybe_compiled(_standard_predict, config)
         self._correct = _maybe_compiled(_correct, config)
 
-    def _triton(self, stream: Tensor) -> bool:
-        """The Triton kernels (layers/altup_triton.py): one pass forward and backward. They address the
-        stream with 32-bit offsets, so a stream of 2^31 elements or more takes the torch.compile path."""
-        return self.fused and stream.is_cuda and stream.numel() < 2 ** 31
+    def _kernels(self, stream: Tensor) -> bool:
+        """altup_compile's path (layers/altup_triton.py: Triton on CUDA, its torch equations on CPU). The
+        kernels address the stream with 32-bit offsets and tile up to MAX_BLOCKS blocks; other streams
+        take torch.compile."""
+        from megatron_stag.layers.altup_triton import MAX_BLOCKS
+        return self.fused and stream.numel() < 2 ** 31 and self.num_blocks <= MAX_BLOCKS
 
-    def predict(self, stream: Tensor) -> tuple[Tensor, Tensor]:
-        """stream [s, b, K*d] -> (the layer's input [s, b, d], prediction [s, b, K, d])."""
-        if self._triton(stream):
+    def predict(self, stream: Tensor):
+        """stream [s, b, K*d] -> (the layer's input [s, b, d], prediction [s, b, K, d]; on the fused
+        path the state from which `correct` recomputes the prediction instead of storing it)."""
+        if self._kernels(stream):
             from megatron_stag.layers import altup_triton
             return altup_triton.predict(self.prediction, stream, self.num_blocks, self.active_block)
         return self._predict(self.prediction, stream, self.num_blocks, self.active_block)
 
-    def correct(self, prediction: Tensor, output: Tensor) -> Tensor:
-        """prediction [s, b, K, d], layer output [s, b, d] -> new stream [s, b, K*d]."""
-        if self._triton(prediction):
+    def correct(self, prediction, output: Tensor) -> Tensor:
+        """prediction (from `predict`), layer output [s, b, d] -> new stream [s, b, K*d]."""
+        if not isinstance(prediction, Tensor):
             from megatron_stag.layers import altup_triton
-            return altup_triton.correct(self.correction, prediction, output, self.active_block)
+            return altup_triton.correct(self.correction, prediction, output, self.active_block, self.next_block)
         return self._correct(self.correction, prediction, output, self.active_block)
 
 
 class Gemma3nAltUpRouter(MegatronModule):
     """Gemma 3n's AltUp: coefficients computed per token by a router on the active block."""
 
-    def __init__(self, config, active_block: int):
+    def __init__(self, config, layer_in_section: int):
         super().__init__(config=config)
         k, d = config.altup_blocks, config.hidden_size
-        self.num_blocks, self.active_block, self.hidden = k, active_block, d
+        self.num_blocks, self.active_block, self.hidden = k, config.altup_active_block(layer_in_section), d
         self.clip = config.altup_coef_clip
         self.router_norm = torch.nn.RMSNorm(d, eps=config.layernorm_epsilon, dtype=config.params_dtype)
         self.router = torch.nn.Parameter(torch.empty(k, d, dtype=config.params_dtype))

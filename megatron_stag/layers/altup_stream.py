@@ -19,6 +19,20 @@ from megatron.core.tensor_parallel import VocabParallelEmbedding, scatter_to_seq
 from megatron.core.transformer.module import MegatronModule
 
 _EPS = 1e-6
+_WRITTEN_BLOCKS = "_altup_written_blocks"
+
+
+def with_written_blocks(stream: Tensor, blocks: dict[int, Tensor]) -> Tensor:
+    """Mark blocks of `stream` that also exist as their own contiguous [.., d] tensors (equal values,
+    in the autograd graph), so the fused predict (layers/altup_triton.py) takes its layer input
+    without a copy. The mark lives on this tensor object only: anything that makes a new tensor
+    (a pipeline receive, a recompute's detach) drops it, and predict then copies."""
+    setattr(stream, _WRITTEN_BLOCKS, blocks)
+    return stream
+
+
+def written_block(stream: Tensor, block: int) -> Tensor | None:
+    return getattr(stream, _WRITTEN_BLOCKS, {}).get(block)
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -57,12 +71,13 @@ class AltUpWidening(MegatronModule):
 
     def forward(self, e: Tensor, input_ids: Tensor) -> Tensor:
         if self.mode == "recycled":
-            return e.repeat(*([1] * (e.dim() - 1)), self.num_blocks)
+            stream = e.repeat(*([1] * (e.dim() - 1)), self.num_blocks)
+            return with_written_blocks(stream, dict.fromkeys(range(self.num_blocks), e))
         if self.mode == "widened":
             extra = self.extra_embeddings(input_ids).transpose(0, 1).contiguous()  # [s, b, (K-1)d]
             if self.config.sequence_parallel:
                 extra = scatter_to_sequence_parallel_region(extra, group=self.tp_group)
-            return torch.cat([e, extra.to(e.dtype)], dim=-1)
+            return with_written_blocks(torch.cat([e, extra.to(e.dtype)], dim=-1), {0: e})
         target = _rms(e)
         return torch.cat([e] + [_rescaled(e @ w.t(), target) for w in self.projections], dim=-1)
 

@@ -1,132 +1,109 @@
-"""AltUp's standard predict and correct as Triton kernels: one pass over the K-block stream each,
-forward and backward.
+"""AltUp's standard predict and correct, fused: one Triton kernel per layer forward, one backward.
 
-Predict and correct are memory-bound: a layer's K*d stream is read and written a few times around
-one d-wide layer. torch.compile splits each step and its backward into several kernels (the active
-block's copy, the mix, the innovation, the coefficient-gradient reductions: ~19 passes of one block
-per layer at K = 2, measured on an H100). Here every step is one kernel that reads its inputs once:
+Predict and correct are memory-bound: a layer's K*d stream is read and written around one d-wide
+layer. Written as two steps (predict x -> x^ = P x, then correct x^ -> x'), the prediction x^ is
+stored, read back and differentiated on its own: 24 passes of one block per layer at K = 2, 42 at
+K = 4. Here correct recomputes the prediction from the stream in registers and also writes the next
+layer's input block:
 
-  predict   forward  x -> (x_a, x^ = P x)                     reads K,      writes K + 1
-            backward dx = P^T dx^ + [a] dx_a, dP = sum dx^ x^T reads 2K + 1, writes K
-  correct   forward  x' = x^ + g (y - x^_a)                    reads K + 1,  writes K
-            backward dx^ = G - [a] dy, dy = g . G, dg = sum G (y - x^_a)   reads K + 2, writes K + 1
+  correct   forward  x' = P x + g (y - (P x)_a),  n = x'[next]           reads K + 1,  writes K + 1
+            backward G = dx' + [next] dn;  dy = g . G,  dx^ = G - [a] dy,
+                     dx = P^T dx^,  dP = sum dx^ x^T,  dg = sum G (y - (P x)_a)    reads 2K + 2, writes K + 1
+  predict   the layer's input is n from the layer before: no pass
+(15 block passes per layer at K = 2, 25 at K = 4.) `a` is this layer's active block, `next` the next
+layer's. n is a second output of the same autograd function, so its gradient reaches correct's
+backward as its own tensor and is added inside the kernel (no full-size accumulation). The next
+layer finds n on the stream tensor it receives (`altup_stream.written_block`; the recycled and widened
+embeddings leave their d-wide blocks there too); where the stream arrives some other way (a pipeline
+receive, megatron's recompute, which detaches its inputs) predict copies the block with plain torch.
 
 The coefficient gradients are reduced per program into an fp32 buffer and summed by torch: exact
 order, so runs are deterministic. Blocks are [N, K, d] with N = tokens (s*b, a sequence-parallel
-slice under SP); the coefficients stay replicated modules as in `altup_mixing`.
+slice under SP). CPU tensors take the same equations in torch (the autograd structure is then tested
+without a GPU); the kernels address with 32-bit offsets (callers keep streams < 2^31 elements).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from megatron_stag.layers.altup_stream import with_written_blocks, written_block
+
 _BLOCK_N, _BLOCK_D, _WARPS = 16, 128, 4
-_BWD_BLOCK_N = 16  # backward tiles hold K x K products per element: fewer rows per step
+MAX_BLOCKS = 8
+_BWD_COLUMNS = {1: 1024, 2: 1024, 4: 1024, 8: 256}  # KP -> backward tile width (fp32 K x K x width accumulators)
 _PROGRAMS_PER_SM = 16
 
 
 @triton.jit
-def _tile(N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _mix_correct_fwd(x_ptr, y_ptr, p_ptr, g_ptr, out_ptr, next_ptr, N, D, K: tl.constexpr, KP: tl.constexpr,
+                     ACTIVE: tl.constexpr, NEXT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    return rows, cols, (rows < N)[:, None] & (cols < D)[None, :]
-
-
-@triton.jit
-def _predict_fwd(x_ptr, p_ptr, xa_ptr, xhat_ptr, N, D, K: tl.constexpr, KP: tl.constexpr,
-                 ACTIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows, cols, mask = _tile(N, D, BLOCK_N, BLOCK_D)
+    mask = (rows < N)[:, None] & (cols < D)[None, :]
     ks = tl.arange(0, KP)
     base = rows[:, None] * (K * D) + cols[None, :]                       # [BN, BD], block 0
-    acc = tl.zeros((BLOCK_N, KP, BLOCK_D), dtype=tl.float32)
+    pred = tl.zeros((BLOCK_N, KP, BLOCK_D), dtype=tl.float32)
+    pred_a = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for j in tl.static_range(K):
-        xj = tl.load(x_ptr + base + j * D, mask=mask)
-        if j == ACTIVE:
-            tl.store(xa_ptr + rows[:, None] * D + cols[None, :], xj, mask=mask)
+        xj = tl.load(x_ptr + base + j * D, mask=mask, other=0.0).to(tl.float32)
         pj = tl.load(p_ptr + ks * K + j, mask=ks < K, other=0.0).to(tl.float32)   # P[:, j]
-        acc += pj[None, :, None] * xj.to(tl.float32)[:, None, :]
+        pred += pj[None, :, None] * xj[:, None, :]
+        pred_a += tl.load(p_ptr + ACTIVE * K + j).to(tl.float32) * xj
+    y = tl.load(y_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+    out = (pred + g[None, :, None] * (y - pred_a)[:, None, :]).to(out_ptr.dtype.element_ty)
     offs = base[:, None, :] + ks[None, :, None] * D
     mask3 = mask[:, None, :] & (ks < K)[None, :, None]
-    tl.store(xhat_ptr + offs, acc.to(xhat_ptr.dtype.element_ty), mask=mask3)
+    tl.store(out_ptr + offs, out, mask=mask3)
+    nxt = tl.sum(tl.where((ks == NEXT)[None, :, None], out.to(tl.float32), 0.0), axis=1)
+    tl.store(next_ptr + rows[:, None] * D + cols[None, :], nxt.to(next_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _predict_bwd(dxhat_ptr, dxa_ptr, x_ptr, p_ptr, dx_ptr, dp_ptr, N, D, ROWS, K: tl.constexpr,
-                 KP: tl.constexpr, ACTIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A program walks ROWS rows of one column tile, keeping dP's partial sums in registers."""
+def _mix_correct_bwd(grad_ptr, dnext_ptr, x_ptr, y_ptr, p_ptr, g_ptr, dx_ptr, dy_ptr, part_ptr, N, D, ROWS,
+                     K: tl.constexpr, KP: tl.constexpr, ACTIVE: tl.constexpr, NEXT: tl.constexpr,
+                     HAS_NEXT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program walks ROWS rows of one wide column tile, one row per step. dP's and dg's partial sums
+    stay elementwise in registers and are reduced once at the end: a reduction over several rows per
+    step (a cross-warp exchange) measured 1.15x (K = 2) and 1.3x (K = 4) slower."""
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ks = tl.arange(0, KP)
     kmask = ks < K
     pt = tl.load(p_ptr + ks[:, None] * K + ks[None, :], mask=kmask[:, None] & kmask[None, :],
                  other=0.0).to(tl.float32)                                           # P [i, j]
-    acc = tl.zeros((KP, KP, BLOCK_D), dtype=tl.float32)                             # [i, j, col]
-    for start in range(tl.program_id(0) * ROWS, tl.program_id(0) * ROWS + ROWS, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        mask = (rows < N)[:, None] & (cols < D)[None, :]
-        base = rows[:, None] * (K * D) + cols[None, :]
-        offs = base[:, None, :] + ks[None, :, None] * D
-        mask3 = mask[:, None, :] & kmask[None, :, None]
-        g = tl.load(dxhat_ptr + offs, mask=mask3, other=0.0).to(tl.float32)        # [n, i, col]
-        x = tl.load(x_ptr + offs, mask=mask3, other=0.0).to(tl.float32)            # [n, j, col]
-        dxa = tl.load(dxa_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dx = tl.sum(pt[None, :, :, None] * g[:, :, None, :], axis=1)              # [n, j, col]
-        dx += (ks == ACTIVE).to(tl.float32)[None, :, None] * dxa[:, None, :]
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask3)
-        acc += tl.sum(g[:, :, None, :] * x[:, None, :, :], axis=0)
-    program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    tl.store(dp_ptr + program * KP * KP + ks[:, None] * KP + ks[None, :], tl.sum(acc, axis=2))
-
-
-@triton.jit
-def _correct_fwd(xhat_ptr, y_ptr, g_ptr, out_ptr, N, D, K: tl.constexpr, KP: tl.constexpr,
-                 ACTIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows, cols, mask = _tile(N, D, BLOCK_N, BLOCK_D)
-    ks = tl.arange(0, KP)
-    base = rows[:, None] * (K * D) + cols[None, :]
-    offs = base[:, None, :] + ks[None, :, None] * D
-    mask3 = mask[:, None, :] & (ks < K)[None, :, None]
-    xhat = tl.load(xhat_ptr + offs, mask=mask3, other=0.0).to(tl.float32)
-    xa = tl.load(xhat_ptr + base + ACTIVE * D, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
-    out = xhat + g[None, :, None] * (y - xa)[:, None, :]
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask3)
-
-
-@triton.jit
-def _correct_bwd(grad_ptr, xhat_ptr, y_ptr, g_ptr, dxhat_ptr, dy_ptr, dg_ptr, N, D, ROWS, K: tl.constexpr,
-                 KP: tl.constexpr, ACTIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A program walks ROWS rows of one column tile, keeping dg's partial sums in registers."""
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ks = tl.arange(0, KP)
-    kmask = ks < K
+    pa = tl.load(p_ptr + ACTIVE * K + ks, mask=kmask, other=0.0).to(tl.float32)     # P [a, j]
     g = tl.load(g_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-    acc = tl.zeros((KP, BLOCK_D), dtype=tl.float32)
-    for start in range(tl.program_id(0) * ROWS, tl.program_id(0) * ROWS + ROWS, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        mask = (rows < N)[:, None] & (cols < D)[None, :]
-        base = rows[:, None] * (K * D) + cols[None, :]
-        offs = base[:, None, :] + ks[None, :, None] * D
-        mask3 = mask[:, None, :] & kmask[None, :, None]
-        grad = tl.load(grad_ptr + offs, mask=mask3, other=0.0).to(tl.float32)
-        xa = tl.load(xhat_ptr + base + ACTIVE * D, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.sum(g[None, :, None] * grad, axis=1)
-        tl.store(dy_ptr + rows[:, None] * D + cols[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mask)
-        dxhat = grad - (ks == ACTIVE).to(tl.float32)[None, :, None] * dy[:, None, :]
-        tl.store(dxhat_ptr + offs, dxhat.to(dxhat_ptr.dtype.element_ty), mask=mask3)
-        acc += tl.sum(grad * (y - xa)[:, None, :], axis=0)
-    program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    tl.store(dg_ptr + program * KP + ks, tl.sum(acc, axis=1))
-
-
-def _grid(n: int, d: int) -> tuple[int, int]:
-    return triton.cdiv(n, _BLOCK_N), triton.cdiv(d, _BLOCK_D)
+    is_active = (ks == ACTIVE).to(tl.float32)
+    acc_p = tl.zeros((KP, KP, BLOCK_D), dtype=tl.float32)                           # [i, j, col]
+    acc_g = tl.zeros((KP, BLOCK_D), dtype=tl.float32)
+    cmask = cols < D
+    mask2 = kmask[:, None] & cmask[None, :]
+    for row in range(tl.program_id(0) * ROWS, tl.minimum(tl.program_id(0) * ROWS + ROWS, N)):
+        offs = row * (K * D) + ks[:, None] * D + cols[None, :]                     # [k, col]
+        grad = tl.load(grad_ptr + offs, mask=mask2, other=0.0).to(tl.float32)     # [i, col]
+        if HAS_NEXT:
+            dnext = tl.load(dnext_ptr + row * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            grad += (ks == NEXT).to(tl.float32)[:, None] * dnext[None, :]
+        x = tl.load(x_ptr + offs, mask=mask2, other=0.0).to(tl.float32)            # [j, col]
+        y = tl.load(y_ptr + row * D + cols, mask=cmask, other=0.0).to(tl.float32)
+        innovation = y - tl.sum(pa[:, None] * x, axis=0)                           # y - (P x)_a
+        dy = tl.sum(g[:, None] * grad, axis=0)
+        tl.store(dy_ptr + row * D + cols, dy.to(dy_ptr.dtype.element_ty), mask=cmask)
+        dpred = grad - is_active[:, None] * dy[None, :]                            # [i, col]
+        dx = tl.sum(pt[:, :, None] * dpred[:, None, :], axis=0)                   # [j, col]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask2)
+        acc_p += dpred[:, None, :] * x[None, :, :]
+        acc_g += grad * innovation[None, :]
+    part = part_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * (KP * KP + KP)
+    tl.store(part + ks[:, None] * KP + ks[None, :], tl.sum(acc_p, axis=2))
+    tl.store(part + KP * KP + ks, tl.sum(acc_g, axis=1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,76 +111,97 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _reduction_grid(n: int, d: int, device) -> tuple[tuple[int, int], int]:
-    """Backward kernels: a few programs per SM, each over a run of rows (a multiple of its tile)."""
-    tiles = triton.cdiv(d, _BLOCK_D)
+def _backward_launch(n: int, d: int, kp: int, device) -> tuple[tuple[int, int], int, int]:
+    """A few programs per SM, each over a run of rows; columns as wide as the registers allow."""
+    block_d = min(_BWD_COLUMNS[kp], triton.next_power_of_2(d))
+    tiles = triton.cdiv(d, block_d)
     chunks = max(1, _PROGRAMS_PER_SM * _sm_count(device.index) // tiles)
-    rows = triton.cdiv(triton.cdiv(n, chunks), _BWD_BLOCK_N) * _BWD_BLOCK_N
-    return (triton.cdiv(n, rows), tiles), rows
+    rows = triton.cdiv(n, chunks)
+    return (triton.cdiv(n, rows), tiles), rows, block_d
 
 
-def _meta(k: int, active: int, block_n: int = _BLOCK_N) -> dict:
-    return dict(K=k, KP=triton.next_power_of_2(k), ACTIVE=active, BLOCK_N=block_n, BLOCK_D=_BLOCK_D,
-                num_warps=_WARPS)
+def _reference(x: Tensor, y: Tensor, p: Tensor, g: Tensor, active: int):
+    """The kernels' prediction and innovation in torch (fp32), for CPU tensors: x [N, K, d], y [N, d]."""
+    x, y, p, g = x.float(), y.float(), p.float(), g.float()
+    pred = torch.einsum("ij,njd->nid", p, x)
+    return pred, y - pred[:, active]
 
 
-class _Predict(torch.autograd.Function):
+class _MixCorrect(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stream: Tensor, coefs: Tensor, k: int, active: int):
-        x = stream.contiguous()
-        n, d = x.numel() // x.shape[-1], x.shape[-1] // k
-        xa = x.new_empty(*x.shape[:-1], d)
-        xhat = x.new_empty(*x.shape[:-1], k, d)
-        _predict_fwd[_grid(n, d)](x, coefs.contiguous(), xa, xhat, n, d, **_meta(k, active))
-        ctx.save_for_backward(x, coefs)
-        ctx.k, ctx.active = k, active
-        return xa, xhat
-
-    @staticmethod
-    def backward(ctx, dxa: Tensor, dxhat: Tensor):
-        x, coefs = ctx.saved_tensors
-        k, active = ctx.k, ctx.active
-        n, d = x.numel() // x.shape[-1], x.shape[-1] // k
-        dxa = torch.zeros_like(x[..., :d]) if dxa is None else dxa.contiguous()
-        dxhat = torch.zeros_like(x) if dxhat is None else dxhat.contiguous()
-        dx = torch.empty_like(x)
-        grid, rows = _reduction_grid(n, d, x.device)
-        kp = triton.next_power_of_2(k)
-        dp = torch.empty(grid[0] * grid[1], kp, kp, dtype=torch.float32, device=x.device)
-        _predict_bwd[grid](dxhat, dxa, x, coefs.contiguous(), dx, dp, n, d, rows, **_meta(k, active, _BWD_BLOCK_N))
-        return dx, dp.sum(0)[:k, :k].to(coefs.dtype), None, None
-
-
-class _Correct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, prediction: Tensor, output: Tensor, gains: Tensor, active: int):
-        xhat, y = prediction.contiguous(), output.contiguous()
-        k, d = xhat.shape[-2], xhat.shape[-1]
+    def forward(ctx, output: Tensor, coefs: Tensor, gains: Tensor, stream: Tensor, k: int, active: int,
+                next_block: int):
+        x, y = stream.contiguous(), output.contiguous()
+        d = y.shape[-1]
         n = y.numel() // d
-        out = xhat.new_empty(*xhat.shape[:-2], k * d)
-        _correct_fwd[_grid(n, d)](xhat, y, gains.contiguous(), out, n, d, **_meta(k, active))
-        ctx.save_for_backward(xhat, y, gains)
-        ctx.active = active
-        return out
+        if x.is_cuda:
+            out, nxt = torch.empty_like(x), torch.empty_like(y)
+            grid = (triton.cdiv(n, _BLOCK_N), triton.cdiv(d, _BLOCK_D))
+            _mix_correct_fwd[grid](x, y, coefs.contiguous(), gains.contiguous(), out, nxt, n, d, K=k,
+                                   KP=triton.next_power_of_2(k), ACTIVE=active, NEXT=next_block,
+                                   BLOCK_N=_BLOCK_N, BLOCK_D=_BLOCK_D, num_warps=_WARPS)
+        else:
+            pred, innovation = _reference(x.view(n, k, d), y.view(n, d), coefs, gains, active)
+            out = (pred + gains.float()[:, None] * innovation[:, None]).to(x.dtype)
+            nxt = out[:, next_block].reshape(y.shape)
+            out = out.reshape(x.shape)
+        ctx.save_for_backward(x, y, coefs, gains)
+        ctx.k, ctx.active, ctx.next_block = k, active, next_block
+        ctx.set_materialize_grads(False)
+        return out, nxt
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        xhat, y, gains = ctx.saved_tensors
-        k, d = xhat.shape[-2], xhat.shape[-1]
+    def backward(ctx, grad: Tensor | None, dnext: Tensor | None):
+        x, y, coefs, gains = ctx.saved_tensors
+        k, active, next_block = ctx.k, ctx.active, ctx.next_block
+        d = y.shape[-1]
         n = y.numel() // d
-        grad = grad.contiguous()
-        dxhat, dy = torch.empty_like(xhat), torch.empty_like(y)
-        grid, rows = _reduction_grid(n, d, y.device)
-        dg = torch.empty(grid[0] * grid[1], triton.next_power_of_2(k), dtype=torch.float32, device=y.device)
-        _correct_bwd[grid](grad, xhat, y, gains.contiguous(), dxhat, dy, dg, n, d, rows, **_meta(k, ctx.active, _BWD_BLOCK_N))
-        return dxhat, dy, dg.sum(0)[:k].to(gains.dtype), None
+        grad = torch.zeros_like(x) if grad is None else grad.contiguous()
+        if x.is_cuda:
+            dx, dy = torch.empty_like(x), torch.empty_like(y)
+            kp = triton.next_power_of_2(k)
+            grid, rows, block_d = _backward_launch(n, d, kp, x.device)
+            part = torch.empty(grid[0] * grid[1], kp * kp + kp, dtype=torch.float32, device=x.device)
+            _mix_correct_bwd[grid](grad, grad if dnext is None else dnext.contiguous(), x, y, coefs.contiguous(),
+                                   gains.contiguous(), dx, dy, part, n, d, rows, K=k, KP=kp, ACTIVE=active,
+                                   NEXT=next_block, HAS_NEXT=dnext is not None, BLOCK_D=block_d, num_warps=_WARPS)
+            part = part.sum(0)
+            dp, dg = part[:kp * kp].view(kp, kp)[:k, :k], part[kp * kp:kp * kp + k]
+        else:
+            g3 = grad.view(n, k, d).to(torch.float32, copy=True)
+            if dnext is not None:
+                g3[:, next_block] += dnext.reshape(n, d).float()
+            pred, innovation = _reference(x.view(n, k, d), y.view(n, d), coefs, gains, active)
+            dy = torch.einsum("i,nid->nd", gains.float(), g3)
+            dpred = g3.clone()
+            dpred[:, active] -= dy
+            dx = torch.einsum("ij,nid->njd", coefs.float(), dpred).to(x.dtype).reshape(x.shape)
+            dp = torch.einsum("nid,njd->ij", dpred, x.view(n, k, d).float())
+            dg = torch.einsum("nid,nd->i", g3, innovation)
+            dy = dy.to(y.dtype).reshape(y.shape)
+        return dy, dp.to(coefs.dtype), dg.to(gains.dtype), dx, None, None, None
 
 
-def predict(coefs: Tensor, stream: Tensor, k: int, active: int) -> tuple[Tensor, Tensor]:
-    """stream [..., K*d] -> (x_active [..., d], P x [..., K, d]), as `altup_mixing._standard_predict`."""
-    return _Predict.apply(stream, coefs, k, active)
+@dataclass
+class Predicted:
+    """What `predict` hands to `correct`: the stream (correct recomputes the prediction from it)."""
+
+    stream: Tensor
+    coefs: Tensor
 
 
-def correct(gains: Tensor, prediction: Tensor, output: Tensor, active: int) -> Tensor:
-    """x^ [..., K, d], y [..., d] -> x^ + g (y - x^_active) [..., K*d], as `altup_mixing._correct`."""
-    return _Correct.apply(prediction, output, gains, active)
+def predict(coefs: Tensor, stream: Tensor, k: int, active: int) -> tuple[Tensor, Predicted]:
+    """stream [..., K*d] -> (x_active [..., d], the state `correct` needs)."""
+    layer_input = written_block(stream, active)
+    if layer_input is None:
+        d = stream.shape[-1] // k
+        layer_input = stream.narrow(-1, active * d, d).contiguous()
+    return layer_input, Predicted(stream, coefs)
+
+
+def correct(gains: Tensor, predicted: Predicted, output: Tensor, active: int, next_block: int) -> Tensor:
+    """y [..., d] -> P x + g (y - (P x)_active) [..., K*d], as `altup_mixing._correct` after
+    `altup_mixing._standard_predict`; the stream carries its block `next_block` for the next predict."""
+    k = predicted.stream.shape[-1] // output.shape[-1]
+    out, nxt = _MixCorrect.apply(output, predicted.coefs, gains, predicted.stream, k, active, next_block)
+    return with_written_blocks(out, {next_block: nxt})
