@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from megatron_stag.benchmarks.hardware import copy_bandwidth_gbs, write_result
+from megatron_stag.benchmarks.hardware import capture_cuda_graph, copy_bandwidth_gbs, write_result
 from megatron_stag.models.model_args import ModelArgs
 
 
@@ -143,14 +143,7 @@ def bench_pipeline_sequential(a: ModelArgs, batch: int, ns) -> dict:
             x = model.embedding(input_ids=ids, position_ids=positions) if first else torch.randn(
                 (ns.prompt, 1, d), dtype=torch.bfloat16, device="cuda")
             dec.forward(x, positions, torch.tensor([r], device="cuda"))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            compute()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            h_out, nxt = compute()
+        graph, (h_out, nxt) = capture_cuda_graph(compute)
 
     def loop():
         with torch.no_grad():

@@ -18,7 +18,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from megatron_stag.benchmarks.hardware import copy_bandwidth_gbs, write_result
+from megatron_stag.benchmarks.hardware import capture_cuda_graph, copy_bandwidth_gbs, write_result
 
 # name -> (out, in): the ~1B model's matrices (24 layers, hidden 2048, p = 2 sections of 12)
 SHAPES = {
@@ -33,14 +33,7 @@ SHAPES = {
 
 def graphed_seconds(fn, replays: int) -> float:
     """Median time of one replay of `fn` captured as a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_cuda_graph(fn)
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -68,8 +61,6 @@ def measure_shape(out_f: int, in_f: int, batch: int, stream_bytes: float, replay
     }
     row = {name: total / graphed_seconds(fn, replays) / 1e9 for name, fn in forms.items()}
     row["matrix MB"] = out_f * in_f * 2 / 1e6
-    del weights, transposed, pairs
-    torch.cuda.empty_cache()
     return row
 
 
@@ -88,6 +79,7 @@ def main(argv=None) -> None:
         for name, (out_f, in_f) in SHAPES.items():
             row = measure_shape(out_f, in_f, b, ns.stream_mb * 1e6, ns.replays)
             rows[f"{name} {out_f}x{in_f}, batch {b}"] = row
+            torch.cuda.empty_cache()  # this shape's weight copies are gone: free them for the next
             print(f"  batch {b:3d} {name:38s} {out_f:6d}x{in_f:<5d} " + "  ".join(
                 f"{k} {row[k]:6.0f} ({row[k] / copy:.2f})" for k in ("[out, in]", "[in, out]", "pairs as one bmm")))
     write_result(ns.out, dict(settings=vars(ns), copy_gbs=copy, rows=rows))
