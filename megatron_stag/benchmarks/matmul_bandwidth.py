@@ -8,7 +8,8 @@ bandwidth one F.linear reaches at batch 1 and 32 when its weight streams from HB
 defeat the L2 cache, replayed as one CUDA graph so launches do not count), in three forms:
 - the weight [out, in] as nn.Linear stores it;
 - the same values stored [in, out] (passed as a transposed view: cuBLAS's other GEMV variant);
-- two such matrices as one batched matmul (what running two sections' layers in lock step could use).
+- two such matrices as one batched matmul (what running two sections' layers in lock step could use);
+- half the matrices on each of two CUDA streams (graph branches: how one GPU runs two sections now).
 """
 
 from __future__ import annotations
@@ -54,10 +55,23 @@ def measure_shape(out_f: int, in_f: int, batch: int, stream_bytes: float, replay
     x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
     x2 = torch.randn(2, batch, in_f, device="cuda", dtype=torch.bfloat16)
     total = copies * out_f * in_f * 2
+    streams = [torch.cuda.Stream() for _ in range(2)]
+
+    def two_streams():
+        main = torch.cuda.current_stream()
+        for i, stream in enumerate(streams):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                for w in weights[i::2]:
+                    F.linear(x, w)
+        for stream in streams:
+            main.wait_stream(stream)
+
     forms = {
         "[out, in]": lambda: [F.linear(x, w) for w in weights],
         "[in, out]": lambda: [F.linear(x, w) for w in transposed],
         "pairs as one bmm": lambda: [torch.bmm(x2, w.transpose(1, 2)) for w in pairs],
+        "two streams": two_streams,
     }
     row = {name: total / graphed_seconds(fn, replays) / 1e9 for name, fn in forms.items()}
     row["matrix MB"] = out_f * in_f * 2 / 1e6
@@ -81,7 +95,7 @@ def main(argv=None) -> None:
             rows[f"{name} {out_f}x{in_f}, batch {b}"] = row
             torch.cuda.empty_cache()  # this shape's weight copies are gone: free them for the next
             print(f"  batch {b:3d} {name:38s} {out_f:6d}x{in_f:<5d} " + "  ".join(
-                f"{k} {row[k]:6.0f} ({row[k] / copy:.2f})" for k in ("[out, in]", "[in, out]", "pairs as one bmm")))
+                f"{k} {row[k]:6.0f} ({row[k] / copy:.2f})" for k in ("[out, in]", "[in, out]", "pairs as one bmm", "two streams")))
     write_result(ns.out, dict(settings=vars(ns), copy_gbs=copy, rows=rows))
 
 
