@@ -42,7 +42,8 @@ def staggered_decode(rank, world, package, tp, prompts, params_kw, out_dir):
     gen = PlainStaggeredGenerator(engine.module, max_len=model.cfg.max_sequence_length, batch=len(prompts),
                                   placement=place, comm=dist)
     result = gen.generate(prompts, SamplingParams(**params_kw), keep_logits=True)
-    torch.save({"tokens": result.tokens, "step_logits": result.step_logits},
+    torch.save({"tokens": result.tokens, "step_logits": result.step_logits,
+                "projects_next_entries": engine.module.next_entries is not None},
                os.path.join(out_dir, f"rank{rank}.pt"))
     _finish()
 

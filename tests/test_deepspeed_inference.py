@@ -134,12 +134,14 @@ def test_deepspeed_engine_matches_exported_model_tp1_tp2(megatron_world, tmp_pat
             assert got["shards"]["sections.0.layers.0.self_attn.q_proj.weight"] == (q[0] // tp, q[1])
 
 
-@pytest.mark.parametrize("name,tp", [("stag", 1), ("p3-combine", 1), ("window4-rope", 2)])
+@pytest.mark.parametrize("name,tp", [("stag", 1), ("p3", 1), ("p3-combine", 1), ("window4-rope", 2)])
 def test_deepspeed_one_section_per_rank_equals_single_rank(megatron_world, tmp_path, name, tp):
+    """Ranks of sections before the last send the next section its entries' keys and values (output
+    'last'; tp 2: split by heads like the receiving section's own) or their output ('combine')."""
     from megatron_stag.deepspeed_inference.staggered_decoding import PlainStaggeredGenerator
     from megatron_stag.inference.sampling import SamplingParams
 
-    _, plain = plain_of(megatron_world, **VARIANTS[name])
+    _, plain = plain_of(megatron_world, **dict(VARIANTS, p3=dict(stag_sections=3, num_layers=6))[name])
     package = _package(plain, tmp_path / "pkg")
     params = dict(max_new_tokens=6, temperature=0.8, top_k=20, seed=3)
     single = PlainStaggeredGenerator(plain, MAX_LEN, batch=3).generate(
@@ -149,7 +151,17 @@ def test_deepspeed_one_section_per_rank_equals_single_rank(megatron_world, tmp_p
     sampler = torch.load(tmp_path / f"rank{(plain.cfg.sections - 1) * tp}.pt")
     assert (sampler["step_logits"] - single.step_logits).abs().max() <= TOL
     for r in range(world):
-        assert torch.load(tmp_path / f"rank{r}.pt")["tokens"] == single.tokens
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got["tokens"] == single.tokens
+        assert got["projects_next_entries"] == (plain.cfg.output == "last" and r // tp < plain.cfg.sections - 1)
+
+
+def test_one_section_per_rank_needs_the_next_entry_projections(megatron_world):
+    from megatron_stag.deepspeed_inference.staggered_decoding import PlainStaggeredGenerator, SectionPlacement
+
+    _, plain = plain_of(megatron_world, **VARIANTS["stag"])
+    with pytest.raises(ValueError, match=r"keep_sections\(\[0\]\)"):
+        PlainStaggeredGenerator(plain, MAX_LEN, batch=1, placement=SectionPlacement(2, 1, 0))
 
 
 def test_export_refuses_unsupported_and_checks_tp(megatron_world):

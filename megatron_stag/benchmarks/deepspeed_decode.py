@@ -80,13 +80,23 @@ def bench_deepspeed(plain, a: ModelArgs, batch: int, ns, cuda_graph: bool, place
     return _time_steps(step, tokens, positions, ns.new)
 
 
-def weight_read_floor(model, bandwidth_gbs: float) -> float:
-    """Seconds to read this rank's weights once (a decode step's lower bound at small batch)."""
-    seen, total = set(), 0
+def weight_read_floor(model, bandwidth_gbs: float, placement=None) -> float:
+    """Seconds to read the weights a decode step reads once (its lower bound at small batch), on the
+    slowest rank: a rank whose entries come projected from the rank before (`EntryProjections`) does
+    not read its own cross-attention k/v projections in a step."""
+    skip = set()
+    if placement is not None and placement.section > 0 and model.entries_made_upstream():
+        skip = {p.data_ptr() for layer in model.sections[placement.section].layers
+                for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj) for p in proj.parameters()}
+    seen, total = set(skip), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
+    if placement is not None:
+        total_t = torch.tensor([total], device="cuda")
+        dist.all_reduce(total_t, op=dist.ReduceOp.MAX)
+        total = int(total_t.item())
     return total / (bandwidth_gbs * 1e9)
 
 
@@ -125,7 +135,7 @@ def run_model(a: ModelArgs, name: str, batches, ns, world: int) -> list[dict]:
         _free()
         ds_compiled = bench_deepspeed(engine.module, a, b, ns, True, placement, compile=True)
         _free()
-        floor = weight_read_floor(engine.module, bandwidth)
+        floor = weight_read_floor(engine.module, bandwidth, placement)
         row = dict(model=name, layout=f"{world} GPU" + ("s, one section per GPU" if distributed else ""),
                    batch=b, ours_ms=ours * 1e3, deepspeed_eager_ms=ds_eager * 1e3,
                    deepspeed_graph_ms=ds_graph * 1e3, deepspeed_compiled_graph_ms=ds_compiled * 1e3,

@@ -5,8 +5,8 @@ the exported `StagLM` (plain `nn.Linear`s) is sharded by AutoTP under an injecti
 row-parallel outputs of a `DecoderLayer`: self-attention out, cross-attention out and MLP down
 (split along their input, all-reduced); every other linear in the layer is split along its output
 (column-parallel), and everything outside the layers (embeddings, AltUp's scalars and projections,
-the head) stays whole. Heads are read from the sharded weights' shapes, so the model needs no
-knowledge of TP.
+the head) stays whole, except the next section's entry projections a rank may hold (column-parallel).
+Heads are read from the sharded weights' shapes, so the model needs no knowledge of TP.
 
 Sections on separate ranks: each section's tensor-parallel ranks form their own group, handed to
 DeepSpeed as its `mpu` (DeepSpeed would otherwise group ranks 0..tp-1).
@@ -18,15 +18,20 @@ import os
 
 import torch
 
-from megatron_stag.export.plain_model import DecoderLayer, PlainConfig, StagLM
+from megatron_stag.export.plain_model import CrossKV, DecoderLayer, PlainConfig, StagLM
 
 ROW_PARALLEL_LINEARS = ("self_attn.o_proj", "cross_attn.o_proj", "mlp.down_proj")
 
 
 def injection_policy(model: StagLM) -> dict:
-    """The row-parallel linears present in this (possibly single-section) model."""
+    """The row-parallel linears present in this (possibly single-section) model; the next section's
+    entry projections kept on this rank (`EntryProjections`) are all column-parallel, split by heads
+    as in their own section."""
     present = {name.split(".", 4)[-1] for name, _ in model.named_modules() if name.startswith("sections.")}
-    return {DecoderLayer: tuple(n for n in ROW_PARALLEL_LINEARS if n in present)}
+    policy = {DecoderLayer: tuple(n for n in ROW_PARALLEL_LINEARS if n in present)}
+    if model.next_entries is not None:
+        policy[CrossKV] = ()
+    return policy
 
 
 def check_tensor_parallel(cfg: PlainConfig, tp: int) -> None:

@@ -9,6 +9,9 @@ Several ranks: rank r runs section r // tp as tensor-parallel rank r % tp of its
 sections' TP groups are what `engine.init_deepspeed_engine` shards with). Rank (k, t) sends its
 step output to (k+1, t) while (k+1, t) computes the same step, so the critical path per token is one
 section plus a small send and the broadcast of the sampled token from the last section's rank 0.
+With output 'last' what it sends is section k+1's new cross-attention entry already projected to
+every layer's keys and values (`plain_model.EntryProjections`, kept on rank k by `keep_sections`):
+both ranks then read about the same weight bytes per step (prefill still sends outputs).
 Communication goes through `comm`: `deepspeed.comm` under DeepSpeed, torch.distributed otherwise.
 
 Recurrent mode (shared weights, p = 2, one rank): after the prompt only pass 2 runs, and its own
@@ -73,6 +76,12 @@ class PlainStaggeredGenerator:
                              "rank (it feeds pass 2's outputs back into its own cross-attention).")
         if max_len > cfg.max_sequence_length and cfg.position_embedding == "learned_absolute":
             raise ValueError(f"max_len={max_len} exceeds the model's {cfg.max_sequence_length} positions.")
+        # one section per rank: section k-1's rank sends section k its entries' keys and values
+        self._upstream = placement is not None and model.entries_made_upstream()
+        if self._upstream and placement.section + 1 < cfg.sections and model.next_entries is None:
+            raise ValueError(f"section {placement.section} on its own rank projects section "
+                             f"{placement.section + 1}'s cross-attention entries: call "
+                             f"model.keep_sections([{placement.section}]) before DeepSpeed shards the model.")
         self.model, self.max_len, self.batch, self.recurrent = model.eval(), max_len, batch, recurrent
         model.fuse_projections()  # after DeepSpeed's sharding: each rank fuses its own shards
         self.place, self.comm = placement, comm
@@ -91,11 +100,21 @@ class PlainStaggeredGenerator:
         wrap = (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
         self._run = {k: wrap(functools.partial(self._run_section, k)) for k in self.mine}
         self._write = {k: wrap(functools.partial(self._write_entries, k)) for k in self.mine if k}
+        self._store = {k: wrap(functools.partial(self._store_entries, k)) for k in self.mine if k}
+        self._project = wrap(model.next_entries) if self._upstream and model.next_entries is not None else None
 
     # ------------------------------------------------------------------ helpers
     @property
     def _last(self) -> bool:
         return self.place is None or self.place.section == self.p - 1
+
+    def _handed_on_width(self, k: int) -> int:
+        """Per token, what section k-1's rank sends section k's at each step: its output, or (entries
+        made upstream) every layer's key and value of the new entry, as many as section k's cache holds."""
+        if not self._upstream:
+            return self.hidden
+        layers, _, _, heads, _, head_dim = self.caches[k].cross.shape
+        return layers * 2 * heads * head_dim
 
     def _send(self, t: Tensor, section: int):
         return self.comm.isend(t.contiguous(), self.place.peer(section))
@@ -168,6 +187,8 @@ class PlainStaggeredGenerator:
         outs = self._run_sections(active, e, pos, rope, positions + 1)
         if self.place is None:
             return outs, m.logits(outs)[:, 0]
+        if self._project is not None:  # what this rank hands on: the next section's entry keys and values
+            return [self._project(outs[0])], None
         return outs, (m.logits(outs)[:, 0] if self._last and not self.combine else None)
 
     def _run_section(self, k: int, e: Tensor, pos: Tensor, rope) -> Tensor:
@@ -175,6 +196,9 @@ class PlainStaggeredGenerator:
 
     def _write_entries(self, k: int, entries: Tensor, first: Tensor) -> None:
         self.model.sections[k].write_entries(self.caches[k], entries, first)
+
+    def _store_entries(self, k: int, kv: Tensor, first: Tensor) -> None:
+        self.model.sections[k].store_entries(self.caches[k], kv, first)
 
     def _run_and_pass_on(self, k: int, e: Tensor, pos: Tensor, rope, entry: Tensor) -> Tensor:
         """Section k's step, then (all sections here) its output becomes the next section's entry
@@ -228,14 +252,14 @@ class PlainStaggeredGenerator:
             logits = self._compute_graphed(tokens, positions)[1]
             return logits.clone() if self.cuda_graph else logits
         k, b = self.place.section, tokens.shape[0]
-        prev, req = self._recv((b, 1, self.hidden), k - 1) if k else (None, None)
+        prev, req = self._recv((b, 1, self._handed_on_width(k)), k - 1) if k else (None, None)
         outs, logits = self._compute_graphed(tokens, positions)
         out = outs[0]
         send = self._send(out, k + 1) if not self._last else None
         self._send_for_logits(out, k)
         if req is not None:
             req.wait()
-            self._write[k](prev, positions + 1)
+            (self._store if self._upstream else self._write)[k](prev, positions + 1)
         if send is not None:
             send.wait()
         if self._last and self.combine:

@@ -198,6 +198,13 @@ class AltUp(nn.Module):
         return (prediction + gains.unsqueeze(-1) * innovation.unsqueeze(-2)).flatten(-2)
 
 
+def project_entries(pairs: list[tuple[nn.Linear, nn.Linear]], fused, entries: Tensor) -> Tensor:
+    """Cross-attention entries [b', m, d] -> every layer's keys and values [b', m, L * 2 * heads * hd]."""
+    if fused is not None:
+        return F.linear(entries, *fused)
+    return torch.cat([proj(entries) for pair in pairs for proj in pair], dim=-1)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm layer: self-attention, cross-attention (sections >= 1), MLP; AltUp around it."""
 
@@ -276,14 +283,14 @@ class Section(nn.Module):
     def write_entries(self, cache: SectionCache, entries: Tensor, first: Tensor,
                       rows: Optional[Tensor] = None) -> None:
         """Store cross-attention entries [b', m, d] at slots first[r].. of rows `rows` (None: all)."""
-        slots = first[:, None] + torch.arange(entries.shape[1], device=entries.device)[None]
+        pairs = [(layer.cross_attn.k_proj, layer.cross_attn.v_proj) for layer in self.layers]
+        self.store_entries(cache, project_entries(pairs, self.entry_kv, entries), first, rows)
+
+    def store_entries(self, cache: SectionCache, kv: Tensor, first: Tensor, rows: Optional[Tensor] = None) -> None:
+        """Store entries already projected (`project_entries`) [b', m, L * 2 * heads * hd]."""
+        slots = first[:, None] + torch.arange(kv.shape[1], device=kv.device)[None]
         if rows is None:
             rows = torch.arange(first.shape[0], device=first.device)
-        if self.entry_kv is not None:
-            kv = F.linear(entries, *self.entry_kv)
-        else:
-            kv = torch.cat([proj(entries) for layer in self.layers
-                            for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)], dim=-1)
         # [b', m, L * 2 * heads * hd] -> [b', m, L, 2, heads, hd]: the layout cross[:, :, r, :, slots] takes
         cache.cross[:, :, rows[:, None].expand_as(slots), :, slots] = kv.view(
             *kv.shape[:2], len(self.layers), 2, -1, cache.cross.shape[-1])
@@ -345,6 +352,37 @@ class Section(nn.Module):
         return self.norm(self._collapse(h))
 
 
+class CrossKV(nn.Module):
+    """One layer's cross-attention key and value projections, held apart from their layer."""
+
+    def __init__(self, cross_attn: Attention):
+        super().__init__()
+        self.k_proj, self.v_proj = cross_attn.k_proj, cross_attn.v_proj
+
+
+class EntryProjections(nn.Module):
+    """Section k's cross-attention keys and values of a new entry, computed on section k-1's rank.
+
+    With one section per rank a layer of section k >= 1 reads its own weights (12 d^2) and its
+    cross-attention's (4 d^2), section k-1's only 12 d^2. The entry's k and v depend on section k-1's
+    output alone, so its rank projects them (2 d^2 per layer moved) and sends keys and values instead of
+    the output: per step both ranks read 14 d^2 per layer. `engine.injection_policy` lets AutoTP
+    split them by heads like the layer's own, so tensor-parallel rank t sends what rank t of section k
+    stores."""
+
+    def __init__(self, section: "Section"):
+        super().__init__()
+        self.layers = nn.ModuleList([CrossKV(layer.cross_attn) for layer in section.layers])
+        self.fused = None
+
+    def fuse(self) -> None:
+        if self.fused is None:
+            self.fused = fuse_linears([proj for layer in self.layers for proj in (layer.k_proj, layer.v_proj)])
+
+    def forward(self, entries: Tensor) -> Tensor:
+        return project_entries([(layer.k_proj, layer.v_proj) for layer in self.layers], self.fused, entries)
+
+
 def _rms(x: Tensor) -> Tensor:
     return x.float().pow(2).mean(-1, keepdim=True).sqrt()
 
@@ -387,6 +425,7 @@ class StagLM(nn.Module):
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.next_entries: Optional[EntryProjections] = None  # set by keep_sections
 
     # -------------------------------------------------------------- pieces used by the decoders
     def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
@@ -448,9 +487,21 @@ class StagLM(nn.Module):
         for section in self.sections:
             if isinstance(section, Section):
                 section.fuse_projections()
+        if self.next_entries is not None:
+            self.next_entries.fuse()
+
+    def entries_made_upstream(self) -> bool:
+        """With one section per rank, whether section k-1's rank sends section k its entries' keys and
+        values (`EntryProjections`) rather than its output: whenever the last rank needs no other
+        section's output, i.e. output 'last'."""
+        return self.cfg.output == "last"
 
     def keep_sections(self, wanted: list[int]) -> None:
-        """Drop the layers of other sections (one section per rank); shared modules stay alive."""
+        """Drop the layers of other sections (one section per rank); shared modules stay alive. The
+        section after the last wanted one leaves its entry projections here (`EntryProjections`)."""
+        following = max(wanted) + 1
+        if following < self.cfg.sections and following not in wanted and self.entries_made_upstream():
+            self.next_entries = EntryProjections(self.sections[following])
         for k in range(self.cfg.sections):
             if k not in wanted:
                 self.sections[k] = nn.Module()
