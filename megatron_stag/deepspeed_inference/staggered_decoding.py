@@ -100,7 +100,7 @@ class PlainStaggeredGenerator:
         wrap = (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
         self._run = {k: wrap(functools.partial(self._run_section, k)) for k in self.mine}
         self._write = {k: wrap(functools.partial(self._write_entries, k)) for k in self.mine if k}
-        self._store = {k: wrap(functools.partial(self._store_entries, k)) for k in self.mine if k}
+        self._store = {k: wrap(functools.partial(self._store_entries, k)) for k in self.mine if k and self._upstream}
         self._project = wrap(model.next_entries) if self._upstream and model.next_entries is not None else None
 
     # ------------------------------------------------------------------ helpers
@@ -109,7 +109,7 @@ class PlainStaggeredGenerator:
         return self.place is None or self.place.section == self.p - 1
 
     def _handed_on_width(self, k: int) -> int:
-        """Per token, what section k-1's rank sends section k's at each step: its output, or (entries
+        """Per token, what section k-1's rank sends section k's rank at each step: its output, or (entries
         made upstream) every layer's key and value of the new entry, as many as section k's cache holds."""
         if not self._upstream:
             return self.hidden
