@@ -10,7 +10,8 @@ batch 1): baseline against AltUp K=2 / K=4 through the staggered decoding engine
 whole-step torch.compile (which fuses each correct with the next predict).
 Training configurations are measured in `--rounds` interleaved rounds: a ratio is the median over
 rounds of step time / the same round's baseline step time (run-to-run drift on a shared machine is a
-few percent, the size of the targets).
+few percent, the size of the targets). Then each configuration's GPU kernel time per step is profiled
+(`--profile-steps`): a figure other work on the machine does not move.
 Targets (issue 4): recycled K=2 step time <= 1.05x baseline, K=4 <= 1.10x; decode <= 1.05x.
 """
 
@@ -59,6 +60,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3,
                         help="measure every training configuration this many times, interleaved; report medians")
+    parser.add_argument("--profile-steps", type=int, default=3,
+                        help="after the rounds, each configuration's GPU kernel time per step (torch.profiler, "
+                             "this many steps; 0 = skip)")
     parser.add_argument("--moe-experts", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=256)
@@ -80,6 +84,10 @@ def main(argv=None) -> None:
             measured[name] = measure(a, ns.batch, ns.seq, ns.steps, ns.warmup, **overrides)
             print(f"round {r + 1}/{ns.rounds} {name:48s} {measured[name]['step_s'] * 1e3:8.1f} ms", flush=True)
         rounds.append(measured)
+    kernels = {}  # profiled apart from the timed rounds: a profiler session can slow what runs after it
+    if ns.profile_steps:
+        for name, (a, overrides) in runs.items():
+            kernels[name] = measure(a, ns.batch, ns.seq, 0, ns.warmup, ns.profile_steps, **overrides)["kernel_ms"]
     train = {}
     for name in runs:
         per_round = [m[name] for m in rounds]
@@ -89,6 +97,9 @@ def main(argv=None) -> None:
         r["step_time_vs_baseline"] = statistics.median(m["step_s"] / b["step_s"] for m, b in zip(per_round, against))
         r["step_time_vs_baseline_rounds"] = [m["step_s"] / b["step_s"] for m, b in zip(per_round, against)]
         r["mfu_vs_baseline"] = statistics.median(m["mfu"] / b["mfu"] for m, b in zip(per_round, against))
+        if kernels:
+            r["kernel_ms"] = kernels[name]
+            r["kernel_time_vs_baseline"] = kernels[name] / kernels[moe_name if "MoE" in name else "baseline GPT"]
         train[name] = r
 
     decode = {}
@@ -110,10 +121,11 @@ def main(argv=None) -> None:
         r["per_token_vs_baseline"] = r["per_token_ms"] / decode[ref_name]["per_token_ms"]
 
     print(f"\n{'training (1 GPU, bf16, seq %d, batch %d)' % (ns.seq, ns.batch):56s} {'params':>7s} "
-          f"{'step ms':>8s} {'x base':>7s} {'MFU':>6s}")
+          f"{'step ms':>8s} {'x base':>7s} {'MFU':>6s} {'kernel ms':>9s} {'x base':>7s}")
     for name, r in train.items():
+        kernels = f" {r['kernel_ms']:9.1f} {r['kernel_time_vs_baseline']:7.3f}" if "kernel_ms" in r else ""
         print(f"{name:56s} {r['params'] / 1e6:6.0f}M {r['step_s'] * 1e3:8.1f} "
-              f"{r['step_time_vs_baseline']:7.3f} {r['mfu']:6.3f}")
+              f"{r['step_time_vs_baseline']:7.3f} {r['mfu']:6.3f}{kernels}")
     print(f"\n{'decode (batch 1, CUDA graphs)':56s} {'ms/token':>8s} {'x base':>7s}")
     for name, r in decode.items():
         print(f"{name:56s} {r['per_token_ms']:8.3f} {r['per_token_vs_baseline']:7.3f}")

@@ -11,6 +11,7 @@ timed with CUDA events (median step). FLOPs are counted analytically (forward = 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 from dataclasses import replace
 
@@ -45,32 +46,54 @@ def step_flops(a: ModelArgs, batch: int, seq: int) -> float:
     return 3 * 2 * macs * batch * s
 
 
-def measure(a: ModelArgs, batch: int, seq: int, steps: int, warmup: int, **config_overrides) -> dict:
+def kernel_ms_per_step(step, steps: int) -> float:
+    """GPU kernel time of one step (sum over its kernels, torch.profiler): unlike the step's wall time,
+    it does not move with other work on the machine, so small overheads compare reliably."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1e3
+
+
+def _train_step(model, opt, tokens, pos, labels) -> None:
+    loss = model(tokens, pos, None, labels=labels).float().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def measure(a: ModelArgs, batch: int, seq: int, steps: int, warmup: int, profile_steps: int = 0,
+            **config_overrides) -> dict:
+    """Median step time of `steps` timed steps after `warmup` (and MFU); with `profile_steps`, also the
+    kernel time of a step (profiled after the timed steps; steps = 0 profiles only)."""
     model = a.build(a.config(dtype=torch.bfloat16, **config_overrides)).cuda().train()
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     ids = torch.randint(0, a.vocab_size, (batch, seq + 1), device="cuda")
     tokens, labels = ids[:, :-1], ids[:, 1:]
     pos = torch.arange(seq, device="cuda")[None].expand(batch, -1)
+    step = functools.partial(_train_step, model, opt, tokens, pos, labels)
     times = []
     for i in range(warmup + steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        loss = model(tokens, pos, None, labels=labels).float().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step()
         end.record()
         end.synchronize()
         if i >= warmup:
             times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
-    t = times[len(times) // 2]
-    flops = step_flops(a, batch, seq)
-    out = dict(step_s=t, tokens_per_s=batch * seq / t, tflops=flops / t / 1e12,
-               mfu=flops / t / 1e12 / peak_tflops(), params=sum(p.numel() for p in params),
-               peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9)
-    del model, opt, params
+    out = dict(params=sum(p.numel() for p in params), peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9)
+    if times:
+        t = sorted(times)[len(times) // 2]
+        flops = step_flops(a, batch, seq)
+        out.update(step_s=t, tokens_per_s=batch * seq / t, tflops=flops / t / 1e12,
+                   mfu=flops / t / 1e12 / peak_tflops())
+    if profile_steps:
+        out["kernel_ms"] = kernel_ms_per_step(step, profile_steps)
+    del model, opt, params, step
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
