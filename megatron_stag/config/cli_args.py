@@ -38,7 +38,8 @@ HELP = {
     "altup_form": "standard scalar coefficients or Gemma 3n's input-dependent router",
     "altup_coef_clip": "Gemma 3n form: clip coefficient weights to [-clip, clip]",
     "altup_sequence_stride": "Sequence-AltUp stride (1 = off)",
-    "altup_compile": "fused AltUp predict/correct: Triton kernels (standard form, CUDA), else torch.compile",
+    "altup_compile": "fused AltUp predict/correct: Triton kernels for the standard form (its equations in "
+                     "torch on CPU), torch.compile for Gemma 3n's",
 }
 CHOICES = {"stag_output": OUTPUT_MODES, "altup_schedule": ALTUP_SCHEDULES,
            "altup_embedding": ALTUP_EMBEDDINGS, "altup_output": ALTUP_OUTPUTS, "altup_form": ALTUP_FORMS}

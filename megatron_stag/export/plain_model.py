@@ -198,11 +198,12 @@ class AltUp(nn.Module):
         return (prediction + gains.unsqueeze(-1) * innovation.unsqueeze(-2)).flatten(-2)
 
 
-def project_entries(pairs: list[tuple[nn.Linear, nn.Linear]], fused, entries: Tensor) -> Tensor:
-    """Cross-attention entries [b', m, d] -> every layer's keys and values [b', m, L * 2 * heads * hd]."""
+def project_entries(cross_kv, fused, entries: Tensor) -> Tensor:
+    """Cross-attention entries [b', m, d] -> every layer's keys and values [b', m, L * 2 * heads * hd]:
+    one matmul once fused, else each layer's (k_proj, v_proj) from the iterable `cross_kv`."""
     if fused is not None:
         return F.linear(entries, *fused)
-    return torch.cat([proj(entries) for pair in pairs for proj in pair], dim=-1)
+    return torch.cat([proj(entries) for pair in cross_kv for proj in pair], dim=-1)
 
 
 class DecoderLayer(nn.Module):
@@ -283,8 +284,8 @@ class Section(nn.Module):
     def write_entries(self, cache: SectionCache, entries: Tensor, first: Tensor,
                       rows: Optional[Tensor] = None) -> None:
         """Store cross-attention entries [b', m, d] at slots first[r].. of rows `rows` (None: all)."""
-        pairs = [(layer.cross_attn.k_proj, layer.cross_attn.v_proj) for layer in self.layers]
-        self.store_entries(cache, project_entries(pairs, self.entry_kv, entries), first, rows)
+        cross_kv = ((layer.cross_attn.k_proj, layer.cross_attn.v_proj) for layer in self.layers)
+        self.store_entries(cache, project_entries(cross_kv, self.entry_kv, entries), first, rows)
 
     def store_entries(self, cache: SectionCache, kv: Tensor, first: Tensor, rows: Optional[Tensor] = None) -> None:
         """Store entries already projected (`project_entries`) [b', m, L * 2 * heads * hd]."""
@@ -380,7 +381,7 @@ class EntryProjections(nn.Module):
             self.fused = fuse_linears([proj for layer in self.layers for proj in (layer.k_proj, layer.v_proj)])
 
     def forward(self, entries: Tensor) -> Tensor:
-        return project_entries([(layer.k_proj, layer.v_proj) for layer in self.layers], self.fused, entries)
+        return project_entries(((layer.k_proj, layer.v_proj) for layer in self.layers), self.fused, entries)
 
 
 def _rms(x: Tensor) -> Tensor:

@@ -84,30 +84,27 @@ class AltUpCoefficients(MegatronModule):
         self.prediction = torch.nn.Parameter(torch.eye(k, dtype=config.params_dtype))
         self.correction = torch.nn.Parameter(torch.ones(k, dtype=config.params_dtype))
         _mark(self, config)
-        self.fused = config.altup_compile
+        self._kernels = None  # altup_compile's path: layers/altup_triton.py (Triton on CUDA, torch on CPU)
+        if config.altup_compile:
+            from megatron_stag.layers import altup_triton
+            if k <= altup_triton.MAX_BLOCKS:  # more blocks than its tiles: torch.compile
+                self._kernels = (altup_triton.predict, altup_triton.correct)
         self._predict = _maybe_compiled(_standard_predict, config)
         self._correct = _maybe_compiled(_correct, config)
 
-    def _kernels(self, stream: Tensor) -> bool:
-        """altup_compile's path (layers/altup_triton.py: Triton on CUDA, its torch equations on CPU). The
-        kernels address the stream with 32-bit offsets and tile up to MAX_BLOCKS blocks; other streams
-        take torch.compile."""
-        from megatron_stag.layers.altup_triton import MAX_BLOCKS
-        return self.fused and stream.numel() < 2 ** 31 and self.num_blocks <= MAX_BLOCKS
-
     def predict(self, stream: Tensor):
         """stream [s, b, K*d] -> (the layer's input [s, b, d], prediction [s, b, K, d]; on the fused
-        path the state from which `correct` recomputes the prediction instead of storing it)."""
-        if self._kernels(stream):
-            from megatron_stag.layers import altup_triton
-            return altup_triton.predict(self.prediction, stream, self.num_blocks, self.active_block)
+        path the state from which `correct` recomputes the prediction instead of storing it). The
+        kernels address the stream with 32-bit offsets: a stream of 2^31 elements or more takes
+        torch.compile."""
+        if self._kernels is not None and stream.numel() < 2 ** 31:
+            return self._kernels[0](self.prediction, stream, self.num_blocks, self.active_block)
         return self._predict(self.prediction, stream, self.num_blocks, self.active_block)
 
     def correct(self, prediction, output: Tensor) -> Tensor:
         """prediction (from `predict`), layer output [s, b, d] -> new stream [s, b, K*d]."""
         if not isinstance(prediction, Tensor):
-            from megatron_stag.layers import altup_triton
-            return altup_triton.correct(self.correction, prediction, output, self.active_block, self.next_block)
+            return self._kernels[1](self.correction, prediction, output, self.active_block, self.next_block)
         return self._correct(self.correction, prediction, output, self.active_block)
 
 
