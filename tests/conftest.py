@@ -31,3 +31,14 @@ def megatron_world():
 
     initialize(tp=1, pp=1, seed=1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """One shortened quickstart (prepare-data -> pretrain -> generate), shared by every test that
+    needs a trained checkpoint: (output folder, the finished process)."""
+    from tests.cli_helpers import cli
+
+    out = tmp_path_factory.mktemp("qs")
+    proc = cli("quickstart", "--out", str(out), "--iterations", "100", "--corpus-mb", "1.5")
+    return out, proc

@@ -10,28 +10,14 @@ import sys
 
 import pytest
 
+from tests.cli_helpers import cli
 from tests.dist_helpers import free_port
-
-
-def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "megatron_stag.cli", *args], capture_output=True,
-                          text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def test_help_lists_subcommands():
     out = cli("--help").stdout
     for sub in ("quickstart", "prepare-data", "pretrain", "generate", "plot", "export"):
         assert sub in out
-
-
-@pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("qs")
-    proc = cli("quickstart", "--out", str(out), "--iterations", "100", "--corpus-mb", "1.5")
-    return out, proc
 
 
 def test_quickstart_trains_and_decodes_exactly(quickstart_run):

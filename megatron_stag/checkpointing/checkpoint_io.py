@@ -9,8 +9,8 @@ Layout of a checkpoint directory:
 
 Everything is written into `<dir>.tmp` and renamed onto `<dir>` at the end, so an interrupted
 save never leaves a directory that looks like a checkpoint. `latest_checkpoint` picks only directories
-that carry COMPLETE. Weights are loaded through megatron's dist_checkpointing (torch.load with
-weights_only=True underneath).
+that carry COMPLETE. Weights are loaded through megatron's dist_checkpointing, whose pickled parts
+(`.metadata`, byte items) are read by `safe_unpickle`'s restricted unpicklers.
 
 Runs of `megatron-stag pretrain` use Megatron's own layout instead: `<save>/iter_NNNNNNN/` (torch_dist)
 and `latest_checkpointed_iteration.txt`, which Megatron writes only after a checkpoint is complete,
@@ -117,7 +117,11 @@ def load_model_weights(model, directory: Path) -> None:
     """Load the model's shards from any checkpoint `resolve_checkpoint` accepts (tensors only)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_stag.checkpointing import safe_unpickle
+
+    safe_unpickle.install()
     weights, _ = resolve_checkpoint(directory)
+    safe_unpickle.check_metadata(weights)
     wanted = model.sharded_state_dict()
     loaded = dist_checkpointing.load(wanted, str(weights))
     # a training checkpoint also carries Megatron's common state (iteration, optimizer, ...)

@@ -78,12 +78,30 @@ def check_model(recipe) -> None:
         raise RecipeError(f"model settings: {err}") from None
 
 
+def check_load(recipe) -> None:
+    """The checkpoint `checkpoint.load` resumes from is plain data (`safe_unpickle`), refused in one
+    line before any process starts; each rank's loading is restricted as well."""
+    import pickle
+
+    from megatron_stag.checkpointing import safe_unpickle
+    from megatron_stag.checkpointing.checkpoint_io import megatron_latest
+
+    load = recipe.get("load")
+    try:
+        latest = megatron_latest(Path(load)) if load else None
+        if latest is not None:
+            safe_unpickle.check_metadata(latest)
+    except (ValueError, pickle.UnpicklingError) as err:
+        raise RecipeError(f"checkpoint.load={load}: {err}") from None
+
+
 def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
     """Validate the recipe here (cheap, before any process starts), then run it on N processes."""
     recipe = load_recipe(recipe_name, overrides)
     argv = recipe_argv(recipe)  # raises RecipeError naming the key
     check_schedule(recipe)
     check_model(recipe)
+    check_load(recipe)
     if _under_launcher():
         return run(argv + platform_flags() + list(extra))  # raw Megatron flags last: they win
     nproc = recipe.get("nproc_per_node") or (
@@ -249,8 +267,10 @@ def use_shipped_dataset_helpers() -> None:
 
 def run(argv: list[str]) -> int:
     """One process of the job (under torchrun/srun): parse Megatron's argv, adapt the platform, train."""
+    from megatron_stag.checkpointing import safe_unpickle
     from megatron_stag.platform import cpu
 
+    safe_unpickle.install()  # megatron's --load reads torch_dist metadata and byte items
     if cpu.activate():
         cpu.adapt_megatron_training()
     use_shipped_dataset_helpers()
