@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -62,21 +63,18 @@ def _read_prompts(ns) -> list[str]:
 
 
 def _generate(ns) -> int:
-    from megatron_stag.inference.generate_cli import generate_from_checkpoint
+    from megatron_stag.serving.generate_cli import generate_from_checkpoint
 
-    if ns.engine == "megatron" and (ns.tp != 1 or ns.dtype != "fp32" or ns.cuda_graph or ns.compile):
-        raise SystemExit("--tp, --dtype, --cuda-graph and --compile choose the DeepSpeed engine's layout: "
-                         "add --engine deepspeed (with an exported model), or drop them.")
     return generate_from_checkpoint(ns, _read_prompts(ns))
 
 
 def _export(ns) -> int:
-    from megatron_stag.export.megatron_export import DTYPES, ExportError, export_checkpoint
+    from megatron_stag.serving.convert import DTYPES, ExportError, export_checkpoint
 
     try:
         out = export_checkpoint(Path(ns.checkpoint), Path(ns.out), dtype=DTYPES[ns.dtype],
                                 tokenizer=Path(ns.tokenizer) if ns.tokenizer else None)
-    except (ExportError, FileNotFoundError) as err:
+    except (ExportError, FileNotFoundError, pickle.UnpicklingError) as err:
         raise SystemExit(str(err)) from None
     print(f"wrote {out} (config.json, model.safetensors, tokenizer.model)")
     return 0
@@ -129,21 +127,12 @@ def _submit_generate(ns) -> int:
     gen = build_parser().parse_args(["generate", ns.checkpoint, *ns.args])
     ckpt = Path(ns.checkpoint)
     try:
-        if gen.engine == "deepspeed":
-            from megatron_stag.export.plain_model import PlainConfig
+        from megatron_stag.serving.convert import ExportError, describe
 
-            if not (ckpt / "config.json").is_file():
-                raise slurm.SlurmError(f"{ckpt} is not an exported model (no config.json): run "
-                                       f"`megatron-stag export` first for --engine deepspeed.")
-            sections = PlainConfig.load(ckpt / "config.json").sections
-        else:
-            from megatron_stag.checkpointing.checkpoint_io import resolve_checkpoint
-            from megatron_stag.models.model_args import ModelArgs
-
-            try:
-                sections = ModelArgs.load(resolve_checkpoint(ckpt)[1] / "model_args.json").stag_sections
-            except (FileNotFoundError, ValueError) as err:
-                raise slurm.SlurmError(str(err)) from None
+        try:
+            sections = describe(ckpt)[0].sections
+        except (ExportError, FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
+            raise slurm.SlurmError(str(err)) from None
         run_dir = Path(ns.run_dir or Path("runs") / "generate")
         shape = slurm.generate_shape(sections, gen.tp, ns.nodes, ns.gpus_per_node, ns.cpu)
         paths = [run_dir, ckpt] + [Path(p) for p in (gen.prompt_file, gen.output) if p]
@@ -210,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_prepare_data)
 
     g = sub.add_parser("generate", help="staggered generation from a checkpoint")
-    g.add_argument("checkpoint", help="a checkpoint directory (iter_*) or a run's checkpoints folder")
+    g.add_argument("checkpoint", help="a checkpoint directory (iter_*), a run's checkpoints folder, or an "
+                                      "exported package (megatron-stag export)")
     g.add_argument("--tokenizer", help="sentencepiece .model (default: <checkpoint>/tokenizer.model)")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompt-file", help="one prompt per line, or JSONL with a 'prompt' field")
@@ -222,12 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (its token ids)")
     g.add_argument("--recurrent", action="store_true", help="recurrent inference (shared weights)")
     g.add_argument("--output", help="write JSONL here instead of text on stdout")
-    g.add_argument("--engine", choices=("megatron", "deepspeed"), default="megatron",
-                   help="deepspeed: serve an exported package (megatron-stag export) with deepspeed.init_inference")
-    g.add_argument("--tp", type=int, default=1, help="(deepspeed) tensor-parallel ranks per section")
-    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="(deepspeed) weights dtype")
-    g.add_argument("--cuda-graph", action="store_true", help="(deepspeed) replay decode steps as CUDA graphs")
-    g.add_argument("--compile", action="store_true", help="(deepspeed) torch.compile each section's step")
+    g.add_argument("--engine", choices=("native", "deepspeed"), default="native",
+                   help="native: our engine drives the model; deepspeed: deepspeed.init_inference wraps it "
+                        "first (AutoTP for --tp); the same engine decodes")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per section (--engine deepspeed)")
+    g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="weights and activations (auto: bf16 on a GPU, fp32 on CPU)")
+    g.add_argument("--eager", action="store_true",
+                   help="run decode steps eagerly (no torch.compile, no CUDA graph): for debugging")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("submit", help="sbatch slurm/pretrain.sbatch for a recipe (nodes/tasks from its parallelism)",

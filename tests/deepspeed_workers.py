@@ -9,8 +9,8 @@ import torch
 
 def engine_logits(rank, world, package, ids_path, out_dir):
     """DeepSpeed InferenceEngine with tp = world over the whole model: logits of the forward."""
-    from megatron_stag.deepspeed_inference.engine import init_comm, init_deepspeed_engine, section_groups
-    from megatron_stag.export.plain_model import load_plain_model
+    from megatron_stag.serving.deepspeed import init_comm, init_deepspeed_engine, section_groups
+    from megatron_stag.serving.model import load_plain_model
 
     init_comm()
     model = load_plain_model(package)
@@ -27,10 +27,10 @@ def staggered_decode(rank, world, package, tp, prompts, params_kw, out_dir):
     """One section per TP group under DeepSpeed: tokens and (sampling rank) step logits."""
     import deepspeed.comm as dist
 
-    from megatron_stag.deepspeed_inference.engine import init_comm, init_deepspeed_engine, section_groups
-    from megatron_stag.deepspeed_inference.staggered_decoding import PlainStaggeredGenerator, SectionPlacement
-    from megatron_stag.export.plain_model import load_plain_model
-    from megatron_stag.inference.sampling import SamplingParams
+    from megatron_stag.serving.deepspeed import init_comm, init_deepspeed_engine, section_groups
+    from megatron_stag.serving.engine import StaggeredGenerator, SectionPlacement
+    from megatron_stag.serving.model import load_plain_model
+    from megatron_stag.serving.sampling import SamplingParams
 
     init_comm()
     model = load_plain_model(package)
@@ -39,7 +39,7 @@ def staggered_decode(rank, world, package, tp, prompts, params_kw, out_dir):
     model.keep_sections([place.section])
     group = section_groups(model.cfg.sections, tp) if tp > 1 else None
     engine = init_deepspeed_engine(model, tp=tp, group=group)
-    gen = PlainStaggeredGenerator(engine.module, max_len=model.cfg.max_sequence_length, batch=len(prompts),
+    gen = StaggeredGenerator(engine.module, max_len=model.cfg.max_sequence_length, batch=len(prompts),
                                   placement=place, comm=dist)
     result = gen.generate(prompts, SamplingParams(**params_kw), keep_logits=True)
     torch.save({"tokens": result.tokens, "step_logits": result.step_logits,

@@ -127,63 +127,6 @@ def evaluate(rank, world, tp, pp, stag, ckpt_in, out_dir):
         torch.save({"loss": float(loss)}, os.path.join(out_dir, f"eval{rank}.pt"))
 
 
-def staggered_decode(rank, world, tp, stag, prompts, params_kw, out_dir):
-    """One section per pipeline rank; writes the last rank's tokens and step logits."""
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
-    from megatron_stag.inference.distributed_generation import DistributedStaggeredGenerator
-    from megatron_stag.inference.sampling import SamplingParams
-    from megatron_stag.platform.distributed import initialize
-    from megatron_stag.config.stagformer_config import StagFormerConfig
-    from megatron_stag.models.stagformer_model import StagFormerModel
-
-    p = stag["stag_sections"]
-    initialize(tp=tp, pp=p, seed=5)
-    kw = dict(num_layers=2 * p, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True,
-              hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp,
-              pipeline_model_parallel_size=p, pipeline_dtype=torch.float32, **stag)
-    model = StagFormerModel(StagFormerConfig(**kw), vocab_size=VOCAB, max_sequence_length=32,
-                            pre_process=True, post_process=ps.is_pipeline_last_stage())
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(),
-                                                  os.path.join(out_dir, "ckpt")))
-    gen = DistributedStaggeredGenerator(model, max_len=32, batch=len(prompts))
-    result = gen.generate(prompts, SamplingParams(**params_kw), keep_logits=True)
-    greedy = None
-    if stag.get("stag_output", "last") != "combine":  # the benchmark's no-host-sync path
-        fast = DistributedStaggeredGenerator(model, max_len=32, batch=len(prompts))
-        tokens = fast.prefill_greedy(prompts)
-        positions = torch.tensor([len(p) for p in prompts])
-        greedy = [tokens.tolist()]
-        for _ in range(5):
-            tokens = fast.greedy_step(tokens, positions, cuda_graph=False)
-            positions = positions + 1
-            greedy.append(tokens.tolist())
-    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-        torch.save({"tokens": result.tokens, "logits": result.step_logits, "greedy": greedy},
-                   os.path.join(out_dir, "distributed.pt"))
-
-
-def save_single_rank_model(rank, world, stag, out_dir):
-    """Initialise a model at TP=1/PP=1 and save it (the reference for distributed decoding)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_stag.platform.distributed import initialize
-    from megatron_stag.config.stagformer_config import StagFormerConfig
-    from megatron_stag.models.stagformer_model import StagFormerModel
-
-    initialize(tp=1, pp=1, seed=5)
-    p = stag["stag_sections"]
-    cfg = StagFormerConfig(num_layers=2 * p, hidden_size=32, num_attention_heads=4,
-                           use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-                           **stag)
-    torch.manual_seed(11)
-    model = StagFormerModel(cfg, vocab_size=VOCAB, max_sequence_length=32)
-    perturb_altup(model)
-    os.makedirs(os.path.join(out_dir, "ckpt"), exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), os.path.join(out_dir, "ckpt"))
-
-
 def optimizer_step(rank, world, distributed_optimizer, stag, ckpt_in, out_dir):
     """DP = world ranks, each taking its share of the microbatches; one megatron optimizer step."""
     from megatron.core import dist_checkpointing

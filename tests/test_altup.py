@@ -288,13 +288,6 @@ def test_bad_configs_name_the_field(kw, field):
         tiny_config(**kw)
 
 
-def test_decoder_refuses_sequence_altup():
-    from megatron_stag.inference.staggered_generation import StaggeredGenerator
-
-    with pytest.raises(ValueError, match="Sequence-AltUp"):
-        StaggeredGenerator(tiny_model(stag_sections=1, altup_sequence_stride=2), 16, 1)
-
-
 def test_altup_flags_round_trip():
     """Every altup_* config field has a flag and parses back into config keyword arguments."""
     import argparse

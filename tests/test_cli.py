@@ -80,8 +80,9 @@ def test_generate_one_section_per_rank_under_torchrun(quickstart_run, tmp_path):
 
 
 def test_export_and_generate_with_deepspeed(quickstart_run, tmp_path):
-    """`export` then `generate --engine deepspeed`: one process, and DeepSpeed's launcher with one
-    section per rank, both print what the megatron engine prints (greedy)."""
+    """The one engine prints the same completions (greedy) from a megatron checkpoint (converted in
+    memory) and from its export, with and without DeepSpeed around the model, in one process and with
+    one section per rank under DeepSpeed's launcher."""
     pytest.importorskip("deepspeed")
     out, _ = quickstart_run
     package = tmp_path / "pkg"
@@ -106,7 +107,9 @@ def test_export_and_generate_with_deepspeed(quickstart_run, tmp_path):
     assert records(tmp_path / "ds2.jsonl") == records(tmp_path / "megatron.jsonl")
     bad_tp = cli("generate", str(package), "--engine", "deepspeed", "--tp", "3", *args, check=False)
     assert bad_tp.returncode != 0 and "--tp 3 does not divide" in bad_tp.stderr
-    not_pkg = cli("generate", str(out / "checkpoints"), "--engine", "deepspeed", *args, check=False)
-    assert "is not an exported model" in not_pkg.stderr
+    cli("generate", str(package), *args, "--output", str(tmp_path / "native.jsonl"))
+    assert records(tmp_path / "native.jsonl") == records(tmp_path / "megatron.jsonl")
+    cli("generate", str(out / "checkpoints"), "--engine", "deepspeed", *args, "--output", str(tmp_path / "ds3.jsonl"))
+    assert records(tmp_path / "ds3.jsonl") == records(tmp_path / "megatron.jsonl")
     tp_without_ds = cli("generate", str(out / "checkpoints"), "--tp", "2", *args, check=False)
     assert "add --engine deepspeed" in tp_without_ds.stderr

@@ -41,7 +41,7 @@ VARIANTS = {
 
 
 def plain_of(megatron_world, **kw):
-    from megatron_stag.export.megatron_export import to_plain_model
+    from megatron_stag.serving.convert import to_plain_model
 
     model = tiny_model(**kw)
     return model, to_plain_model(model, None)
@@ -55,11 +55,11 @@ def test_exported_logits_equal_megatron(megatron_world, name):
         ref, out = model(ids, pos), plain(ids)
     assert (ref - out).abs().max() <= TOL
     for module in plain.modules():  # torch modules (nn.Linear, norms, embeddings) and plain_model's
-        assert type(module).__module__.startswith(("torch.", "megatron_stag.export.plain_model"))
+        assert type(module).__module__.startswith(("torch.", "megatron_stag.serving.model"))
 
 
 def _decode_vs_forward(plain, prompts, gen, max_new=6):
-    from megatron_stag.inference.sampling import SamplingParams
+    from megatron_stag.serving.sampling import SamplingParams
 
     result = gen.generate(prompts, SamplingParams(max_new_tokens=max_new), keep_logits=True)
     worst = 0.0
@@ -80,22 +80,22 @@ PROMPTS = [[3, 5, 7, 9, 11], [2, 4], [8, 1, 6, 6, 2, 9, 13, 5]]  # mixed lengths
 @pytest.mark.parametrize("name", ["stag", "shared", "window1", "window4-rope", "p3-combine", "altup-gemma3n",
                                   "gqa-swiglu-rmsnorm-nobias"])
 def test_plain_staggered_decode_equals_forward(megatron_world, name):
-    from megatron_stag.deepspeed_inference.staggered_decoding import PlainStaggeredGenerator
+    from megatron_stag.serving.engine import StaggeredGenerator
 
     _, plain = plain_of(megatron_world, **VARIANTS[name])
-    worst, _ = _decode_vs_forward(plain, PROMPTS, PlainStaggeredGenerator(plain, MAX_LEN, batch=3))
+    worst, _ = _decode_vs_forward(plain, PROMPTS, StaggeredGenerator(plain, MAX_LEN, batch=3))
     assert worst <= TOL
 
 
 def test_plain_recurrent_mode(megatron_world):
-    from megatron_stag.deepspeed_inference.staggered_decoding import PlainStaggeredGenerator
-    from megatron_stag.inference.sampling import SamplingParams
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.sampling import SamplingParams
 
     _, plain = plain_of(megatron_world, stag_shared_weights=True)
     params = SamplingParams(max_new_tokens=8)
 
     def run(recurrent):
-        gen = PlainStaggeredGenerator(plain, MAX_LEN, batch=1, recurrent=recurrent)
+        gen = StaggeredGenerator(plain, MAX_LEN, batch=1, recurrent=recurrent)
         return gen.generate([PROMPTS[0]], params, keep_logits=True)
 
     normal, rec, again = run(False), run(True), run(True)
@@ -103,7 +103,7 @@ def test_plain_recurrent_mode(megatron_world):
     assert not torch.allclose(normal.step_logits, rec.step_logits)  # afterwards: its own outputs
     assert torch.equal(rec.step_logits, again.step_logits) and rec.tokens == again.tokens
     with pytest.raises(ValueError, match="recurrent=True needs shared weights"):
-        PlainStaggeredGenerator(plain_of(megatron_world)[1], MAX_LEN, batch=1, recurrent=True)
+        StaggeredGenerator(plain_of(megatron_world)[1], MAX_LEN, batch=1, recurrent=True)
 
 
 def _package(plain, path):
@@ -138,13 +138,13 @@ def test_deepspeed_engine_matches_exported_model_tp1_tp2(megatron_world, tmp_pat
 def test_deepspeed_one_section_per_rank_equals_single_rank(megatron_world, tmp_path, name, tp):
     """Ranks of sections before the last send the next section its entries' keys and values (output
     'last'; tp 2: split by heads like the receiving section's own) or their output ('combine')."""
-    from megatron_stag.deepspeed_inference.staggered_decoding import PlainStaggeredGenerator
-    from megatron_stag.inference.sampling import SamplingParams
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.sampling import SamplingParams
 
     _, plain = plain_of(megatron_world, **dict(VARIANTS, p3=dict(stag_sections=3, num_layers=6))[name])
     package = _package(plain, tmp_path / "pkg")
     params = dict(max_new_tokens=6, temperature=0.8, top_k=20, seed=3)
-    single = PlainStaggeredGenerator(plain, MAX_LEN, batch=3).generate(
+    single = StaggeredGenerator(plain, MAX_LEN, batch=3).generate(
         PROMPTS, SamplingParams(**params), keep_logits=True)
     world = plain.cfg.sections * tp
     run_ranks(staggered_decode, world, str(package), tp, PROMPTS, params, str(tmp_path))
@@ -157,16 +157,16 @@ def test_deepspeed_one_section_per_rank_equals_single_rank(megatron_world, tmp_p
 
 
 def test_one_section_per_rank_needs_the_next_entry_projections(megatron_world):
-    from megatron_stag.deepspeed_inference.staggered_decoding import PlainStaggeredGenerator, SectionPlacement
+    from megatron_stag.serving.engine import StaggeredGenerator, SectionPlacement
 
     _, plain = plain_of(megatron_world, **VARIANTS["stag"])
     with pytest.raises(ValueError, match=r"keep_sections\(\[0\]\)"):
-        PlainStaggeredGenerator(plain, MAX_LEN, batch=1, placement=SectionPlacement(2, 1, 0))
+        StaggeredGenerator(plain, MAX_LEN, batch=1, placement=SectionPlacement(2, 1, 0))
 
 
 def test_export_refuses_unsupported_and_checks_tp(megatron_world):
-    from megatron_stag.deepspeed_inference.engine import check_tensor_parallel
-    from megatron_stag.export.megatron_export import ExportError, check_exportable
+    from megatron_stag.serving.deepspeed import check_tensor_parallel
+    from megatron_stag.serving.convert import ExportError, check_exportable
     from megatron_stag.models.model_args import ModelArgs
 
     base = dict(vocab_size=VOCAB, max_sequence_length=MAX_LEN, num_layers=4, hidden_size=32,
@@ -176,15 +176,15 @@ def test_export_refuses_unsupported_and_checks_tp(megatron_world):
     with pytest.raises(ExportError, match="altup_sequence_stride=2"):
         check_exportable(ModelArgs(**base, altup_blocks=2, altup_sequence_stride=2))
     _, plain = plain_of(megatron_world)
-    with pytest.raises(ValueError, match="--tp 3 does not divide the exported model's num_attention_heads=4"):
+    with pytest.raises(ValueError, match="--tp 3 does not divide the model's num_attention_heads=4"):
         check_tensor_parallel(plain.cfg, 3)
 
 
 def test_export_from_a_tp2_checkpoint(megatron_world, tmp_path):
     """A checkpoint saved at TP=2 exports (torch_dist reshards on load) to the TP=1 model's logits."""
     from megatron_stag.checkpointing.checkpoint_io import load_model_weights
-    from megatron_stag.export.megatron_export import ExportError, export_checkpoint
-    from megatron_stag.export.plain_model import load_plain_model
+    from megatron_stag.serving.convert import ExportError, export_checkpoint
+    from megatron_stag.serving.model import load_plain_model
     from megatron_stag.models.model_args import ModelArgs
     from tests.parallel_workers import SEQ, train_step
 

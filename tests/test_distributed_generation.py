@@ -1,50 +1,63 @@
-"""One section per rank (gloo, 2 and 3 ranks) decodes exactly what one process decodes."""
-
+"""One section per rank (gloo, 2 and 3 ranks, the engine on torch.distributed, no DeepSpeed) decodes
+exactly what one process decodes: same tokens, same step logits."""
 
 import pytest
 import torch
 
 from tests.dist_helpers import run_ranks
-from tests.parallel_workers import VOCAB, save_single_rank_model, staggered_decode
+from tests.model_factory import MAX_LEN, tiny_model
 
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3], [5, 8, 9, 7, 9]]
 PARAMS = dict(max_new_tokens=10, temperature=0.9, top_k=16, seed=4)
 
 CASES = {
-    "p2": dict(stag_sections=2),
-    "p2-shared-window2": dict(stag_sections=2, stag_shared_weights=True, stag_cross_window=2),
-    "p3-combine": dict(stag_sections=3, stag_output="combine"),
-    "p2-altup-gemma3n": dict(stag_sections=2, altup_blocks=2, altup_form="gemma3n",
-                             altup_schedule="fixed", altup_embedding="projected",
-                             altup_output="projected"),
+    "p2": dict(),
+    "p2-shared-window2": dict(stag_shared_weights=True, stag_cross_window=2),
+    "p3-combine": dict(stag_sections=3, num_layers=6, stag_output="combine"),
+    "p2-altup-gemma3n": dict(altup_blocks=2, altup_form="gemma3n", altup_schedule="fixed",
+                             altup_embedding="projected", altup_output="projected"),
 }
 
 
+def native_decode(rank, world, package, prompts, params_kw, out_dir):
+    """This rank's section of the package, decoding with the engine over torch.distributed (gloo)."""
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_stag.serving.engine import SectionPlacement, StaggeredGenerator
+    from megatron_stag.serving.model import load_plain_model
+    from megatron_stag.serving.sampling import SamplingParams
+
+    dist.init_process_group("gloo")
+    model = load_plain_model(package)
+    place = SectionPlacement(model.cfg.sections, 1, rank)
+    model.keep_sections([place.section])
+    gen = StaggeredGenerator(model, max_len=MAX_LEN, batch=len(prompts), placement=place, comm=dist)
+    result = gen.generate(prompts, SamplingParams(**params_kw), keep_logits=True)
+    torch.save({"tokens": result.tokens, "logits": result.step_logits}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_distributed_decode_equals_single_process(tmp_path, case, megatron_world):
-    from megatron.core import dist_checkpointing
+def test_one_section_per_rank_equals_single_process(tmp_path, case, megatron_world):
+    from safetensors.torch import save_model
 
-    from megatron_stag.config.stagformer_config import StagFormerConfig
-    from megatron_stag.inference.sampling import SamplingParams
-    from megatron_stag.inference.staggered_generation import StaggeredGenerator
-    from megatron_stag.models.stagformer_model import StagFormerModel
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.sampling import SamplingParams
 
-    stag = CASES[case]
-    run_ranks(save_single_rank_model, 1, stag, str(tmp_path))
-    run_ranks(staggered_decode, stag["stag_sections"], 1, stag, PROMPTS, PARAMS, str(tmp_path))
-    got = torch.load(tmp_path / "distributed.pt")
-
-    p = stag["stag_sections"]
-    cfg = StagFormerConfig(num_layers=2 * p, hidden_size=32, num_attention_heads=4,
-                           use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-                           **stag)
-    model = StagFormerModel(cfg, vocab_size=VOCAB, max_sequence_length=32).eval()
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(tmp_path / "ckpt")))
-    ref = StaggeredGenerator(model, 32, len(PROMPTS)).generate(
-        PROMPTS, SamplingParams(**PARAMS), keep_logits=True)
-    assert got["tokens"] == ref.tokens
-    torch.testing.assert_close(got["logits"], ref.step_logits, atol=1e-5, rtol=1e-5)
-    if got["greedy"] is not None:
-        greedy = StaggeredGenerator(model, 32, len(PROMPTS)).generate(
-            PROMPTS, SamplingParams(max_new_tokens=6))
-        assert [list(t) for t in zip(*got["greedy"])] == greedy.tokens
+    plain = to_plain_model(tiny_model(**CASES[case]), None)
+    package = tmp_path / "pkg"
+    package.mkdir()
+    plain.cfg.save(package / "config.json")
+    save_model(plain, str(package / "model.safetensors"))
+    world = plain.cfg.sections
+    run_ranks(native_decode, world, str(package), PROMPTS, PARAMS, str(tmp_path))
+    ref = StaggeredGenerator(plain, MAX_LEN, len(PROMPTS)).generate(PROMPTS, SamplingParams(**PARAMS), keep_logits=True)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["tokens"] == ref.tokens
+    last = torch.load(tmp_path / f"rank{world - 1}.pt")
+    torch.testing.assert_close(last["logits"], ref.step_logits, atol=1e-5, rtol=1e-5)

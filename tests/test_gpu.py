@@ -21,14 +21,17 @@ def test_cpu_adapter_is_inert_with_cuda():
                                      dict(altup_blocks=2), dict(stag_sections=1, altup_blocks=4,
                                                                 altup_compile=True)])
 def test_cuda_graph_decode_equals_forward(variant):
-    from megatron_stag.inference.sampling import SamplingParams
-    from megatron_stag.inference.staggered_generation import StaggeredGenerator
+    """The engine's default step on CUDA (compiled, CUDA-graphed) on the converted model equals the
+    megatron model's teacher-forced forward (fp32, TF32 off)."""
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.sampling import SamplingParams
     from tests.model_factory import tiny_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model = tiny_model(**variant).cuda()
     prompts = [[5, 9, 2, 33, 7], [1, 2, 3]]
-    gen = StaggeredGenerator(model, max_len=24, batch=2, cuda_graph=True)
+    gen = StaggeredGenerator(to_plain_model(model, None, device="cuda"), max_len=24, batch=2)
     result = gen.generate(prompts, SamplingParams(max_new_tokens=10), keep_logits=True)
     for r, prompt in enumerate(prompts):
         full = prompt + result.tokens[r]
@@ -71,17 +74,17 @@ def test_deepspeed_engine_graphed_decode_equals_forward(variant, compile):
     """The exported model under deepspeed.init_inference, decode steps replayed as CUDA graphs (sections
     on parallel streams, or the step torch.compile'd): logits equal the exported model's forward."""
     pytest.importorskip("deepspeed")
-    from megatron_stag.deepspeed_inference.engine import init_deepspeed_engine
-    from megatron_stag.deepspeed_inference.staggered_decoding import PlainStaggeredGenerator
-    from megatron_stag.export.megatron_export import to_plain_model
-    from megatron_stag.inference.sampling import SamplingParams
+    from megatron_stag.serving.deepspeed import init_deepspeed_engine
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.sampling import SamplingParams
     from tests.model_factory import tiny_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     plain = to_plain_model(tiny_model(**variant), None, device="cuda")
     engine = init_deepspeed_engine(plain)
     prompts = [[5, 9, 2, 33, 7], [1, 2, 3]]
-    gen = PlainStaggeredGenerator(engine.module, max_len=24, batch=2, cuda_graph=True, compile=compile)
+    gen = StaggeredGenerator(engine.module, max_len=24, batch=2, cuda_graph=True, compile=compile)
     result = gen.generate(prompts, SamplingParams(max_new_tokens=10), keep_logits=True)
     for r, prompt in enumerate(prompts):
         full = prompt + result.tokens[r]
@@ -116,3 +119,24 @@ def test_altup_triton_kernels_match_the_equations(k, schedule, dtype, loss):
     from tests.test_altup import check_fused_against_equations
 
     check_fused_against_equations(loss, k, schedule, s=37, b=3, d=200, device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+def test_default_step_equals_eager_step(dtype, tol):
+    """The fused (compiled, graphed) step against the eager step of the same serving model: the same
+    greedy tokens; logits equal to fp32 rounding, or within bf16's (inductor reorders bf16 sums)."""
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.sampling import SamplingParams
+    from tests.model_factory import tiny_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    plain = to_plain_model(tiny_model(stag_cross_window=4, position_embedding_type="rope"), None,
+                           device="cuda").to(dtype)
+    prompts = [[5, 9, 2, 33, 7], [1, 2, 3]]
+    params = SamplingParams(max_new_tokens=12)
+    fast = StaggeredGenerator(plain, max_len=24, batch=2).generate(prompts, params, keep_logits=True)
+    eager = StaggeredGenerator(plain, max_len=24, batch=2, cuda_graph=False, compile=False).generate(
+        prompts, params, keep_logits=True)
+    assert fast.tokens == eager.tokens
+    assert (fast.step_logits.float() - eager.step_logits.float()).abs().max() <= tol

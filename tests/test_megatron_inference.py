@@ -32,9 +32,10 @@ def test_text_generation_controller_matches_staggered_engine(megatron_world):
     from megatron.core.inference.text_generation_controllers.text_generation_controller import (
         TextGenerationController)
 
-    from megatron_stag.inference.megatron_inference_wrapper import StagFormerSequentialInferenceWrapper
-    from megatron_stag.inference.sampling import SamplingParams
-    from megatron_stag.inference.staggered_generation import StaggeredGenerator
+    from megatron_stag.serving.megatron_controller import StagFormerSequentialInferenceWrapper
+    from megatron_stag.serving.sampling import SamplingParams
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.engine import StaggeredGenerator
 
     model = tiny_model(stag_cross_window=2, position_embedding_type="rope")
     prompts = [[3, 5, 7, 9, 11], [2, 4, 6], [8, 1, 6, 6, 2, 9]]
@@ -48,7 +49,7 @@ def test_text_generation_controller_matches_staggered_engine(megatron_world):
         for i, p in enumerate(prompts))
     wrapper.prep_model_for_inference()
     done = controller.generate_all_output_tokens_static_batch(requests)
-    ours = StaggeredGenerator(model, MAX_LEN, batch=3).generate(prompts, SamplingParams(max_new_tokens=6))
+    ours = StaggeredGenerator(to_plain_model(model, None), MAX_LEN, batch=3).generate(prompts, SamplingParams(max_new_tokens=6))
     for i, prompt in enumerate(prompts):
         tokens = done[i].generated_tokens.tolist()
         assert tokens == ours.tokens[i]

@@ -1,11 +1,13 @@
-"""Staggered decoding equals the teacher-forced forward (exact decoding), for every variant."""
+"""The one decode engine equals megatron's teacher-forced forward (exact decoding), for every variant
+the serving model supports: the megatron model is converted in memory (`serving.convert`), decoded
+by `serving.engine.StaggeredGenerator`, and each step's logits are compared with the megatron
+StagFormerModel's forward over the generated sequence."""
 
 import pytest
 import torch
 
-from megatron_stag.inference.sampling import SamplingParams
-from megatron_stag.inference.staggered_generation import StaggeredGenerator
-from tests.model_factory import tiny_model
+from megatron_stag.serving.sampling import SamplingParams
+from tests.model_factory import MAX_LEN, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 
@@ -26,11 +28,21 @@ VARIANTS = {
     "p1-altup-gemma3n-rope": dict(stag_sections=1, altup_blocks=4, altup_form="gemma3n",
                                   altup_schedule="fixed", altup_embedding="projected",
                                   altup_output="projected", position_embedding_type="rope"),
-    "p1-altup-moe": dict(stag_sections=1, altup_blocks=2, num_moe_experts=4, moe_router_topk=2,
-                         add_bias_linear=False),
     "p2-altup-widened-learned": dict(altup_blocks=3, altup_embedding="widened", altup_output="learned"),
     "p2-shared-altup": dict(stag_shared_weights=True, altup_blocks=2),
 }
+
+
+def serving(model):
+    from megatron_stag.serving.convert import to_plain_model
+
+    return to_plain_model(model, None)
+
+
+def generator(model, max_len=16, batch=1, **kw):
+    from megatron_stag.serving.engine import StaggeredGenerator
+
+    return StaggeredGenerator(serving(model), max_len=max_len, batch=batch, **kw)
 
 
 def _teacher_forced(model, sequence):
@@ -40,29 +52,17 @@ def _teacher_forced(model, sequence):
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_decode_logits_equal_forward(name):
+def test_decode_logits_equal_megatron_forward(name):
     model = tiny_model(**VARIANTS[name])
     prompts = [[5, 9, 2, 33, 7], [1, 2, 3], [60, 61, 62, 63, 0, 1, 2]]  # mixed lengths in one batch
     params = SamplingParams(max_new_tokens=9, temperature=0.8, top_k=20, seed=3)
-    gen = StaggeredGenerator(model, max_len=16, batch=len(prompts))
-    result = gen.generate(prompts, params, keep_logits=True)
+    result = generator(model, batch=len(prompts)).generate(prompts, params, keep_logits=True)
     for r, prompt in enumerate(prompts):
         full = prompt + result.tokens[r]
         ref = _teacher_forced(model, full)
-        torch.testing.assert_close(result.prompt_logits[r], ref[: len(prompt)], atol=ATOL, rtol=0)
+        torch.testing.assert_close(result.prompt_logits[r], ref[len(prompt) - 1], atol=ATOL, rtol=0)
         steps = result.step_logits[:, r]  # logits at positions len(prompt) .. len(full) - 2
         torch.testing.assert_close(steps, ref[len(prompt): len(full) - 1], atol=ATOL, rtol=0)
-
-
-def test_window_bounds_cross_cache():
-    """The cross cache has W slots whatever the context length (bounded memory)."""
-    model = tiny_model(stag_cross_window=4)
-    small = StaggeredGenerator(model, max_len=16, batch=1)
-    large = StaggeredGenerator(model, max_len=32, batch=1)
-    assert small.decoders[1].ck[0].shape == large.decoders[1].ck[0].shape
-    assert large.decoders[1].ck[0].shape[2] == 4
-    full = StaggeredGenerator(tiny_model(), max_len=32, batch=1)
-    assert full.decoders[1].ck[0].shape[2] == 32
 
 
 def test_recurrent_mode():
@@ -71,35 +71,53 @@ def test_recurrent_mode():
     model = tiny_model(stag_shared_weights=True)
     prompt = [[3, 14, 15, 9, 26, 5]]
     params = SamplingParams(max_new_tokens=8)
-    normal = StaggeredGenerator(model, 32, 1).generate(prompt, params, keep_logits=True)
-    rec1 = StaggeredGenerator(model, 32, 1, recurrent=True).generate(prompt, params, keep_logits=True)
-    rec2 = StaggeredGenerator(model, 32, 1, recurrent=True).generate(prompt, params, keep_logits=True)
+    normal = generator(model, 32).generate(prompt, params, keep_logits=True)
+    rec1 = generator(model, 32, recurrent=True).generate(prompt, params, keep_logits=True)
+    rec2 = generator(model, 32, recurrent=True).generate(prompt, params, keep_logits=True)
     torch.testing.assert_close(rec1.prompt_logits[0], normal.prompt_logits[0])
     # Step 0 decodes position n, whose cross entries all come from the prompt (pass 1) in both modes.
     torch.testing.assert_close(rec1.step_logits[0], normal.step_logits[0])
     if rec1.tokens == normal.tokens:
         assert not torch.allclose(rec1.step_logits[1:], normal.step_logits[1:])
     assert rec1.tokens == rec2.tokens and torch.equal(rec1.step_logits, rec2.step_logits)
-    with pytest.raises(ValueError, match="recurrent=True needs stag_shared_weights"):
-        StaggeredGenerator(tiny_model(), 32, 1, recurrent=True)
+    with pytest.raises(ValueError, match="recurrent=True needs shared weights"):
+        generator(tiny_model(), 32, recurrent=True)
 
 
 def test_sampling_controls():
     model = tiny_model()
-    gen = StaggeredGenerator(model, 32, 2)
-    greedy = gen.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6))
-    again = StaggeredGenerator(model, 32, 2).generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6))
+    greedy = generator(model, 32, 2).generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6))
+    again = generator(model, 32, 2).generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6))
     assert greedy.tokens == again.tokens
     stop = greedy.tokens[0][2]
-    stopped = StaggeredGenerator(model, 32, 2).generate(
-        [[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6, stop_ids=(stop,)))
+    stopped = generator(model, 32, 2).generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6, stop_ids=(stop,)))
     assert stopped.tokens[0][-1] == stop and len(stopped.tokens[0]) <= 3
-    a = StaggeredGenerator(model, 32, 1).generate([[1]], SamplingParams(8, temperature=1.0, seed=1))
-    b = StaggeredGenerator(model, 32, 1).generate([[1]], SamplingParams(8, temperature=1.0, seed=1))
+    a = generator(model, 32).generate([[1]], SamplingParams(8, temperature=1.0, seed=1))
+    b = generator(model, 32).generate([[1]], SamplingParams(8, temperature=1.0, seed=1))
     assert a.tokens == b.tokens
+    gen = generator(model, 32, 2)
     with pytest.raises(ValueError, match="exceeds the context"):
         gen.generate([[1] * 30], SamplingParams(max_new_tokens=5))
     with pytest.raises(ValueError, match="at least one token"):
         gen.generate([[1], []], SamplingParams(max_new_tokens=2))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_learned_positions_bound_the_context():
+    with pytest.raises(ValueError, match=f"exceeds the model's {MAX_LEN} positions"):
+        generator(tiny_model(), MAX_LEN + 1)
+
+
+def test_window_bounds_cross_cache():
+    """With a window W the engine's cross cache is a ring of W + 1 slots whatever the context
+    (bounded memory), and decoding through it, past several wraps, still equals the forward."""
+    model = tiny_model(stag_cross_window=3)
+    small, large = generator(model, 16), generator(model, 32)
+    assert small.caches[1].cross.shape == large.caches[1].cross.shape
+    assert large.caches[1].cross.shape[4] == 4
+    assert generator(tiny_model(), 32).caches[1].cross.shape[4] == 33
+    prompt = [7, 3, 9, 1, 4, 4, 8, 2, 6]  # longer than the ring: the prefill reads every entry
+    result = large.generate([prompt], SamplingParams(max_new_tokens=12), keep_logits=True)
+    ref = _teacher_forced(model, prompt + result.tokens[0])
+    torch.testing.assert_close(result.step_logits[:, 0], ref[len(prompt): len(prompt) + 11], atol=ATOL, rtol=0)

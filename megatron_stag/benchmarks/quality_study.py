@@ -62,15 +62,17 @@ def recurrent_eval(save: Path, prefix: Path, sequences: int, length: int) -> dic
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_stag.checkpointing.checkpoint_io import load_model_weights, resolve_checkpoint
-    from megatron_stag.inference.staggered_generation import StaggeredGenerator
     from megatron_stag.models.model_args import ModelArgs
     from megatron_stag.platform.distributed import initialize
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.engine import StaggeredGenerator
 
     initialize(tp=1, pp=1)
     _, run_dir = resolve_checkpoint(save)
     args = ModelArgs.load(run_dir / "model_args.json")
     model = args.build(args.config(dtype=torch.bfloat16)).cuda().eval()
     load_model_weights(model, save)
+    model = to_plain_model(model, args, device="cuda").to(torch.bfloat16)
     ds = IndexedDataset(str(prefix))
     docs = len(ds)
     held_out = list(range(int(round(0.98 * docs)), docs))  # the validation split's documents
@@ -80,10 +82,9 @@ def recurrent_eval(save: Path, prefix: Path, sequences: int, length: int) -> dic
     for mode in ("normal", "recurrent"):
         nll, count = 0.0, 0
         for seq in seqs:
-            gen = StaggeredGenerator(model, max_len=length + 1, batch=1, recurrent=mode == "recurrent",
-                                     cuda_graph=True)
+            gen = StaggeredGenerator(model, max_len=length + 1, batch=1, recurrent=mode == "recurrent")
             with torch.no_grad():
-                logits = [gen.prefill(0, seq[:1].tolist())[-1]]
+                logits = [gen.prefill(0, seq[:1].tolist())]
                 pos = torch.tensor([1], device="cuda")
                 for t in range(1, length):
                     logits.append(gen.step(seq[t:t + 1].cuda(), pos)[0])

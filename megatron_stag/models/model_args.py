@@ -43,6 +43,11 @@ class ModelArgs:
     add_bias_linear: bool = True
     core_attention: str = "sdpa"
 
+    @property
+    def sections(self) -> int:
+        """The serving model's (`serving.model.PlainConfig`) name for stag_sections."""
+        return self.stag_sections
+
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 

@@ -112,9 +112,13 @@ class Attention(nn.Module):
         return tuple(self._split_heads(y) for y in F.linear(x, *self.qkv).split(sizes, dim=-1))
 
     def attend(self, q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
+        return self.o_proj(self.core(q, keys, values, keep))
+
+    def core(self, q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
+        """Attention before the output projection: [b, heads, n, hd] queries -> [b, n, heads * hd]."""
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep,
                                              enable_gqa=keys.shape[1] != q.shape[1])
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        return out.transpose(1, 2).flatten(2)
 
 
 def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Optional[Tensor]]:
@@ -229,8 +233,11 @@ class SectionCache:
     whole tensor (a compiled step writes a tensor in place; a scatter into a view of one can cost a copy).
 
     kv: per layer [2, b, kv heads, T, hd], self-attention keys (0) and values (1), slot = position.
-    cross [L, 2, b, heads, T + 1, hd] (sections >= 1): every layer's cross-attention keys and values,
-    slot j = entry j: the previous section's output at position j - 1, slot 0 the null entry."""
+    cross [L, 2, b, heads, C, hd] (sections >= 1): every layer's cross-attention keys and values of
+    entry j (the previous section's output at position j - 1, entry 0 the null entry) in slot j mod C.
+    C = T + 1 holds every entry; with a cross-attention window W a decoding cache is a ring of
+    C = W + 1 slots, bounded whatever the context: a step at position i reads entries i-W+1..i while
+    entry i+1 (one slot further, holding entry i-W, already outside the window) may be written at once."""
 
     kv: list[Tensor]
     cross: Optional[Tensor]
@@ -261,13 +268,17 @@ class Section(nn.Module):
             self.collapse_projections = nn.ParameterList(
                 [nn.Parameter(torch.zeros(d, d)) for _ in range(cfg.altup_blocks - 1)])
 
-    def new_cache(self, batch: int, max_len: int, dtype, device) -> SectionCache:
+    def new_cache(self, batch: int, max_len: int, dtype, device, bounded: bool = False) -> SectionCache:
+        """Caches for `max_len` positions; `bounded`: the cross cache as a ring of window + 1 slots."""
         def zeros(attn: Attention, slots: int, *layers: int) -> Tensor:
             heads = attn.k_proj.weight.shape[0] // attn.head_dim
             return torch.zeros(*layers, 2, batch, heads, slots, attn.head_dim, dtype=dtype, device=device)
 
         kv = [zeros(layer.self_attn, max_len) for layer in self.layers]
-        cross = zeros(self.layers[0].cross_attn, max_len + 1, len(self.layers)) if self.index else None
+        slots = max_len + 1
+        if bounded and self.cfg.cross_window is not None:
+            slots = min(slots, self.cfg.cross_window + 1)
+        cross = zeros(self.layers[0].cross_attn, slots, len(self.layers)) if self.index else None
         return SectionCache(kv, cross)
 
     def fuse_projections(self) -> None:
@@ -281,20 +292,43 @@ class Section(nn.Module):
             self.entry_kv = fuse_linears([proj for layer in self.layers
                                           for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)])
 
+    def project(self, entries: Tensor) -> Tensor:
+        """Cross-attention entries [b', m, d] -> every layer's keys and values [b', m, L * 2 * heads * hd]."""
+        cross_kv = ((layer.cross_attn.k_proj, layer.cross_attn.v_proj) for layer in self.layers)
+        return project_entries(cross_kv, self.entry_kv, entries)
+
     def write_entries(self, cache: SectionCache, entries: Tensor, first: Tensor,
                       rows: Optional[Tensor] = None) -> None:
-        """Store cross-attention entries [b', m, d] at slots first[r].. of rows `rows` (None: all)."""
-        cross_kv = ((layer.cross_attn.k_proj, layer.cross_attn.v_proj) for layer in self.layers)
-        self.store_entries(cache, project_entries(cross_kv, self.entry_kv, entries), first, rows)
+        """Store cross-attention entries [b', m, d] as entries first[r].. of rows `rows` (None: all)."""
+        self.store_entries(cache, self.project(entries), first, rows)
+
+    def all_entries(self, kv: Tensor) -> Tensor:
+        """Projected entries 0..m-1 [b', m, L * 2 * heads * hd] in the cache's layout with slot = entry
+        [L, 2, b', heads, m, hd]: what a prefill reads when a ring cannot hold every entry at once."""
+        heads_dim = kv.view(*kv.shape[:2], len(self.layers), 2, -1, self.layers[0].self_attn.head_dim)
+        return heads_dim.permute(2, 3, 0, 4, 1, 5)
 
     def store_entries(self, cache: SectionCache, kv: Tensor, first: Tensor, rows: Optional[Tensor] = None) -> None:
-        """Store entries already projected (`project_entries`) [b', m, L * 2 * heads * hd]."""
-        slots = first[:, None] + torch.arange(kv.shape[1], device=kv.device)[None]
+        """Store entries already projected (`project_entries`) [b', m, L * 2 * heads * hd]; a ring keeps
+        the last C of them."""
+        ring = cache.cross.shape[4]
+        if kv.shape[1] > ring:
+            first, kv = first + kv.shape[1] - ring, kv[:, -ring:]
+        slots = (first[:, None] + torch.arange(kv.shape[1], device=kv.device)[None]) % ring
         if rows is None:
             rows = torch.arange(first.shape[0], device=first.device)
         # [b', m, L * 2 * heads * hd] -> [b', m, L, 2, heads, hd]: the layout cross[:, :, r, :, slots] takes
         cache.cross[:, :, rows[:, None].expand_as(slots), :, slots] = kv.view(
             *kv.shape[:2], len(self.layers), 2, -1, cache.cross.shape[-1])
+
+    def _cross_keep(self, positions: Tensor, ring: int) -> Tensor:
+        """[b', 1, n, ring]: the entries position p reads (<= p, > p - window); slot s holds entry
+        p - back, the newest entry congruent to s modulo the ring."""
+        back = (positions[:, :, None] - torch.arange(ring, device=positions.device)[None, None, :]) % ring
+        keep = back <= positions[:, :, None]
+        if self.cfg.cross_window is not None:
+            keep &= back < self.cfg.cross_window
+        return keep[:, None]
 
     def _collapse(self, stream: Tensor) -> Tensor:
         cfg = self.cfg
@@ -314,20 +348,17 @@ class Section(nn.Module):
         return torch.stack(blocks, -2).mean(-2)
 
     def forward(self, h: Tensor, positions: Tensor, rows: Optional[Tensor], cache: SectionCache,
-                rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+                rope: Optional[tuple[Tensor, Tensor]] = None, entries: Optional[Tensor] = None) -> Tensor:
         """Run new positions [b', n] of cache rows `rows` (None: every row) from the input h [b', n, D].
 
         Writes their self-attention K/V; cross-attention reads entries <= position (and > position -
-        window), which the caller stored beforehand. Returns the section's normed output [b', n, d].
+        window), which the caller stored beforehand in the cache, or passes as `entries` (`all_entries`
+        of these rows). Returns the section's normed output [b', n, d].
         """
-        slot = torch.arange(cache.kv[0].shape[3], device=h.device)
-        keep = (slot[None, None, :] <= positions[:, :, None])[:, None]  # [b', 1, n, T]
+        keep = _causal_keep(positions, cache.kv[0].shape[3])
         if self.index:
-            entry = torch.arange(cache.cross.shape[4], device=h.device)[None, None, :]
-            cross_keep = entry <= positions[:, :, None]
-            if self.cfg.cross_window is not None:
-                cross_keep &= entry > positions[:, :, None] - self.cfg.cross_window
-            cross_keep = cross_keep[:, None]
+            cross_kv = cache.cross if entries is None else entries
+            cross_keep = self._cross_keep(positions, cross_kv.shape[4])
         whole = rows is None
         if whole:
             rows = torch.arange(positions.shape[0], device=h.device)
@@ -346,11 +377,57 @@ class Section(nn.Module):
             if self.index:
                 cross = layer.cross_attn
                 q = cross.heads(layer.cross_attn_layernorm(x), cross.q_proj)
-                ckv = cache.cross[i] if whole else cache.cross[i][:, rows]
+                ckv = cross_kv[i] if whole or entries is not None else cross_kv[i][:, rows]
                 x = x + cross.attend(q, ckv[0], ckv[1], cross_keep)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             h = layer.altup.correct(prediction, x) if prediction is not None else x
         return self.norm(self._collapse(h))
+
+
+def _causal_keep(positions: Tensor, slots: int) -> Tensor:
+    """[b', 1, n, slots]: self-attention cache slots (= positions) each new position reads."""
+    slot = torch.arange(slots, device=positions.device)
+    return (slot[None, None, :] <= positions[:, :, None])[:, None]
+
+
+def shared_passes_step(sections: list[Section], caches: list[SectionCache], h: Tensor, positions: Tensor,
+                       rope: Optional[tuple[Tensor, Tensor]] = None) -> list[Tensor]:
+    """Every pass of a shared-weight model on the same new positions [b, n] of every cache row, in one
+    pass over the shared weights: the rows of all passes [P * b] go through each norm, projection and
+    MLP together; self-attention reads each pass's own cache, cross-attention (passes >= 1, their own
+    weights) its cross cache. Returns each pass's normed output [b, n, d], equal to running
+    `sections[k](h, positions, None, caches[k], rope)` one after another."""
+    b, passes = h.shape[0], len(sections)
+    keep = _causal_keep(positions, caches[0].kv[0].shape[3])
+    cross_keep = [s._cross_keep(positions, c.cross.shape[4]) if s.index else None for s, c in zip(sections, caches)]
+    r = torch.arange(b, device=h.device)[:, None].expand_as(positions)
+    if rope is not None:
+        rope = tuple(t.repeat(passes, 1, 1, 1) for t in rope)
+    h = h.repeat(passes, 1, 1)
+    for i, layer in enumerate(sections[-1].layers):  # the shared modules, and the last pass's cross ones
+        x, prediction = layer.altup.predict(h) if hasattr(layer, "altup") else (h, None)
+        attn = layer.self_attn
+        q, k, v = attn.project_qkv(layer.input_layernorm(x))
+        if rope is not None:
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
+        cores = []
+        for p, cache in enumerate(caches):
+            rows = slice(p * b, (p + 1) * b)
+            kv = cache.kv[i]
+            kv[:, r, :, positions] = torch.stack((k[rows], v[rows]), dim=2).transpose(1, 3)
+            cores.append(attn.core(q[rows], kv[0], kv[1], keep))
+        x = x + attn.o_proj(torch.cat(cores))
+        passes_x = list(x.split(b))
+        for p in range(1, passes):
+            cross_layer = sections[p].layers[i]
+            cross = cross_layer.cross_attn
+            q = cross.heads(cross_layer.cross_attn_layernorm(passes_x[p]), cross.q_proj)
+            ckv = caches[p].cross[i]
+            passes_x[p] = passes_x[p] + cross.attend(q, ckv[0], ckv[1], cross_keep[p])
+        x = torch.cat(passes_x)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        h = layer.altup.correct(prediction, x) if prediction is not None else x
+    return [s.norm(s._collapse(part)) for s, part in zip(sections, h.split(b))]
 
 
 class CrossKV(nn.Module):
@@ -455,10 +532,11 @@ class StagLM(nn.Module):
         freqs = torch.cat((freqs, freqs), dim=-1)[:, None]
         return torch.cos(freqs), torch.sin(freqs)
 
-    def new_caches(self, batch: int, max_len: int, sections: Optional[list[int]] = None) -> dict:
+    def new_caches(self, batch: int, max_len: int, sections: Optional[list[int]] = None,
+                   bounded: bool = False) -> dict:
         p = next(self.parameters())
         wanted = range(self.cfg.sections) if sections is None else sections
-        return {s: self.sections[s].new_cache(batch, max_len, p.dtype, p.device) for s in wanted}
+        return {s: self.sections[s].new_cache(batch, max_len, p.dtype, p.device, bounded) for s in wanted}
 
     def null_entry(self, like: Tensor) -> Tensor:
         """The cross-attention's entry 0 (no previous position): a zero vector, like megatron's shift."""

@@ -1,7 +1,8 @@
-"""`megatron-stag export`: a megatron distributed checkpoint (any TP/PP) -> a plain-PyTorch package.
+"""A megatron distributed checkpoint (any TP/PP) -> the serving model, in memory (`generate`) or as a
+plain-PyTorch package on disk (`megatron-stag export`).
 
 The checkpoint is loaded into a TP=1, PP=1 StagFormerModel (torch_dist reshards any saved layout),
-then every megatron module is mapped onto `plain_model.StagLM`'s conventional names: megatron's fused
+then every megatron module is mapped onto `model.StagLM`'s conventional names: megatron's fused
 `linear_qkv` (per query group: the group's query heads, then its key and value) splits into
 q/k/v_proj, the cross-attention's `linear_kv` (per head: key, value) into k/v_proj, a gated
 `linear_fc1` ([gate; up]) into gate/up_proj. The package is a folder with `config.json`,
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_stag.export.plain_model import PlainConfig, StagLM
+from megatron_stag.serving.model import PlainConfig, StagLM, load_plain_model
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
@@ -180,3 +181,38 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def describe(path: Path) -> tuple[PlainConfig | ModelArgs, Path]:
+    """(the model's description, the folder holding its tokenizer) for an exported package or any
+    checkpoint `resolve_checkpoint` accepts, read from JSON alone: prompts and layouts are checked
+    against it before any weights load. Both descriptions name vocab_size, max_sequence_length and
+    the number of sections the same way."""
+    from megatron_stag.checkpointing import safe_unpickle
+    from megatron_stag.checkpointing.checkpoint_io import resolve_checkpoint
+    from megatron_stag.models.model_args import ModelArgs
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return PlainConfig.load(path / "config.json"), path
+    weights, run_dir = resolve_checkpoint(path)
+    args = ModelArgs.load(run_dir / "model_args.json")
+    check_exportable(args)
+    safe_unpickle.check_metadata(weights)
+    return args, run_dir
+
+
+def load_serving_model(path: Path, device="cpu", dtype: torch.dtype = torch.float32) -> StagLM:
+    """The serving model for an exported package, or for a megatron checkpoint converted in memory
+    (loaded at TP=1/PP=1 whatever layout it was saved with: torch_dist reshards)."""
+    from megatron_stag.checkpointing.checkpoint_io import load_model_weights
+    from megatron_stag.platform.distributed import initialize
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return load_plain_model(path, device=device, dtype=dtype)
+    args, _ = describe(path)
+    initialize(tp=1, pp=1)
+    model = args.build(args.config()).eval()
+    load_model_weights(model, path)
+    return to_plain_model(model, args, device=device).to(dtype)

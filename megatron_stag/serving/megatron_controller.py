@@ -7,7 +7,7 @@ cache (`StaticInferenceContext`, and the paged `DynamicInferenceContext` its non
 switches to) assumes one decoder stack; StagFormer's sections and separately keyed cross caches do not
 fit it. This wrapper therefore runs *sequential mode*: each call re-runs the teacher-forced forward
 over [0, end) and returns the window's logits, which are exact by construction (O(n^2) compute: for
-megatron tooling, evaluation and log-probs; fast decoding is `staggered_generation.py`).
+megatron tooling, evaluation and log-probs; fast decoding is `engine.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class StagFormerSequentialInferenceWrapper(GPTInferenceWrapper):
     def __init__(self, model, inference_context):
         if model.pg_collection.pp.size() != 1:
             raise ValueError("the sequential wrapper runs a PP=1 model; decode pipelines with "
-                             "DistributedStaggeredGenerator (one section per rank).")
+                             "engine.StaggeredGenerator (one section per rank).")
         super().__init__(model, inference_context)
 
     def prep_inference_input(self, prompts_tokens) -> Dict[str, Any]:

@@ -1,4 +1,4 @@
-"""DeepSpeed inference on an exported model: `deepspeed.init_inference` with AutoTP by name.
+"""DeepSpeed inference on the serving model: `deepspeed.init_inference` with AutoTP by name.
 
 DeepSpeed's kernel injection knows Hugging Face architectures and legacy Megatron layers only, so
 the exported `StagLM` (plain `nn.Linear`s) is sharded by AutoTP under an injection policy naming the
@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from megatron_stag.export.plain_model import CrossKV, DecoderLayer, PlainConfig, StagLM
+from megatron_stag.serving.model import CrossKV, DecoderLayer, StagLM
 
 ROW_PARALLEL_LINEARS = ("self_attn.o_proj", "cross_attn.o_proj", "mlp.down_proj")
 
@@ -34,14 +34,16 @@ def injection_policy(model: StagLM) -> dict:
     return policy
 
 
-def check_tensor_parallel(cfg: PlainConfig, tp: int) -> None:
-    """Every split AutoTP makes must fall on whole heads / whole rows, checked before loading."""
+def check_tensor_parallel(cfg, tp: int) -> None:
+    """Every split AutoTP makes must fall on whole heads / whole rows, checked before loading
+    (`cfg`: a PlainConfig, or a checkpoint's ModelArgs, whose unset sizes take megatron's defaults)."""
     if tp < 1:
         raise ValueError(f"tp={tp}: use 1 or more ranks per section.")
     for name, value in (("num_attention_heads", cfg.num_attention_heads),
-                        ("num_query_groups", cfg.num_query_groups), ("ffn_hidden_size", cfg.ffn_hidden_size)):
+                        ("num_query_groups", cfg.num_query_groups or cfg.num_attention_heads),
+                        ("ffn_hidden_size", cfg.ffn_hidden_size or 4 * cfg.hidden_size)):
         if value % tp:
-            raise ValueError(f"--tp {tp} does not divide the exported model's {name}={value}: choose a "
+            raise ValueError(f"--tp {tp} does not divide the model's {name}={value}: choose a "
                              f"tensor-parallel size that divides it.")
 
 
@@ -106,7 +108,7 @@ def init_deepspeed_engine(model: StagLM, dtype: torch.dtype = torch.float32, tp:
 
     DeepSpeed's own `enable_cuda_graph` captures the engine's forward call (fixed shapes, one rank;
     refused with tensor parallelism), which a decode loop never makes: decode steps are graphed by
-    `PlainStaggeredGenerator(cuda_graph=True)` instead.
+    `engine.StaggeredGenerator` instead.
     """
     import deepspeed
 

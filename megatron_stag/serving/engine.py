@@ -1,9 +1,14 @@
-"""Staggered decoding of an exported (plain-PyTorch) model, on one rank or one section per rank group.
+"""The staggered decode engine: one loop for every entry point (`generate` on a megatron checkpoint
+or an exported package, DeepSpeed, torchrun/srun one section per rank, Slurm, the benchmarks).
 
-The loop of `inference/staggered_generation.py` and `inference/distributed_generation.py` for
-`export.plain_model.StagLM`, which DeepSpeed serves: at step i every section runs token i; section k
-reads section k-1's entries <= i, all written at earlier steps; after the step, section k-1's output
-becomes section k's entry i+1. Sampling is `inference.sampling.decode_loop`, shared by every engine.
+It drives the serving model `model.StagLM` (plain PyTorch; a megatron checkpoint is converted in
+memory by `convert.py`, DeepSpeed may shard it): caches allocated once, prefill, then one step per
+token. At step i every section runs token i; section k reads section k-1's entries <= i, all written at
+earlier steps; after the step, section k-1's output becomes section k's entry i+1. So the logits equal
+the teacher-forced forward's (tested against megatron's model) and the sections of a step are
+independent: on one GPU they run on parallel CUDA streams, one section per rank they run at once.
+On CUDA the step is compiled (torch.compile, one function per section so the streams stay parallel)
+and replayed from one CUDA graph by default. Sampling is `sampling.decode_loop`.
 
 Several ranks: rank r runs section r // tp as tensor-parallel rank r % tp of its section (the
 sections' TP groups are what `engine.init_deepspeed_engine` shards with). Rank (k, t) sends its
@@ -29,9 +34,35 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from megatron_stag.export.plain_model import StagLM
-from megatron_stag.inference.sampling import SamplingParams, check_prompts, decode_loop
-from megatron_stag.inference.staggered_generation import GenerationResult, _progress
+from megatron_stag.serving.model import StagLM, shared_passes_step
+from megatron_stag.serving.sampling import SamplingParams, check_prompts, decode_loop
+
+
+def _run_section(section, cache, e: Tensor, pos: Tensor, rope) -> Tensor:
+    """One section's decode step over every cache row (what each section compiles to)."""
+    return section(e, pos, None, cache, rope)
+
+
+def _write_entries(section, cache, entries: Tensor, first: Tensor) -> None:
+    section.write_entries(cache, entries, first)
+
+
+def _store_entries(section, cache, kv: Tensor, first: Tensor) -> None:
+    section.store_entries(cache, kv, first)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt (up to and including a stop id)
+    prompt_logits: Optional[list[Tensor]] = None  # per prompt [v]: logits at its last position
+    step_logits: Optional[Tensor] = None  # [steps, b, v]: logits of every decode step
+    seconds: float = 0.0
+
+
+def _progress(done: int, total: int, batch: int, start: float) -> None:
+    rate = done * batch / max(time.perf_counter() - start, 1e-9)
+    bar = "#" * int(30 * done / total)
+    print(f"\rgenerating [{bar:<30}] {done}/{total} tokens, {rate:.1f} tok/s", end="", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -60,15 +91,16 @@ class SectionPlacement:
                              f"tensor-parallel group needs exactly {self.sections * self.tp} ranks.")
 
 
-class PlainStaggeredGenerator:
+class StaggeredGenerator:
     """Greedy or sampled generation from a StagLM (possibly DeepSpeed-sharded).
 
     `placement` None: every section on this process (which may still be one of a TP group, with
-    `comm` given to share the sampled tokens); otherwise this rank's section only.
+    `comm` given to share the sampled tokens); otherwise this rank's section only. `cuda_graph` and
+    `compile` (the defaults, the fastest configuration) apply on CUDA only; turn them off to debug.
     """
 
     def __init__(self, model: StagLM, max_len: int, batch: int, placement: Optional[SectionPlacement] = None,
-                 comm=None, recurrent: bool = False, cuda_graph: bool = False, compile: bool = False):
+                 comm=None, recurrent: bool = False, cuda_graph: bool = True, compile: bool = True):
         cfg = model.cfg
         if recurrent and not (cfg.shared_weights and cfg.sections == 2 and placement is None
                               and cfg.output == "last"):
@@ -87,7 +119,7 @@ class PlainStaggeredGenerator:
         self.place, self.comm = placement, comm
         self.p = cfg.sections
         self.mine = list(range(self.p)) if placement is None else [placement.section]
-        self.caches = model.new_caches(batch, max_len, self.mine)
+        self.caches = model.new_caches(batch, max_len, self.mine, bounded=True)
         param = next(model.parameters())
         self.device, self.dtype, self.hidden = param.device, param.dtype, cfg.hidden_size
         self.combine = cfg.output == "combine"
@@ -97,11 +129,20 @@ class PlainStaggeredGenerator:
         # `compile` fuses each section's step and cross-entry write (norms, rope, cache writes, bias
         # adds) with torch.compile, one compiled function per section so the streams stay parallel
         self._streams = [torch.cuda.Stream() for _ in self.mine] if self.cuda_graph and len(self.mine) > 1 else []
-        wrap = (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
-        self._run = {k: wrap(functools.partial(self._run_section, k)) for k in self.mine}
-        self._write = {k: wrap(functools.partial(self._write_entries, k)) for k in self.mine if k}
-        self._store = {k: wrap(functools.partial(self._store_entries, k)) for k in self.mine if k and self._upstream}
+        wrap = (lambda fn: torch.compile(fn, dynamic=False)) if compile and self.device.type == "cuda" else (lambda fn: fn)
+        # the section and its cache are arguments, not attributes of this generator: compiled code is
+        # guarded on their shapes, so a later generator of the same model and shapes reuses it
+        sections = {k: (model.sections[k], self.caches[k]) for k in self.mine}
+        self._run = {k: functools.partial(wrap(_run_section), *sections[k]) for k in self.mine}
+        self._write = {k: functools.partial(wrap(_write_entries), *sections[k]) for k in self.mine if k}
+        self._store = {k: functools.partial(wrap(_store_entries), *sections[k])
+                       for k in self.mine if k and self._upstream}
         self._project = wrap(model.next_entries) if self._upstream and model.next_entries is not None else None
+        # shared weights, every pass here: a step runs all passes as one batch over the shared weights
+        self._shared = None
+        if cfg.shared_weights and placement is None and not recurrent:
+            self._shared = functools.partial(wrap(shared_passes_step), list(model.sections),
+                                             [self.caches[k] for k in range(self.p)])
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -161,21 +202,29 @@ class PlainStaggeredGenerator:
         if self.place is None:
             outs = []
             for k in range(self.p):
-                if k:  # entries 0..n: the null entry, then section k-1 at positions 0..n-1
-                    m.sections[k].write_entries(self.caches[k], torch.cat([m.null_entry(outs[-1]), outs[-1]], 1), first, rows)
-                outs.append(m.sections[k](e, positions, rows, self.caches[k], rope))
+                entries = self._prefill_entries(k, outs[-1], first, rows) if k else None
+                outs.append(m.sections[k](e, positions, rows, self.caches[k], rope, entries))
             return m.logits(outs)[0, -1]
-        k, prev = self.place.section, None
+        k, prev, entries = self.place.section, None, None
         if k:
             prev, req = self._recv((1, n, self.hidden), k - 1)
             req.wait()
-            m.sections[k].write_entries(self.caches[k], torch.cat([m.null_entry(prev), prev], 1), first, rows)
-        out = m.sections[k](e, positions, rows, self.caches[k], rope)
+            entries = self._prefill_entries(k, prev, first, rows)
+        out = m.sections[k](e, positions, rows, self.caches[k], rope, entries)
         if not self._last:
             self._send(out, k + 1).wait()
             self._send_for_logits(out, k)
             return None
         return m.logits(self._outputs_for_logits(out, prev))[0, -1]
+
+    def _prefill_entries(self, k: int, prev: Tensor, first: Tensor, rows: Tensor) -> Tensor:
+        """Section k's entries 0..n of one prompt (the null entry, then section k-1's outputs at
+        0..n-1): stored in its cache (a window's ring keeps the last ones) and returned whole for the
+        prompt's own positions to read."""
+        section = self.model.sections[k]
+        kv = section.project(torch.cat([self.model.null_entry(prev), prev], 1))
+        section.store_entries(self.caches[k], kv, first, rows)
+        return section.all_entries(kv)
 
     # ------------------------------------------------------------------ steps
     def _compute(self, tokens: Tensor, positions: Tensor) -> tuple[list[Tensor], Optional[Tensor]]:
@@ -183,6 +232,11 @@ class PlainStaggeredGenerator:
         m = self.model
         pos = positions[:, None]
         e, rope = m.embed(tokens[:, None], pos), m.rope(pos)
+        if self._shared is not None:
+            outs = self._shared(e, pos, rope)
+            for k in range(1, self.p):  # section k-1's output becomes section k's entry at position + 1
+                self._write[k](outs[k - 1], positions + 1)
+            return outs, m.logits(outs)[:, 0]
         active = [1] if self.recurrent else self.mine
         outs = self._run_sections(active, e, pos, rope, positions + 1)
         if self.place is None:
@@ -190,15 +244,6 @@ class PlainStaggeredGenerator:
         if self._project is not None:  # what this rank hands on: the next section's entry keys and values
             return [self._project(outs[0])], None
         return outs, (m.logits(outs)[:, 0] if self._last and not self.combine else None)
-
-    def _run_section(self, k: int, e: Tensor, pos: Tensor, rope) -> Tensor:
-        return self.model.sections[k](e, pos, None, self.caches[k], rope)
-
-    def _write_entries(self, k: int, entries: Tensor, first: Tensor) -> None:
-        self.model.sections[k].write_entries(self.caches[k], entries, first)
-
-    def _store_entries(self, k: int, kv: Tensor, first: Tensor) -> None:
-        self.model.sections[k].store_entries(self.caches[k], kv, first)
 
     def _run_and_pass_on(self, k: int, e: Tensor, pos: Tensor, rope, entry: Tensor) -> Tensor:
         """Section k's step, then (all sections here) its output becomes the next section's entry

@@ -1,0 +1,209 @@
+"""Per-token decode latency of the one engine, every model side by side in one run, against its floor.
+
+    # one GPU: GPT baseline, StagFormer p=2 separate / window 1 / shared / recurrent, AltUp K=2
+    python -m megatron_stag.benchmarks.decode_engine --out results/decode_engine_h200.json
+    # one section per GPU (StagFormer p=2 and window 1)
+    torchrun --nproc_per_node 2 -m megatron_stag.benchmarks.decode_engine --out results/decode_engine_2gpu_h200.json
+
+Each model is a megatron StagFormerModel (bf16, random weights, 24 layers of hidden 2048, vocabulary
+32k, rope) converted in memory to the serving model, exactly what `megatron-stag generate` decodes,
+driven by `engine.StaggeredGenerator` with its defaults (compiled step, one CUDA graph per token step).
+A row: `--prompt` random tokens per sequence, then `--new` greedy tokens with no host synchronisation,
+timed with CUDA events; `--rounds` repeats of the timed loop, the median reported.
+
+The floor is the bytes a step must read over the copy bandwidth measured in the same run:
+`floor_weights_ms` the weights (once, however many sections share them; on the slowest rank with one
+section per GPU; embedding rows and learned positions count as rows, not tables), `floor_ms` those
+plus the self- and cross-attention caches the step reads (positions <= the step's, or the window),
+at the mean position of the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from megatron_stag.benchmarks.hardware import copy_bandwidth_gbs, write_result
+from megatron_stag.models.model_args import ModelArgs
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _timed(loop, steps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+    start.record()
+    loop()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps
+
+
+def _max_over_ranks(x: float) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    t = torch.tensor([float(x)], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def serving_model(a: ModelArgs):
+    """The megatron model of `a` (bf16, random init), converted as `generate` converts a checkpoint."""
+    from megatron_stag.platform.distributed import initialize
+    from megatron_stag.serving.convert import to_plain_model
+
+    initialize(tp=1, pp=1)
+    model = a.build(a.config(dtype=torch.bfloat16)).cuda().eval()
+    plain = to_plain_model(model, a, device="cuda").to(torch.bfloat16)
+    del model
+    _free()
+    return plain
+
+
+def step_bytes(plain, batch: int, position: float, sections, recurrent: bool) -> tuple[int, int]:
+    """(weight bytes, cache bytes) one step reads on this rank, at `position` (a mean over steps)."""
+    cfg, seen, weights = plain.cfg, set(), 0
+    rows_only = {id(m.weight) for name in ("embed_tokens", "embed_positions", "altup_embed_tokens")
+                 if (m := getattr(plain, name, None)) is not None and m.weight is not plain.lm_head.weight}
+    skip = set()
+    if plain.next_entries is None and sections != list(range(cfg.sections)) and sections[0] > 0 \
+            and plain.entries_made_upstream():  # the rank before projects this section's entries
+        skip = {id(p) for layer in plain.sections[sections[0]].layers
+                for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj) for p in proj.parameters()}
+    for p in plain.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        weights += (batch * p.shape[-1] if id(p) in rows_only else p.numel()) * p.element_size()
+    caches, elem = 0, next(plain.parameters()).element_size()
+    for k in ([1] if recurrent else sections):
+        attn = plain.sections[k].layers[0].self_attn
+        kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
+        layers = len(plain.sections[k].layers)
+        caches += layers * 2 * batch * kv_heads * (position + 1) * attn.head_dim * elem
+        if k:
+            entries = position + 1 if cfg.cross_window is None else min(position + 1, cfg.cross_window)
+            heads = plain.sections[k].layers[0].cross_attn.q_proj.weight.shape[0] // attn.head_dim
+            caches += layers * 2 * batch * heads * entries * attn.head_dim * elem
+    return weights, int(caches)
+
+
+def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=None) -> dict:
+    """ms per token of the engine's default step (greedy, no host sync), median of ns.rounds."""
+    from megatron_stag.serving.engine import StaggeredGenerator
+
+    gen = StaggeredGenerator(plain, ns.prompt + ns.new, batch, placement=placement, comm=comm, recurrent=recurrent)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, plain.cfg.vocab_size, (batch, ns.prompt), generator=g).tolist()
+    with torch.no_grad():
+        last = [gen.prefill(r, p) for r, p in enumerate(prompts)]
+    first = torch.stack(last).argmax(-1) if gen._sampler else torch.zeros(batch, dtype=torch.long, device="cuda")
+    first = gen._broadcast(first)
+    start = torch.full((batch,), ns.prompt, device="cuda")
+
+    def step(t, pos):
+        logits = gen.step(t, pos)
+        return gen._broadcast(logits.argmax(-1) if logits is not None else torch.zeros_like(t))
+
+    step(first, start)  # compile and capture (its warm-ups rewrite the same cache slots)
+
+    def loop():
+        t, pos = first, start
+        for _ in range(ns.new - 1):
+            t = step(t, pos)
+            pos = pos + 1
+
+    rounds = [_timed(loop, ns.new - 1) * 1e3 for _ in range(ns.rounds)]
+    del gen
+    torch.compiler.reset()  # every configuration compiles afresh (dynamo's per-function cache is bounded)
+    _free()
+    return dict(ms_per_token=statistics.median(rounds), rounds_ms=rounds)
+
+
+def models(base: ModelArgs, world: int) -> list[tuple[str, ModelArgs, bool]]:
+    stag = replace(base, stag_sections=2)
+    if world > 1:
+        return [("StagFormer p=2 separate", stag, False),
+                ("StagFormer p=2 window 1", replace(stag, stag_cross_window=1), False)]
+    shared = replace(base, num_layers=base.num_layers // 2, stag_sections=2, stag_shared_weights=True)
+    return [("GPT baseline", base, False), ("StagFormer p=2 separate", stag, False),
+            ("StagFormer p=2 window 1", replace(stag, stag_cross_window=1), False),
+            ("StagFormer p=2 shared (12 layers run twice)", shared, False),
+            ("StagFormer p=2 shared, recurrent", shared, True),
+            ("AltUp K=2 recycled", replace(base, altup_blocks=2), False)]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--models", default="", help="comma-separated substrings of model names (default: all)")
+    ap.add_argument("--out", required=True)
+    ns = ap.parse_args(argv)
+    from megatron_stag.serving.engine import SectionPlacement
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    bandwidth = copy_bandwidth_gbs()
+    base = ModelArgs(vocab_size=ns.vocab, max_sequence_length=ns.prompt + ns.new, num_layers=ns.layers,
+                     hidden_size=ns.hidden, num_attention_heads=ns.heads, position_embedding_type="rope")
+    wanted = [w for w in ns.models.split(",") if w]
+    rows = []
+    for name, a, recurrent in models(base, world):
+        if wanted and not any(w in name for w in wanted):
+            continue
+        plain = serving_model(a)
+        placement, comm, sections = None, None, list(range(a.stag_sections))
+        if world > 1:
+            placement, comm = SectionPlacement(a.stag_sections, 1, dist.get_rank()), dist
+            plain.keep_sections([placement.section])
+            sections = [placement.section]
+        for b in [int(x) for x in ns.batches.split(",")]:
+            r = bench(plain, b, ns, recurrent, placement, comm)
+            weights, caches = step_bytes(plain, b, ns.prompt + (ns.new - 1) / 2, sections, recurrent)
+            floor_w = _max_over_ranks(weights) / bandwidth / 1e6
+            floor = _max_over_ranks(weights + caches) / bandwidth / 1e6
+            row = dict(model=name, layout="1 GPU" if world == 1 else f"{world} GPUs, one section per GPU",
+                       batch=b, ms_per_token=r["ms_per_token"], floor_ms=floor, floor_weights_ms=floor_w,
+                       x_floor=r["ms_per_token"] / floor, x_floor_weights=r["ms_per_token"] / floor_w,
+                       rounds_ms=r["rounds_ms"], weight_bytes=weights, cache_bytes=caches)
+            rows.append(row)
+            if world == 1 or dist.get_rank() == world - 1:
+                _write(ns, bandwidth, rows)  # after every row: a run cut short keeps what it measured
+                print(f"{name:46s} b={b:<3d} {row['ms_per_token']:7.3f} ms/token  floor {floor:6.3f} "
+                      f"(weights {floor_w:6.3f})  x{row['x_floor']:.2f} / x{row['x_floor_weights']:.2f}", flush=True)
+        del plain
+        _free()
+    if world == 1 or dist.get_rank() == world - 1:
+        _write(ns, bandwidth, rows)
+
+
+def _write(ns, bandwidth: float, rows: list[dict]) -> None:
+    gpt = {r["batch"]: r["ms_per_token"] for r in rows if r["model"] == "GPT baseline"}
+    for r in rows:
+        if r["batch"] in gpt:
+            r["vs_gpt"] = r["ms_per_token"] / gpt[r["batch"]]
+    write_result(ns.out, dict(config=vars(ns), copy_bandwidth_gbs=bandwidth, rows=rows,
+                              engine="serving.engine.StaggeredGenerator defaults: torch.compile'd section "
+                                     "steps, one CUDA graph per token step, bf16"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,1 +1,0 @@
-"""Staggered decoding: per-section caches, one-process and one-section-per-rank generation, sampling."""

@@ -1,0 +1,133 @@
+"""`megatron-stag generate`: a megatron checkpoint or an exported package -> staggered generation.
+
+One engine (`engine.StaggeredGenerator`) for every layout. The model is the serving model
+(`model.StagLM`): loaded from an exported package, or converted in memory from a megatron checkpoint of
+any TP/PP layout. On a GPU it decodes in bf16 with the compiled, CUDA-graphed step unless told
+otherwise. Ranks come from the launcher (torchrun, srun, `deepspeed --num_gpus N`):
+1 rank: every section here; world == --tp: every section on each rank, tensor-parallel over all;
+world == sections x --tp: one section per tensor-parallel group, decoding concurrently.
+`--engine deepspeed` hands the same model to `deepspeed.init_inference` (AutoTP shards it for --tp);
+the engine drives it the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_stag.serving.convert import DTYPES
+
+
+def plan_ranks(world: int, sections: int, tp: int, recurrent: bool):
+    """This launch's layout: None (all sections per rank) or one section per TP group."""
+    if world == tp:
+        return None
+    if recurrent:
+        raise SystemExit("--recurrent runs both passes of the shared weights on one rank: launch "
+                         f"{tp} rank(s) (world size == --tp), not {world}.")
+    if world != sections * tp:
+        raise SystemExit(f"{world} ranks do not fit the model: launch {tp} (all {sections} sections per "
+                         f"rank, --tp {tp}) or {sections * tp} ranks (one section per group of --tp {tp}).")
+    return "sections"
+
+
+def prepare_prompts(ns, prompts: list[str], tok_path: Path, vocab_size: int, context: int):
+    """(tokenizer, prompt ids, sampling params), with every check done before a model is built."""
+    from megatron_stag.data.tokenizer import load_tokenizer
+    from megatron_stag.serving.sampling import SamplingParams
+
+    try:
+        tok = load_tokenizer(tok_path)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+    if tok.vocab_size > vocab_size:
+        raise SystemExit(f"tokenizer {tok_path} has {tok.vocab_size} pieces but the model was trained "
+                         f"with vocab_size={vocab_size}: use the checkpoint's own tokenizer.")
+    ids = [tok.tokenize(p) for p in prompts]
+    for p, i in zip(prompts, ids):
+        if len(i) + ns.max_new_tokens > context:
+            raise SystemExit(f"prompt {p[:40]!r}... has {len(i)} tokens; with --max-new-tokens "
+                             f"{ns.max_new_tokens} it exceeds the context of {context}.")
+    stop_ids = tuple(t for s in ns.stop for t in tok.tokenize(s)[-1:])
+    params = SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                            top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, stop_ids=stop_ids)
+    return tok, ids, params
+
+
+def report(ns, tok, prompts: list[str], result) -> int:
+    """Tokens/s on stderr; completions as text on stdout or JSONL in --output."""
+    n_tokens = sum(len(t) for t in result.tokens)
+    print(f"{n_tokens} tokens in {result.seconds:.2f}s ({n_tokens / result.seconds:.1f} tokens/s)",
+          file=sys.stderr)
+    records = [dict(prompt=p, completion=tok.detokenize(t), tokens=t)
+               for p, t in zip(prompts, result.tokens)]
+    if ns.output:
+        Path(ns.output).write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        for r in records:
+            print(r["prompt"] + r["completion"])
+    return 0
+
+
+def _start_comm(deepspeed: bool):
+    """The communicator the engine uses between ranks (after the launcher set RANK/WORLD_SIZE)."""
+    if deepspeed:
+        import deepspeed.comm as dist
+
+        from megatron_stag.serving.deepspeed import init_comm
+
+        init_comm()
+        return dist
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist
+
+
+def generate_from_checkpoint(ns, prompts: list[str]) -> int:
+    from megatron_stag.serving.convert import ExportError, describe, load_serving_model
+    from megatron_stag.serving.deepspeed import check_tensor_parallel
+    from megatron_stag.serving.engine import SectionPlacement, StaggeredGenerator
+
+    deepspeed = ns.engine == "deepspeed"
+    try:
+        cfg, tok_dir = describe(Path(ns.checkpoint))
+        check_tensor_parallel(cfg, ns.tp)
+    except (ExportError, FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
+        raise SystemExit(str(err)) from None
+    if ns.tp > 1 and not deepspeed:
+        raise SystemExit(f"--tp {ns.tp}: tensor parallelism is DeepSpeed's AutoTP here; add --engine deepspeed.")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = plan_ranks(world, cfg.sections, ns.tp, ns.recurrent)
+    tok_path = Path(ns.tokenizer) if ns.tokenizer else tok_dir / "tokenizer.model"
+    tok, ids, params = prepare_prompts(ns, prompts, tok_path, cfg.vocab_size, cfg.max_sequence_length)
+
+    comm = _start_comm(deepspeed) if world > 1 else None
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[ns.dtype] if ns.dtype != "auto" else (torch.bfloat16 if device != "cpu" else torch.float32)
+    model = load_serving_model(Path(ns.checkpoint), device=device, dtype=torch.float32 if deepspeed else dtype)
+    placement, group = None, None
+    if layout == "sections":
+        placement = SectionPlacement(cfg.sections, ns.tp, comm.get_rank())
+        placement.check(world)
+        model.keep_sections([placement.section])
+    if deepspeed:
+        from megatron_stag.serving.deepspeed import init_deepspeed_engine, section_groups
+
+        if ns.tp > 1:
+            group = section_groups(cfg.sections if layout else 1, ns.tp)
+        model = init_deepspeed_engine(model, dtype=dtype, tp=ns.tp, group=group).module
+    gen = StaggeredGenerator(model, max_len=cfg.max_sequence_length, batch=len(ids), placement=placement,
+                             comm=comm, recurrent=ns.recurrent, cuda_graph=not ns.eager, compile=not ns.eager)
+    result = gen.generate(ids, params, progress=world == 1)
+    if comm is not None and comm.get_rank() != (placement.sampler if placement else 0):
+        return 0  # the sampling rank reports
+    return report(ns, tok, prompts, result)
