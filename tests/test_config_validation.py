@@ -70,3 +70,30 @@ def test_stream_slots():
     assert [stream_slots(p, False, receiving=False) for p in pieces[:3]] == [2, 2, 3]
     assert stream_slots(pieces[3], True, receiving=True) == 3
     assert section_layer_counts(6, 3) == [2, 2, 2]
+
+
+def test_model_descriptions_on_disk_fail_by_name(tmp_path):
+    """Issue 15: a corrupt model_args.json or an exported config.json with bad values was a traceback
+    deep in model construction; now one error names the file and the field."""
+    import json
+    from dataclasses import asdict
+
+    from megatron_stag.models.model_args import ModelArgs
+    from megatron_stag.serving.model import PlainConfig
+
+    bad = tmp_path / "model_args.json"
+    bad.write_text('{"vocab_size": 64,')
+    with pytest.raises(ValueError, match="model_args.json is not valid JSON"):
+        ModelArgs.load(bad)
+    good = PlainConfig(vocab_size=64, max_sequence_length=32, hidden_size=32, ffn_hidden_size=128,
+                       num_attention_heads=4, num_query_groups=4, head_dim=8, section_layers=[2, 2])
+    for change, message in ((dict(num_attention_heads=-4), "num_attention_heads=-4 must be a whole number"),
+                            (dict(num_query_groups=0), "num_query_groups=0"),
+                            (dict(section_layers=[]), "section_layers=\\[\\] must list"),
+                            (dict(hidden_size="32"), "hidden_size='32'"),
+                            (dict(num_query_groups=3), "num_query_groups=3 must divide"),
+                            (dict(surprise=1), "unknown fields \\['surprise'\\]")):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({**asdict(good), **change}))
+        with pytest.raises(ValueError, match=f"config.json: .*{message}" if "unknown" not in message else message):
+            PlainConfig.load(path)

@@ -171,8 +171,9 @@ def test_export_refuses_unsupported_and_checks_tp(megatron_world):
 
     base = dict(vocab_size=VOCAB, max_sequence_length=MAX_LEN, num_layers=4, hidden_size=32,
                 num_attention_heads=4)
-    with pytest.raises(ExportError, match="num_moe_experts=4: MoE"):
-        check_exportable(ModelArgs(**base, num_moe_experts=4))
+    check_exportable(ModelArgs(**base, num_moe_experts=4))  # MoE exports (dense experts in the serving model)
+    with pytest.raises(ExportError, match="moe_router_topk=5 exceeds num_moe_experts=4"):
+        check_exportable(ModelArgs(**base, num_moe_experts=4, moe_router_topk=5))
     with pytest.raises(ExportError, match="altup_sequence_stride=2"):
         check_exportable(ModelArgs(**base, altup_blocks=2, altup_sequence_stride=2))
     _, plain = plain_of(megatron_world)

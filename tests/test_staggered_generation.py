@@ -28,6 +28,10 @@ VARIANTS = {
     "p1-altup-gemma3n-rope": dict(stag_sections=1, altup_blocks=4, altup_form="gemma3n",
                                   altup_schedule="fixed", altup_embedding="projected",
                                   altup_output="projected", position_embedding_type="rope"),
+    "p1-altup-moe": dict(stag_sections=1, altup_blocks=2, num_moe_experts=4, moe_router_topk=2,
+                         add_bias_linear=False),
+    "p2-moe-swiglu": dict(num_moe_experts=3, moe_router_topk=2, add_bias_linear=False, gated_linear_unit=True,
+                          activation_func=torch.nn.functional.silu, bias_activation_fusion=False),
     "p2-altup-widened-learned": dict(altup_blocks=3, altup_embedding="widened", altup_output="learned"),
     "p2-shared-altup": dict(stag_shared_weights=True, altup_blocks=2),
 }
@@ -90,7 +94,7 @@ def test_sampling_controls():
     again = generator(model, 32, 2).generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6))
     assert greedy.tokens == again.tokens
     stop = greedy.tokens[0][2]
-    stopped = generator(model, 32, 2).generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6, stop_ids=(stop,)))
+    stopped = generator(model, 32, 2).generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6, stop=lambda ids: ids[-1] == stop))
     assert stopped.tokens[0][-1] == stop and len(stopped.tokens[0]) <= 3
     a = generator(model, 32).generate([[1]], SamplingParams(8, temperature=1.0, seed=1))
     b = generator(model, 32).generate([[1]], SamplingParams(8, temperature=1.0, seed=1))

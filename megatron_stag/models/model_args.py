@@ -56,7 +56,13 @@ class ModelArgs:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: is this a megatron-stag checkpoint directory?")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): restore it from the run, or use another "
+                             f"checkpoint.") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds {type(data).__name__}, not a model description.")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

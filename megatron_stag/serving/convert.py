@@ -30,12 +30,11 @@ class ExportError(ValueError):
 
 def check_exportable(args) -> None:
     """Refuse what the plain model does not implement, before any checkpoint is read."""
-    if args.num_moe_experts:
-        raise ExportError(f"num_moe_experts={args.num_moe_experts}: MoE models are not exported (the plain "
-                          f"model has dense MLPs only); serve them with `megatron-stag generate`.")
     if args.altup_sequence_stride > 1:
         raise ExportError(f"altup_sequence_stride={args.altup_sequence_stride}: Sequence-AltUp is not "
                           f"exported (no decoder implements its anchor states); evaluate it with the forward.")
+    if args.num_moe_experts and args.moe_router_topk > args.num_moe_experts:
+        raise ExportError(f"moe_router_topk={args.moe_router_topk} exceeds num_moe_experts={args.num_moe_experts}.")
     if args.normalization not in ("LayerNorm", "RMSNorm"):
         raise ExportError(f"normalization={args.normalization!r}: export supports LayerNorm and RMSNorm.")
 
@@ -59,7 +58,9 @@ def plain_config(model, args) -> PlainConfig:
         rotary_dim=2 * model.rotary_pos_emb.inv_freq.numel() if rope else 0,
         rotary_base=10000.0, tie_embeddings=model.share_embeddings_and_output_weights,
         altup_blocks=cfg.altup_blocks, altup_active=active, altup_embedding=cfg.altup_embedding,
-        altup_output=cfg.altup_output, altup_form=cfg.altup_form, altup_coef_clip=cfg.altup_coef_clip)
+        altup_output=cfg.altup_output, altup_form=cfg.altup_form, altup_coef_clip=cfg.altup_coef_clip,
+        moe_experts=cfg.num_moe_experts or 0, moe_topk=cfg.moe_router_topk,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size)
 
 
 def _linear(sd: dict, name: str, weight, bias) -> None:
@@ -97,17 +98,26 @@ def _layer(sd: dict, p: str, layer, cfg: PlainConfig) -> None:
                     kvb[:, i].reshape(-1) if kvb is not None else None)
         _linear(sd, f"{p}.cross_attn.o_proj", cross.linear_proj.weight, cross.linear_proj.bias)
     _norm(sd, f"{p}.post_attention_layernorm", layer.pre_mlp_layernorm)
-    fc1, fc2 = layer.mlp.linear_fc1, layer.mlp.linear_fc2
-    if cfg.activation == "swiglu":
-        f = cfg.ffn_hidden_size
-        _linear(sd, f"{p}.mlp.gate_proj", fc1.weight[:f], fc1.bias[:f] if fc1.bias is not None else None)
-        _linear(sd, f"{p}.mlp.up_proj", fc1.weight[f:], fc1.bias[f:] if fc1.bias is not None else None)
+    if cfg.moe_experts:
+        sd[f"{p}.mlp.router"] = layer.mlp.router.weight
+        for e, expert in enumerate(layer.mlp.experts.local_experts):
+            _mlp(sd, f"{p}.mlp.experts.{e}", expert, cfg)
     else:
-        _linear(sd, f"{p}.mlp.up_proj", fc1.weight, fc1.bias)
-    _linear(sd, f"{p}.mlp.down_proj", fc2.weight, fc2.bias)
+        _mlp(sd, f"{p}.mlp", layer.mlp, cfg)
     if hasattr(layer, "altup"):
         for key, value in layer.altup.state_dict().items():
             sd[f"{p}.altup.{key}"] = value
+
+
+def _mlp(sd: dict, p: str, mlp, cfg: PlainConfig) -> None:
+    fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
+    if cfg.activation == "swiglu":
+        f = fc1.weight.shape[0] // 2  # [gate; up]
+        _linear(sd, f"{p}.gate_proj", fc1.weight[:f], fc1.bias[:f] if fc1.bias is not None else None)
+        _linear(sd, f"{p}.up_proj", fc1.weight[f:], fc1.bias[f:] if fc1.bias is not None else None)
+    else:
+        _linear(sd, f"{p}.up_proj", fc1.weight, fc1.bias)
+    _linear(sd, f"{p}.down_proj", fc2.weight, fc2.bias)
 
 
 def plain_state_dict(model, cfg: PlainConfig) -> dict:

@@ -39,6 +39,8 @@ def check_tensor_parallel(cfg, tp: int) -> None:
     (`cfg`: a PlainConfig, or a checkpoint's ModelArgs, whose unset sizes take megatron's defaults)."""
     if tp < 1:
         raise ValueError(f"tp={tp}: use 1 or more ranks per section.")
+    if tp > 1 and (getattr(cfg, "moe_experts", 0) or getattr(cfg, "num_moe_experts", 0)):
+        raise ValueError(f"--tp {tp}: AutoTP does not shard MoE experts; serve MoE models with --tp 1.")
     for name, value in (("num_attention_heads", cfg.num_attention_heads),
                         ("num_query_groups", cfg.num_query_groups or cfg.num_attention_heads),
                         ("ffn_hidden_size", cfg.ffn_hidden_size or 4 * cfg.hidden_size)):

@@ -16,7 +16,7 @@ read from the weight shapes, so the same modules run whole or tensor-parallel (s
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -55,6 +55,9 @@ class PlainConfig:
     altup_output: str = "sum"
     altup_form: str = "standard"
     altup_coef_clip: Optional[float] = None
+    moe_experts: int = 0  # > 0: every layer's MLP is megatron's MoE (softmax top-k router)
+    moe_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
     format_version: int = FORMAT_VERSION
 
     @property
@@ -66,11 +69,41 @@ class PlainConfig:
 
     @classmethod
     def load(cls, path: Path) -> "PlainConfig":
-        data = json.loads(Path(path).read_text())
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {data.get('format_version')} is not "
-                             f"{FORMAT_VERSION}: re-export the checkpoint with this megatron-stag.")
-        return cls(**data)
+        """Read and check an exported config.json: every error names the file and the field."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): export the checkpoint again.") from None
+        if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+            version = data.get("format_version") if isinstance(data, dict) else None
+            raise ValueError(f"{path}: format_version {version} is not {FORMAT_VERSION}: re-export the "
+                             f"checkpoint with this megatron-stag.")
+        names = {f.name for f in fields(cls)}
+        if set(data) - names:
+            raise ValueError(f"{path}: unknown fields {sorted(set(data) - names)}: re-export the checkpoint.")
+        try:
+            cfg = cls(**data)
+        except TypeError as err:
+            raise ValueError(f"{path}: {err}: re-export the checkpoint.") from None
+        cfg.check(path)
+        return cfg
+
+    def check(self, path) -> None:
+        def bad(field_name: str, why: str):
+            return ValueError(f"{path}: {field_name}={getattr(self, field_name)!r} {why}: fix it or re-export "
+                              f"the checkpoint.")
+
+        for name in ("vocab_size", "max_sequence_length", "hidden_size", "ffn_hidden_size",
+                     "num_attention_heads", "num_query_groups", "head_dim", "altup_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, "must be a whole number >= 1")
+        if not self.section_layers or not all(isinstance(n, int) and n >= 1 for n in self.section_layers):
+            raise bad("section_layers", "must list at least one section of >= 1 layers")
+        if self.num_attention_heads % self.num_query_groups:
+            raise bad("num_query_groups", f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.cross_window is not None and (not isinstance(self.cross_window, int) or self.cross_window < 1):
+            raise bad("cross_window", "must be null or a whole number >= 1")
 
 
 def make_norm(cfg: PlainConfig) -> nn.Module:
@@ -138,9 +171,9 @@ def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Optional[Tensor]]:
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: PlainConfig):
+    def __init__(self, cfg: PlainConfig, ffn: Optional[int] = None):
         super().__init__()
-        d, f = cfg.hidden_size, cfg.ffn_hidden_size
+        d, f = cfg.hidden_size, ffn or cfg.ffn_hidden_size
         self.gated = cfg.activation == "swiglu"
         if self.gated:
             self.gate_proj = nn.Linear(d, f, bias=cfg.bias)
@@ -151,6 +184,25 @@ class MLP(nn.Module):
         if self.gated:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class MoE(nn.Module):
+    """megatron's MoE layer at inference: softmax over each token's top-k router logits (fp32), the
+    chosen experts' outputs weighted by those probabilities. Computed densely, every expert on every
+    row with the unchosen ones weighted 0: exact, and free of data-dependent shapes (a CUDA graph
+    replays it), at the cost of reading every expert's weights."""
+
+    def __init__(self, cfg: PlainConfig):
+        super().__init__()
+        self.topk = cfg.moe_topk
+        self.router = nn.Parameter(torch.zeros(cfg.moe_experts, cfg.hidden_size))  # never sharded by name
+        self.experts = nn.ModuleList([MLP(cfg, cfg.moe_ffn_hidden_size) for _ in range(cfg.moe_experts)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = F.linear(x, self.router)
+        scores, chosen = logits.topk(self.topk, dim=-1)
+        weights = torch.zeros_like(logits).scatter(-1, chosen, scores.softmax(-1, dtype=torch.float32).to(x.dtype))
+        return sum(weights[..., e, None] * expert(x) for e, expert in enumerate(self.experts))
 
 
 def _mix(coefs: Tensor, x: Tensor) -> Tensor:
@@ -221,7 +273,7 @@ class DecoderLayer(nn.Module):
             self.cross_attn_layernorm = make_norm(cfg)
             self.cross_attn = Attention(cfg, cfg.num_attention_heads)
         self.post_attention_layernorm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.moe_experts else MLP(cfg)
         if active is not None:
             self.altup = AltUp(cfg, active)
 
