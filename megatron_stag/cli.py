@@ -39,9 +39,12 @@ def _plot(ns) -> int:
 def _prepare_data(ns) -> int:
     from megatron_stag.data.prepare import prepare_dataset
 
-    prefix, model = prepare_dataset(ns.input, Path(ns.output_prefix), vocab_size=ns.vocab_size,
-                                    tokenizer=Path(ns.tokenizer) if ns.tokenizer else None,
-                                    workers=ns.workers, json_key=ns.json_key)
+    try:
+        prefix, model = prepare_dataset(ns.input, Path(ns.output_prefix), vocab_size=ns.vocab_size,
+                                        tokenizer=Path(ns.tokenizer) if ns.tokenizer else None,
+                                        workers=ns.workers, json_key=ns.json_key, overwrite=ns.overwrite)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"prepare-data: {err}") from None
     print(f"wrote {prefix}.bin/.idx (tokenizer {model})")
     return 0
 
@@ -52,13 +55,29 @@ def _read_prompts(ns) -> list[str]:
         path = Path(ns.prompt_file)
         if not path.is_file():
             raise SystemExit(f"--prompt-file {path} does not exist.")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for line in lines:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise SystemExit(f"--prompt-file {path} is not UTF-8 text (byte {err.start}).") from None
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            prompts.append(json.loads(line)["prompt"] if path.suffix == ".jsonl" else line)
+            if path.suffix != ".jsonl":
+                prompts.append(line)
+                continue
+            try:
+                record = json.loads(line)
+                prompts.append(record["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SystemExit(f"--prompt-file {path}:{n}: expected a JSON object with a \"prompt\" field, "
+                                 f"got {line[:60]!r}.") from None
+            if not isinstance(prompts[-1], str):
+                raise SystemExit(f"--prompt-file {path}:{n}: \"prompt\" must be a string.")
     if not prompts:
         raise SystemExit("give at least one --prompt or a --prompt-file.")
+    empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise SystemExit(f"prompt {empty[0]} is empty: every prompt needs some text to continue.")
     return prompts
 
 
@@ -145,16 +164,34 @@ def _submit_generate(ns) -> int:
     return 0
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
+
+
+def _run_dir(text: str) -> str:
+    if "%" in text:  # sbatch expands %j, %x, ... in --output, which holds the run directory
+        raise argparse.ArgumentTypeError(f"{text!r} contains '%', which sbatch would expand: rename the folder")
+    return text
+
+
 def _add_job_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nodes", type=int, help="nodes (default: enough for one model replica)")
-    p.add_argument("--gpus-per-node", type=int, help="tasks (GPUs) per node")
+    p.add_argument("--nodes", type=_at_least(1), help="nodes (default: enough for one model replica)")
+    p.add_argument("--gpus-per-node", type=_at_least(1), help="tasks (GPUs, or CPU ranks with --cpu) per node")
     p.add_argument("--cpu", action="store_true", help="CPU ranks (gloo), no GPUs requested")
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--time", help="time limit, e.g. 04:00:00")
     p.add_argument("--job-name")
-    p.add_argument("--run-dir", help="per-job logs (and checkpoints); shared on multi-node jobs")
-    p.add_argument("--signal-seconds", type=int, default=300,
+    p.add_argument("--run-dir", type=_run_dir, help="per-job logs (and checkpoints); shared on multi-node jobs")
+    p.add_argument("--signal-seconds", type=_at_least(1), default=300,
                    help="warning before the time limit: save a checkpoint and requeue")
     p.add_argument("--container-image", help="pyxis image for srun --container-image")
     p.add_argument("--container-mounts", help="pyxis mounts, src:dst[,src:dst]")
@@ -191,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("prepare-data", help="text/JSONL files or folders -> megatron indexed dataset")
     d.add_argument("--input", nargs="+", required=True, help="files or directories")
-    d.add_argument("--output-prefix", required=True, help="writes <prefix>_text_document.bin/.idx")
+    d.add_argument("--output-prefix", required=True,
+                   help="writes <prefix>_text_document.bin/.idx (and <prefix>.model when it trains a tokenizer)")
     d.add_argument("--tokenizer", help="existing sentencepiece .model (default: train one)")
     d.add_argument("--vocab-size", type=int, default=16000)
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--json-key", default="text", help="field holding the text in .jsonl inputs")
+    d.add_argument("--overwrite", action="store_true", help="replace existing outputs of --output-prefix")
     d.set_defaults(func=_prepare_data)
 
     g = sub.add_parser("generate", help="staggered generation from a checkpoint")
@@ -209,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop", action="append", default=[], help="stop string (its token ids)")
+    g.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable): a row ends once its completion contains one; the text "
+                        "is cut after it")
     g.add_argument("--recurrent", action="store_true", help="recurrent inference (shared weights)")
     g.add_argument("--output", help="write JSONL here instead of text on stdout")
     g.add_argument("--engine", choices=("native", "deepspeed"), default="native",

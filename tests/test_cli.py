@@ -113,3 +113,54 @@ def test_export_and_generate_with_deepspeed(quickstart_run, tmp_path):
     assert records(tmp_path / "ds3.jsonl") == records(tmp_path / "megatron.jsonl")
     tp_without_ds = cli("generate", str(out / "checkpoints"), "--tp", "2", *args, check=False)
     assert "add --engine deepspeed" in tp_without_ds.stderr
+
+
+def test_generate_checks_its_options_before_loading(quickstart_run, tmp_path):
+    """Issue 15: one line naming the option, before the model loads (no traceback, nothing lost)."""
+    out, _ = quickstart_run
+    ckpt = str(out / "checkpoints")
+    cases = {
+        "the folder": ["--prompt", "x", "--output", str(tmp_path / "missing" / "out.jsonl")],
+        "prompt 2 is empty": ["--prompt", "x", "--prompt", ""],
+        "--top-p: top_p=0.0": ["--prompt", "x", "--top-p", "0"],
+        "--temperature": ["--prompt", "x", "--temperature", "-1"],
+    }
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\nnot json\n')
+    cases[f"{bad}:2: expected a JSON object"] = ["--prompt-file", str(bad)]
+    for message, args in cases.items():
+        proc = cli("generate", ckpt, *args, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (message, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and "generating" not in proc.stderr
+
+
+def test_stop_strings_match_whole(quickstart_run):
+    """Issue 15: `--stop "foo bar"` once stopped at the last token of the string alone."""
+    import argparse
+
+    from megatron_stag.serving.generate_cli import _until_stop, prepare_prompts
+
+    out, _ = quickstart_run
+    ns = argparse.Namespace(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop=["foo bar", "\n\n"])
+    tok, _, params = prepare_prompts(ns, ["x"], out / "checkpoints" / "tokenizer.model", 10**6, 10**6)
+    assert not params.stop(tok.tokenize("x = bar + 1\n"))
+    assert params.stop(tok.tokenize("x = foo bar"))
+    assert params.stop(tok.tokenize("a\n\nb")) and not params.stop(tok.tokenize("a\nb\n"))
+    assert _until_stop("a foo bar and more", ns.stop) == "a foo bar"
+
+
+def test_runs_refuse_to_overwrite_another_models_files(quickstart_run, tmp_path):
+    """Issue 15: pretrain into a save folder of another model rewrote model_args.json before failing;
+    a quickstart re-run on other data replaced the checkpoint's tokenizer."""
+    out, _ = quickstart_run
+    save = shutil.copytree(out / "checkpoints", tmp_path / "ckpts")
+    stored = (save / "model_args.json").read_bytes(), (save / "tokenizer.model").read_bytes()
+    data = out / "data"
+    proc = cli("pretrain", "tiny-cpu-stag", f"data.data_path=[{data / 'stdlib_text_document'}]",
+               f"data.tokenizer_model={data / 'stdlib.model'}", f"checkpoint.save={save}",
+               "model.hidden_size=64", "training.train_iters=102", check=False)
+    assert proc.returncode != 0 and "hidden_size 128 -> 64" in proc.stdout + proc.stderr
+    assert ((save / "model_args.json").read_bytes(), (save / "tokenizer.model").read_bytes()) == stored
+    again = cli("quickstart", "--out", str(out), "--corpus-mb", "2.5", check=False)
+    assert again.returncode != 0 and "--corpus-mb" in again.stderr
+    assert (out / "checkpoints" / "tokenizer.model").read_bytes() == stored[1]

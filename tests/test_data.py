@@ -70,3 +70,44 @@ def test_bad_jsonl_names_the_key(tmp_path):
     bad.write_text('{"content": "x"}\n')
     with pytest.raises(ValueError, match="--json-key"):
         list(iter_documents([bad]))
+
+
+def test_outputs_are_refused_replaced_whole_and_never_another_prefixs(corpus, tmp_path):
+    """Issue 15: `--output-prefix data/corpus.v2` once overwrote `data/corpus.model` (with_suffix); a
+    re-run replaced the tokenizer first and left stray temporaries. Now: prefix + '.model', existing
+    outputs refused unless overwrite, replaced as a set, nothing partial left."""
+    from megatron_stag.data.tokenizer import load_tokenizer
+
+    inputs = [str(corpus / "a.jsonl")]
+    _, first = prepare_dataset(inputs, tmp_path / "corpus", vocab_size=600)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    _, v2 = prepare_dataset([str(corpus / "dir")], tmp_path / "corpus.v2", vocab_size=500)
+    assert v2 == tmp_path / "corpus.v2.model" and first == tmp_path / "corpus.model"
+    assert all((tmp_path / n).read_bytes() == b for n, b in before.items())  # the other dataset untouched
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare_dataset([str(corpus / "dir")], tmp_path / "corpus", vocab_size=500)
+    assert all((tmp_path / n).read_bytes() == b for n, b in before.items())
+    prepare_dataset([str(corpus / "dir")], tmp_path / "corpus", vocab_size=500, overwrite=True)
+    assert load_tokenizer(tmp_path / "corpus.model").vocab_size == 500
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{p}{s}" for p in ("corpus", "corpus.v2") for s in (".model", "_text_document.bin", "_text_document.idx"))
+
+
+def test_bad_corpora_are_refused_by_name(tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
+        list(iter_documents([latin1]))
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl is not UTF-8"):
+        list(iter_documents([bad_jsonl]))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="hold no text"):
+        prepare_dataset([str(empty)], tmp_path / "e")
+    small = tmp_path / "small.txt"
+    small.write_text("a tiny corpus with very few distinct pieces\n" * 3)
+    with pytest.raises(ValueError, match="--vocab-size 5000"):
+        prepare_dataset([str(small)], tmp_path / "s", vocab_size=5000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt", "latin1.txt", "small.txt"]

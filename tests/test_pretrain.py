@@ -85,12 +85,25 @@ def test_recipe_file_errors(tmp_path):
         load_recipe("no-such-recipe")
 
 
+def test_path_overrides_are_literal():
+    """Issue 15: pretrain.sbatch passes checkpoint.save=$RUN/checkpoints; as YAML, ' #3' was a comment."""
+    from megatron_stag.config.recipe import parse_override
+
+    assert parse_override("checkpoint.save=/shared/runs/exp #3/ck: pt") == ("checkpoint.save", "/shared/runs/exp #3/ck: pt")
+    assert parse_override("data.tokenizer_model=/a b/t #1.model")[1] == "/a b/t #1.model"
+    assert parse_override("training.train_iters=100")[1] == 100  # other values are still YAML
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["stag_sections=3"], "num_layers=4 is not divisible by stag_sections=3"),
     (["altup_blocks=0"], "altup_blocks=0"),
     (["tensor_model_parallel_size=3"], "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
     (["lr_warmup_iters=400"], "lr_warmup_iters=400 must be below"),
     (["global_batch_size=12"], "global_batch_size=12 is not a multiple"),
+    (["nproc_per_node=0"], "nproc_per_node=0"),
+    (["hidden_size=130"], "hidden_size=130 is not divisible by model.num_attention_heads=4"),
+    (["tokenizer_model=", "data_path=[/nonexistent/corpus_text_document]"], "data.data_path: dataset file /nonexistent"),
+    (["tokenizer_model=/nonexistent/t.model"], "tokenizer_model=/nonexistent/t.model does not exist"),
 ])
 def test_launch_refuses_bad_settings_before_starting(overrides, message):
     from megatron_stag.training.megatron_pretrain import launch

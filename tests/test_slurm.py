@@ -95,6 +95,11 @@ def test_submit_dry_run_and_errors(tmp_path):
     assert "exceeds the 4 tasks per node" in misfit.stderr
     bad_key = cli("submit", "--dry-run", "350m-stag", "training.nonsense=1", check=False)
     assert bad_key.returncode != 0 and "nonsense" in bad_key.stderr
+    for flag, value, message in (("--nodes", "0", "0 is below 1"), ("--gpus-per-node", "0", "0 is below 1"),
+                                 ("--nodes", "-2", "-2 is below 1"), ("--signal-seconds", "-5", "-5 is below 1"),
+                                 ("--run-dir", "/shared/run%j", "contains '%'")):  # issue 15: were defaults or passed on
+        refused = cli("submit", "--dry-run", flag, value, "350m-stag", *shared_data, check=False)
+        assert refused.returncode != 0 and message in refused.stderr and flag in refused.stderr, refused.stderr
     no_slurm = cli("submit", "--run-dir", str(tmp_path / "r"), "350m-stag", "training.global_batch_size=512",
                    env={"PATH": "/nonexistent", "HOME": str(tmp_path)}, check=False)
     assert "sbatch was not found on PATH" in no_slurm.stderr

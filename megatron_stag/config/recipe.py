@@ -122,10 +122,17 @@ def _guess_section(key: str) -> str:
     return "training"
 
 
+# keys whose values are paths: taken literally (YAML would read ' #' as a comment and ': ' as a mapping,
+# so a run directory such as "/shared/runs/exp #3" would silently become "/shared/runs/exp")
+LITERAL_KEYS = ("save", "load", "tokenizer_model", "log_file", "tensorboard_dir")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise RecipeError(f"override {text!r}: write key=value (e.g. training.train_iters=100).")
     key, value = text.split("=", 1)
+    if key.strip().rsplit(".", 1)[-1] in LITERAL_KEYS:
+        return key.strip(), value
     try:
         return key.strip(), yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as err:

@@ -4,7 +4,10 @@ Documents: a plain-text file is one document; a `.jsonl` file gives one document
 `--json-key` field). Directories are walked (sorted) for the given extensions. A sentencepiece BPE model
 is trained on the documents unless `--tokenizer` names one. Tokenization runs in a process pool with a
 progress bar; every document ends with the tokenizer's end-of-document id. The dataset is written through
-megatron's `IndexedDatasetBuilder` to a temporary prefix and renamed (complete or absent). Train / valid /
+megatron's `IndexedDatasetBuilder`. Outputs (`<prefix>.model`, `<prefix>_text_document.bin/.idx`) are
+written beside their final names and moved into place together at the end, the index last, so a dataset
+is complete or absent and never sits beside another run's tokenizer; existing outputs are refused
+unless `overwrite`. Train / valid /
 test splits and weighted blends of several prepared datasets are megatron's own
 (`GPTDatasetConfig(split=..., blend=...)`, see `megatron_datasets.py`).
 """
@@ -43,7 +46,7 @@ def iter_documents(files: Sequence[Path], json_key: str = "text") -> Iterator[st
     for path in files:
         if path.suffix == ".jsonl":
             with path.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
+                for n, line in enumerate(_utf8_lines(f, path), 1):
                     if not line.strip():
                         continue
                     try:
@@ -54,9 +57,21 @@ def iter_documents(files: Sequence[Path], json_key: str = "text") -> Iterator[st
                     if text.strip():
                         yield text
         else:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): convert it (e.g. iconv -t "
+                                 f"UTF-8) or leave it out.") from None
             if text.strip():
                 yield text
+
+
+def _utf8_lines(f, path: Path) -> Iterator[str]:
+    try:
+        yield from f
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): convert it (e.g. iconv -t UTF-8) "
+                         f"or leave it out.") from None
 
 
 _TOKENIZER = None
@@ -71,27 +86,59 @@ def _encode(text: str) -> list[int]:
     return _TOKENIZER.tokenize(text) + [_TOKENIZER.eod]
 
 
+def outputs(output_prefix: Path, trains_tokenizer: bool) -> list[Path]:
+    """The files prepare-data writes for `output_prefix`, the index last."""
+    prefix = Path(output_prefix)
+    files = [Path(f"{prefix}.model")] if trains_tokenizer else []
+    return files + [Path(f"{prefix}_text_document.bin"), Path(f"{prefix}_text_document.idx")]
+
+
+def _train_tokenizer(files, json_key: str, path: Path, vocab_size: int) -> None:
+    try:
+        train_sentencepiece(iter_documents(files, json_key), path, vocab_size)
+    except RuntimeError as err:  # sentencepiece: "Vocabulary size too high (N). Please set it to a value <= M."
+        raise ValueError(f"--vocab-size {vocab_size}: the corpus cannot support it ({err}).") from None
+
+
 def prepare_dataset(inputs: Sequence[str], output_prefix: Path, vocab_size: int = 16000,
                     tokenizer: Path | None = None, workers: int = 2, json_key: str = "text",
-                    extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> tuple[Path, Path]:
+                    extensions: Sequence[str] = DEFAULT_EXTENSIONS, overwrite: bool = False) -> tuple[Path, Path]:
     """Returns (dataset prefix, tokenizer model). Writes `<prefix>_text_document.{bin,idx}` and, when
     it trains one, `<prefix>.model`."""
-    files = find_files(inputs, extensions)
     output_prefix = Path(output_prefix)
+    final = outputs(output_prefix, tokenizer is None)
+    existing = [str(p) for p in final if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} exist: choose another --output-prefix, or pass "
+                              f"--overwrite to replace them (nothing was written).")
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise FileNotFoundError(f"--tokenizer {tokenizer} does not exist.")
+    files = find_files(inputs, extensions)
+    if not any(True for _ in iter_documents(files, json_key)):
+        raise ValueError(f"the inputs ({len(files)} files) hold no text: nothing to tokenize.")
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
-    if tokenizer is None:
-        tokenizer = train_sentencepiece(iter_documents(files, json_key),
-                                        output_prefix.with_suffix(".model"), vocab_size)
-    tok = load_tokenizer(tokenizer)
-    docs = list(iter_documents(files, json_key))
-    print(f"prepare-data: {len(files)} files, {len(docs)} documents, vocabulary {tok.vocab_size}",
-          file=sys.stderr)
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(max(1, workers), initializer=_init_worker, initargs=(str(tokenizer),)) as pool:
-        encoded = pool.imap(_encode, docs, chunksize=8)
-        prefix = write_indexed_dataset(encoded, Path(f"{output_prefix}_text_document"),
-                                       tok.vocab_size, total=len(docs))
-    return prefix, Path(tokenizer)
+    stage = output_prefix.with_name(f".{output_prefix.name}.partial")
+    staged = outputs(stage, tokenizer is None)
+    try:
+        if tokenizer is None:
+            _train_tokenizer(files, json_key, staged[0], vocab_size)
+        tok_path = staged[0] if tokenizer is None else Path(tokenizer)
+        tok = load_tokenizer(tok_path)
+        docs = list(iter_documents(files, json_key))
+        print(f"prepare-data: {len(files)} files, {len(docs)} documents, vocabulary {tok.vocab_size}",
+              file=sys.stderr)
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(max(1, workers), initializer=_init_worker, initargs=(str(tok_path),)) as pool:
+            encoded = pool.imap(_encode, docs, chunksize=8)
+            write_indexed_dataset(encoded, Path(f"{stage}_text_document"), tok.vocab_size, total=len(docs))
+        for p in final:  # the old outputs go first: a dataset is whole or absent
+            p.unlink(missing_ok=True)
+        for src, dst in zip(staged, final):
+            src.replace(dst)
+    finally:
+        for p in staged:
+            p.unlink(missing_ok=True)
+    return Path(f"{output_prefix}_text_document"), final[0] if tokenizer is None else Path(tokenizer)
 
 
 def copy_tokenizer(model: Path, destination: Path) -> Path:

@@ -53,10 +53,30 @@ def prepare_prompts(ns, prompts: list[str], tok_path: Path, vocab_size: int, con
         if len(i) + ns.max_new_tokens > context:
             raise SystemExit(f"prompt {p[:40]!r}... has {len(i)} tokens; with --max-new-tokens "
                              f"{ns.max_new_tokens} it exceeds the context of {context}.")
-    stop_ids = tuple(t for s in ns.stop for t in tok.tokenize(s)[-1:])
+    stop = None
+    if ns.stop:
+        def stop(generated: list[int]) -> bool:  # the whole stop string, anywhere in the completion
+            return any(s in tok.detokenize(generated) for s in ns.stop)
     params = SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
-                            top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, stop_ids=stop_ids)
+                            top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, stop=stop)
     return tok, ids, params
+
+
+def check_options(ns) -> None:
+    """Sampling flags, stop strings and the output path, checked before anything loads."""
+    from megatron_stag.serving.sampling import SamplingParams
+
+    try:
+        SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
+                       top_p=ns.top_p, seed=ns.seed)
+    except ValueError as err:
+        flag = str(err).split("=")[0].replace("_", "-")
+        raise SystemExit(f"--{flag}: {err}") from None
+    if any(not s for s in ns.stop):
+        raise SystemExit("--stop '': give a non-empty stop string.")
+    if ns.output and not Path(ns.output).parent.is_dir():
+        raise SystemExit(f"--output {ns.output}: the folder {Path(ns.output).parent} does not exist; create it "
+                         f"first (nothing was generated).")
 
 
 def report(ns, tok, prompts: list[str], result) -> int:
@@ -64,7 +84,7 @@ def report(ns, tok, prompts: list[str], result) -> int:
     n_tokens = sum(len(t) for t in result.tokens)
     print(f"{n_tokens} tokens in {result.seconds:.2f}s ({n_tokens / result.seconds:.1f} tokens/s)",
           file=sys.stderr)
-    records = [dict(prompt=p, completion=tok.detokenize(t), tokens=t)
+    records = [dict(prompt=p, completion=_until_stop(tok.detokenize(t), ns.stop), tokens=t)
                for p, t in zip(prompts, result.tokens)]
     if ns.output:
         Path(ns.output).write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -92,12 +112,19 @@ def _start_comm(deepspeed: bool):
     return dist
 
 
+def _until_stop(text: str, stops: list[str]) -> str:
+    """The completion up to and including the first stop string."""
+    ends = [text.index(s) + len(s) for s in stops if s in text]
+    return text[:min(ends)] if ends else text
+
+
 def generate_from_checkpoint(ns, prompts: list[str]) -> int:
     from megatron_stag.serving.convert import ExportError, describe, load_serving_model
     from megatron_stag.serving.deepspeed import check_tensor_parallel
     from megatron_stag.serving.engine import SectionPlacement, StaggeredGenerator
 
     deepspeed = ns.engine == "deepspeed"
+    check_options(ns)
     try:
         cfg, tok_dir = describe(Path(ns.checkpoint))
         check_tensor_parallel(cfg, ns.tp)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -15,7 +16,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int = 0
-    stop_ids: tuple[int, ...] = field(default_factory=tuple)
+    # a row stops (keeping the token) once stop(its generated ids) is true; the CLI matches stop strings
+    # on the detokenized text, since a string's tokens in context need not be its tokens alone
+    stop: Optional[Callable[[list[int]], bool]] = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -47,12 +50,12 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def append_tokens(out: list[list[int]], done: list[bool], tokens: Tensor, stop_ids) -> None:
-    """Add each unfinished row's new token; a row finishes on a stop id (which it keeps)."""
+def append_tokens(out: list[list[int]], done: list[bool], tokens: Tensor, stop) -> None:
+    """Add each unfinished row's new token; a row finishes once `stop` holds for it (keeping the token)."""
     for r, t in enumerate(tokens.tolist()):
         if not done[r]:
             out[r].append(t)
-            done[r] = t in stop_ids
+            done[r] = stop is not None and stop(out[r])
 
 
 def check_prompts(prompts: list[list[int]], params: SamplingParams, max_len: int, batch: int) -> None:
@@ -81,7 +84,7 @@ def decode_loop(first_logits, step, positions: Tensor, params: SamplingParams, r
         rows, dtype=torch.long, device=positions.device)
     tokens = broadcast(tokens)
     out, done = [[] for _ in range(rows)], [False] * rows
-    append_tokens(out, done, tokens, params.stop_ids)
+    append_tokens(out, done, tokens, params.stop)
     kept = []
     for i in range(params.max_new_tokens - 1):
         if all(done):
@@ -92,7 +95,7 @@ def decode_loop(first_logits, step, positions: Tensor, params: SamplingParams, r
                 kept.append(logits)
             tokens = sample(logits, params, gen)
         tokens, positions = broadcast(tokens), positions + 1
-        append_tokens(out, done, tokens, params.stop_ids)
+        append_tokens(out, done, tokens, params.stop)
         if on_token is not None:
             on_token(i + 2)
     return out, kept

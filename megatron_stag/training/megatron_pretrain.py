@@ -44,6 +44,9 @@ def check_schedule(recipe) -> None:
         raise RecipeError(f"optimizer.lr_warmup_iters={warmup} must be below the decay length "
                           f"({decay}, training.train_iters or optimizer.lr_decay_iters): shorten the "
                           f"warm-up or train longer.")
+    nproc = recipe.get("nproc_per_node")
+    if nproc is not None and (not isinstance(nproc, int) or nproc < 1):
+        raise RecipeError(f"parallelism.nproc_per_node={nproc!r}: use a whole number of processes >= 1.")
     mbs, gbs = recipe.get("micro_batch_size") or 1, recipe.get("global_batch_size")
     if gbs is not None and gbs % mbs:
         raise RecipeError(f"training.global_batch_size={gbs} is not a multiple of "
@@ -61,6 +64,10 @@ def check_model(recipe) -> None:
     if missing:
         raise RecipeError(f"model.{missing[0]} is missing: a runnable recipe sets num_layers, "
                           f"hidden_size and num_attention_heads (or inherits them with base:).")
+    hidden, heads = recipe.get("hidden_size"), recipe.get("num_attention_heads")
+    if hidden % heads and not recipe.get("kv_channels"):
+        raise RecipeError(f"model.hidden_size={hidden} is not divisible by model.num_attention_heads={heads}: "
+                          f"choose sizes with hidden_size = heads x head size.")
     names = {f.name for f in dataclasses.fields(StagFormerConfig) if f.init}
     kw = {k: v for values in recipe.sections.values() for k, v in values.items()
           if k in names and (k.startswith(("stag_", "altup_")) or k in (
@@ -95,6 +102,23 @@ def check_load(recipe) -> None:
         raise RecipeError(f"checkpoint.load={load}: {err}") from None
 
 
+def check_data(recipe) -> None:
+    """The datasets and tokenizer exist and are whole, checked here rather than in a rank minutes later."""
+    from megatron_stag.data.token_dataset import check_indexed_dataset
+
+    tokenizer = recipe.get("tokenizer_model")
+    if tokenizer and not Path(tokenizer).is_file():
+        raise RecipeError(f"data.tokenizer_model={tokenizer} does not exist: give the .model that "
+                          f"`megatron-stag prepare-data` wrote.")
+    data = recipe.get("data_path") or []
+    for item in data if isinstance(data, list) else [data]:
+        if not str(item).replace(".", "", 1).isdigit():  # blends interleave weights and prefixes
+            try:
+                check_indexed_dataset(Path(str(item)))
+            except (FileNotFoundError, ValueError) as err:
+                raise RecipeError(f"data.data_path: {err}") from None
+
+
 def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
     """Validate the recipe here (cheap, before any process starts), then run it on N processes."""
     recipe = load_recipe(recipe_name, overrides)
@@ -102,6 +126,7 @@ def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
     check_schedule(recipe)
     check_model(recipe)
     check_load(recipe)
+    check_data(recipe)
     if _under_launcher():
         return run(argv + platform_flags() + list(extra))  # raw Megatron flags last: they win
     nproc = recipe.get("nproc_per_node") or (
@@ -247,9 +272,35 @@ def _write_run_files(args) -> None:
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         num_moe_experts=args.num_experts)
-    ModelArgs(**fields).save(save / "model_args.json")
-    if args.tokenizer_model and Path(args.tokenizer_model).is_file():
-        shutil.copyfile(args.tokenizer_model, save / "tokenizer.model")
+    wanted = ModelArgs(**fields)
+    tokenizer = Path(args.tokenizer_model) if args.tokenizer_model and Path(args.tokenizer_model).is_file() else None
+    check_run_files(save, wanted, tokenizer)
+    wanted.save(save / "model_args.json")
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, save / "tokenizer.model")
+
+
+def check_run_files(save: Path, wanted, tokenizer: Path | None) -> None:
+    """A save folder belongs to one model: resuming with other model settings or another tokenizer
+    would overwrite what `generate` reads for the checkpoints already there. Refuse before writing."""
+    from dataclasses import asdict
+
+    from megatron_stag.models.model_args import ModelArgs
+
+    stored_args, stored_tok = save / "model_args.json", save / "tokenizer.model"
+    if stored_args.is_file():
+        try:
+            stored = asdict(ModelArgs.load(stored_args))
+        except (ValueError, TypeError) as err:
+            raise SystemExit(f"{stored_args} is not a model description ({err}): move it away or use "
+                             f"another checkpoint.save.") from None
+        changed = [f"{k} {stored[k]!r} -> {v!r}" for k, v in asdict(wanted).items() if stored.get(k) != v]
+        if changed:
+            raise SystemExit(f"checkpoint.save={save} holds checkpoints of another model ({'; '.join(changed)}): "
+                             f"use a new checkpoint.save (nothing was written).")
+    if tokenizer is not None and stored_tok.is_file() and stored_tok.read_bytes() != tokenizer.read_bytes():
+        raise SystemExit(f"checkpoint.save={save} holds checkpoints trained with another tokenizer than "
+                         f"{tokenizer}: use a new checkpoint.save or the run's own {stored_tok}.")
 
 
 def use_shipped_dataset_helpers() -> None:

@@ -22,6 +22,26 @@ from megatron_stag.data.prepare import prepare_dataset
 RECIPE = "tiny-cpu-stag"
 
 
+def _data(out: Path, corpus_mb: float) -> tuple[Path, Path]:
+    """The quickstart's corpus, prepared once per output folder: a re-run continues the same run on
+    the same data and tokenizer; other data needs another folder (its checkpoints know only theirs)."""
+    stamp = out / "data" / "corpus.json"
+    prefix, spm_path = out / "data" / "stdlib_text_document", out / "data" / "stdlib.model"
+    if stamp.is_file():
+        made = json.loads(stamp.read_text())
+        if made.get("corpus_mb") != corpus_mb:
+            raise SystemExit(f"{out} holds a quickstart on {made.get('corpus_mb')} MB of text, not {corpus_mb}: "
+                             f"use another --out, or the same --corpus-mb to continue it.")
+        return prefix, spm_path
+    files = stdlib_files(max_bytes=int(corpus_mb * 1e6))
+    print(f"corpus: {len(files)} stdlib files ({sum(f.stat().st_size for f in files) / 1e6:.1f} MB) "
+          f"under {stdlib_root()}", file=sys.stderr)
+    prefix, spm_path = prepare_dataset([str(f) for f in files], out / "data" / "stdlib", vocab_size=2048,
+                                       overwrite=True)  # an earlier attempt that stopped before the stamp
+    stamp.write_text(json.dumps(dict(corpus_mb=corpus_mb, files=len(files))) + "\n")
+    return prefix, spm_path
+
+
 def run_quickstart(out: Path, iterations: int = 500, corpus_mb: float = 4.0, seed: int = 1234) -> dict:
     from megatron_stag.checkpointing.checkpoint_io import load_model_weights, resolve_checkpoint
     from megatron_stag.data.tokenizer import load_tokenizer
@@ -35,10 +55,7 @@ def run_quickstart(out: Path, iterations: int = 500, corpus_mb: float = 4.0, see
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    files = stdlib_files(max_bytes=int(corpus_mb * 1e6))
-    print(f"corpus: {len(files)} stdlib files ({sum(f.stat().st_size for f in files) / 1e6:.1f} MB) "
-          f"under {stdlib_root()}", file=sys.stderr)
-    prefix, spm_path = prepare_dataset([str(f) for f in files], out / "data" / "stdlib", vocab_size=2048)
+    prefix, spm_path = _data(out, corpus_mb)
 
     ckpts = out / "checkpoints"
     overrides = [f"data.data_path=[{prefix}]", f"data.tokenizer_model={spm_path}",
