@@ -21,6 +21,8 @@ import argparse
 import statistics
 from dataclasses import replace
 
+import torch
+
 from megatron_stag.benchmarks.hardware import peak_tflops, write_result
 from megatron_stag.benchmarks.train_throughput import measure
 from megatron_stag.models.model_args import ModelArgs
@@ -108,6 +110,7 @@ def main(argv=None) -> None:
         plain = serving_model(a)  # the one engine's default step, as `generate` decodes
         decode[name] = dict(per_token_ms=bench(plain, 1, ns)["ms_per_token"])
         del plain
+        torch.compiler.reset()
         _free()
     for name, r in decode.items():
         r["per_token_vs_baseline"] = r["per_token_ms"] / decode["baseline GPT"]["per_token_ms"]

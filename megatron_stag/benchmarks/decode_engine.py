@@ -125,9 +125,6 @@ def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=N
             pos = pos + 1
 
     rounds = [_timed(loop, ns.new - 1) * 1e3 for _ in range(ns.rounds)]
-    del gen
-    torch.compiler.reset()  # every configuration compiles afresh (dynamo's per-function cache is bounded)
-    _free()
     return dict(ms_per_token=statistics.median(rounds), rounds_ms=rounds)
 
 
@@ -177,6 +174,8 @@ def main(argv=None) -> None:
             sections = [placement.section]
         for b in [int(x) for x in ns.batches.split(",")]:
             r = bench(plain, b, ns, recurrent, placement, comm)
+            torch.compiler.reset()  # every configuration compiles afresh (dynamo's per-function cache is bounded)
+            _free()
             weights, caches = step_bytes(plain, b, ns.prompt + (ns.new - 1) / 2, sections, recurrent)
             floor_w = _max_over_ranks(weights) / bandwidth / 1e6
             floor = _max_over_ranks(weights + caches) / bandwidth / 1e6

@@ -15,10 +15,14 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_stag.serving.model import PlainConfig, StagLM, load_plain_model
+
+if TYPE_CHECKING:
+    from megatron_stag.models.model_args import ModelArgs
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
