@@ -1,5 +1,7 @@
 """megatron-stag: StagFormer and AltUp for megatron-core 0.19."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
@@ -10,6 +12,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_stag", "megatron_stag.*"]),
+    # recipes and batch scripts travel with a wheel (found by megatron_stag/platform/shipped.py)
+    data_files=[(f"share/megatron-stag/{folder}", sorted(str(p) for p in Path(folder).iterdir() if p.is_file()))
+                for folder in ("recipes", "slurm")],
     install_requires=[
         "torch>=2.11,<2.15",
         "megatron-core>=0.19,<0.20",

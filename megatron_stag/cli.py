@@ -93,7 +93,7 @@ def _export(ns) -> int:
     try:
         out = export_checkpoint(Path(ns.checkpoint), Path(ns.out), dtype=DTYPES[ns.dtype],
                                 tokenizer=Path(ns.tokenizer) if ns.tokenizer else None)
-    except (ExportError, FileNotFoundError, pickle.UnpicklingError) as err:
+    except (ExportError, FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
         raise SystemExit(str(err)) from None
     print(f"wrote {out} (config.json, model.safetensors, tokenizer.model)")
     return 0
@@ -199,6 +199,15 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch command instead of submitting")
 
 
+_HELP = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
+
+
+def _recipes_epilog() -> str:
+    from megatron_stag.config.recipe import packaged_recipes
+
+    return "packaged recipes: " + ", ".join(packaged_recipes())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-stag", description="StagFormer on megatron-core: train, decode, benchmark.")
@@ -206,48 +215,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quickstart", help="tiny StagFormer pretraining on local text + staggered generation")
-    q.add_argument("--out", default="runs/quickstart")
-    q.add_argument("--iterations", type=int, default=500)
+    q = sub.add_parser("quickstart", formatter_class=_HELP, help="tiny StagFormer pretraining on local text + staggered generation")
+    q.add_argument("--out", default="runs/quickstart", help="folder for data, checkpoints, logs and the loss plot")
+    q.add_argument("--iterations", type=int, default=500, help="training iterations")
     q.add_argument("--corpus-mb", type=float, default=4.0, help="MB of stdlib sources to use")
-    q.add_argument("--seed", type=int, default=1234)
+    q.add_argument("--seed", type=int, default=1234, help="training and sampling seed")
     q.set_defaults(func=_quickstart)
 
-    t = sub.add_parser("pretrain", help="Megatron's training loop on a recipe (recipes/*.yaml)",
+    t = sub.add_parser("pretrain", formatter_class=_HELP, help="Megatron's training loop on a recipe (recipes/*.yaml)",
                        description="megatron-stag pretrain RECIPE [section.key=value ...] "
-                                   "[-- --megatron-flag value ...]")
+                                   "[-- --megatron-flag value ...]", epilog=_recipes_epilog())
     t.add_argument("args", nargs=argparse.REMAINDER, help="RECIPE, overrides, then -- and Megatron flags")
     t.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("plot", help="loss curves of one or more runs (their train.log) as a PNG")
+    p = sub.add_parser("plot", formatter_class=_HELP, help="loss curves of one or more runs (their train.log) as a PNG")
     p.add_argument("logs", nargs="+", help="train.log files or save folders holding one")
-    p.add_argument("--out", default="loss.png")
+    p.add_argument("--out", default="loss.png", help="PNG to write")
     p.add_argument("--label", action="append", help="legend name per log (default: folder name)")
-    p.add_argument("--title", default="lm loss")
+    p.add_argument("--title", default="lm loss", help="plot title")
     p.set_defaults(func=_plot)
 
-    d = sub.add_parser("prepare-data", help="text/JSONL files or folders -> megatron indexed dataset")
+    d = sub.add_parser("prepare-data", formatter_class=_HELP, help="text/JSONL files or folders -> megatron indexed dataset")
     d.add_argument("--input", nargs="+", required=True, help="files or directories")
     d.add_argument("--output-prefix", required=True,
                    help="writes <prefix>_text_document.bin/.idx (and <prefix>.model when it trains a tokenizer)")
     d.add_argument("--tokenizer", help="existing sentencepiece .model (default: train one)")
-    d.add_argument("--vocab-size", type=int, default=16000)
-    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--vocab-size", type=int, default=16000, help="pieces of the trained tokenizer")
+    d.add_argument("--workers", type=int, default=2, help="tokenizing processes")
     d.add_argument("--json-key", default="text", help="field holding the text in .jsonl inputs")
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs of --output-prefix")
     d.set_defaults(func=_prepare_data)
 
-    g = sub.add_parser("generate", help="staggered generation from a checkpoint")
+    g = sub.add_parser("generate", formatter_class=_HELP, help="staggered generation from a checkpoint")
     g.add_argument("checkpoint", help="a checkpoint directory (iter_*), a run's checkpoints folder, or an "
                                       "exported package (megatron-stag export)")
     g.add_argument("--tokenizer", help="sentencepiece .model (default: <checkpoint>/tokenizer.model)")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompt-file", help="one prompt per line, or JSONL with a 'prompt' field")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--stop", action="append", default=[],
                    help="stop string (repeatable): a row ends once its completion contains one; the text "
                         "is cut after it")
@@ -263,23 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run decode steps eagerly (no torch.compile, no CUDA graph): for debugging")
     g.set_defaults(func=_generate)
 
-    s = sub.add_parser("submit", help="sbatch slurm/pretrain.sbatch for a recipe (nodes/tasks from its parallelism)",
+    s = sub.add_parser("submit", formatter_class=_HELP, help="sbatch slurm/pretrain.sbatch for a recipe (nodes/tasks from its parallelism)",
                        description="megatron-stag submit [options] RECIPE [key=value ...] [-- megatron flags]")
     _add_job_options(s)
     s.add_argument("args", nargs=argparse.REMAINDER, help="RECIPE, overrides, then -- and Megatron flags")
     s.set_defaults(func=_submit)
 
-    sg = sub.add_parser("submit-generate", help="sbatch slurm/generate.sbatch: one section per task",
+    sg = sub.add_parser("submit-generate", formatter_class=_HELP, help="sbatch slurm/generate.sbatch: one section per task",
                         description="megatron-stag submit-generate [options] CHECKPOINT [generate options]")
     _add_job_options(sg)
-    sg.add_argument("checkpoint")
+    sg.add_argument("checkpoint", help="as for generate: a checkpoint or an exported package")
     sg.add_argument("args", nargs=argparse.REMAINDER, help="options of megatron-stag generate")
     sg.set_defaults(func=_submit_generate)
 
-    x = sub.add_parser("export", help="megatron checkpoint (any TP/PP) -> plain-PyTorch package (safetensors)")
+    x = sub.add_parser("export", formatter_class=_HELP, help="megatron checkpoint (any TP/PP) -> plain-PyTorch package (safetensors)")
     x.add_argument("checkpoint", help="a checkpoint directory (iter_*) or a run's checkpoints folder")
     x.add_argument("out", help="new folder for config.json, model.safetensors, tokenizer.model")
-    x.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    x.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype written")
     x.add_argument("--tokenizer", help="sentencepiece .model to ship (default: the checkpoint's)")
     x.set_defaults(func=_export)
     return parser

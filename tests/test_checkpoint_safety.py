@@ -105,3 +105,15 @@ def test_metadata_unpickler_admits_only_checkpoint_types(tmp_path):
     assert not (tmp_path / "m").exists()
     assert safe_unpickle.load_metadata(io.BytesIO(pickle.dumps({"a": torch.Size([2]), "b": torch.bfloat16})),
                                        "ok") == {"a": torch.Size([2]), "b": torch.bfloat16}
+
+
+def test_an_incomplete_checkpoint_is_one_line(quickstart_run, tmp_path):
+    """Issue 15: a checkpoint with a shard file gone failed deep in torch's reader."""
+    out, _ = quickstart_run
+    ckpts = shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    shard = sorted(next(ckpts.glob("iter_*")).glob("*.distcp"))[0]
+    shard.unlink()
+    for args in (("export", str(ckpts), str(tmp_path / "pkg")), ("generate", str(ckpts), "--prompt", "x")):
+        proc = cli(*args, check=False)
+        assert proc.returncode != 0 and f"{shard.name} is missing" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr

@@ -161,6 +161,12 @@ def test_runs_refuse_to_overwrite_another_models_files(quickstart_run, tmp_path)
                "model.hidden_size=64", "training.train_iters=102", check=False)
     assert proc.returncode != 0 and "hidden_size 128 -> 64" in proc.stdout + proc.stderr
     assert ((save / "model_args.json").read_bytes(), (save / "tokenizer.model").read_bytes()) == stored
+    resumed = cli("pretrain", "tiny-cpu-stag", f"data.data_path=[{data / 'stdlib_text_document'}]",
+                  f"data.tokenizer_model={data / 'stdlib.model'}", f"checkpoint.save={save}",
+                  f"checkpoint.load={save}", "training.train_iters=100", "optimizer.lr_warmup_iters=10",
+                  "optimizer.lr=0.5", check=False)  # megatron would assert deep in its checkpoint loading
+    assert resumed.returncode != 0 and "another LR schedule (lr " in resumed.stdout + resumed.stderr
+    assert "--override-opt_param-scheduler" in resumed.stdout + resumed.stderr
     again = cli("quickstart", "--out", str(out), "--corpus-mb", "2.5", check=False)
     assert again.returncode != 0 and "--corpus-mb" in again.stderr
     assert (out / "checkpoints" / "tokenizer.model").read_bytes() == stored[1]

@@ -82,13 +82,20 @@ def load_metadata(stream, path) -> Any:
 
 def check_metadata(checkpoint_dir) -> None:
     """Read a torch_dist folder's `.metadata` through the restricted unpickler, so an unsafe file is
-    refused with one clear error before megatron's loading starts (which would wrap it in tracebacks)."""
+    refused with one clear error before megatron's loading starts (which would wrap it in tracebacks),
+    and check that every shard file it names is there."""
     from pathlib import Path
 
     path = Path(checkpoint_dir) / ".metadata"
-    if path.is_file():
-        with open(path, "rb") as stream:
-            load_metadata(stream, path)
+    if not path.is_file():
+        return
+    with open(path, "rb") as stream:
+        metadata = load_metadata(stream, path)
+    shards = {info.relative_path for info in (getattr(metadata, "storage_data", None) or {}).values()}
+    missing = sorted(name for name in shards if not (Path(checkpoint_dir) / name).is_file())
+    if missing:
+        raise FileNotFoundError(f"checkpoint {checkpoint_dir} is incomplete: {', '.join(missing)} "
+                                f"{'is' if len(missing) == 1 else 'are'} missing; use an earlier checkpoint.")
 
 
 def _byte_item_globals() -> list:

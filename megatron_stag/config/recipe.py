@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from megatron_stag.platform.shipped import shipped_dir
+
 SECTIONS = ("model", "parallelism", "training", "optimizer", "data", "checkpoint", "logging")
 # keys that are ours rather than Megatron flags: {section: {key: (type, help)}}
 PLUGIN_KEYS = {
@@ -29,7 +31,7 @@ PLUGIN_KEYS = {
     "logging": {"log_file": "also write the job's output here (default: <save>/train.log)"},
 }
 LAUNCHER_KEYS = {"nproc_per_node", "log_file"}
-RECIPE_DIRS = [Path(__file__).resolve().parents[2] / "recipes"]
+RECIPE_DIRS = [shipped_dir("recipes")]
 
 
 class RecipeError(ValueError):
@@ -53,13 +55,17 @@ class Recipe:
         self.sections.setdefault(section, {})[key] = value
 
 
+def packaged_recipes() -> list[str]:
+    return sorted(p.stem for d in RECIPE_DIRS if d.is_dir() for p in d.glob("*.yaml") if p.stem != "common")
+
+
 def find_recipe(name: str | Path) -> Path:
     path = Path(name)
     candidates = [path] + [d / path for d in RECIPE_DIRS] + [d / f"{path}.yaml" for d in RECIPE_DIRS]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    known = sorted(p.stem for d in RECIPE_DIRS if d.is_dir() for p in d.glob("*.yaml"))
+    known = packaged_recipes()
     raise RecipeError(f"recipe {str(name)!r} not found (looked in ., {', '.join(map(str, RECIPE_DIRS))}); "
                       f"packaged recipes: {', '.join(known)}.")
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
+from megatron_stag.platform.shipped import shipped_dir
+
+SLURM_DIR = shipped_dir("slurm")
 NODE_LOCAL_PREFIXES = ("/tmp/", "/var/tmp/", "/dev/shm/", "/run/")
 NODE_LOCAL_FS = ("tmpfs", "ramfs", "devtmpfs")
 

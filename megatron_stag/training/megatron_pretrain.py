@@ -17,6 +17,7 @@ machines without CUDA it trains on CPU with gloo through `platform/cpu.py`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER
 from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
 from megatron_stag.platform.distributed import free_port, launched
 
@@ -275,9 +277,34 @@ def _write_run_files(args) -> None:
     wanted = ModelArgs(**fields)
     tokenizer = Path(args.tokenizer_model) if args.tokenizer_model and Path(args.tokenizer_model).is_file() else None
     check_run_files(save, wanted, tokenizer)
+    schedule = _schedule(args)
+    if not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+        check_resumed_schedule(save, schedule, resuming=args.load and Path(args.load) == save)
+    (save / "schedule.json").write_text(json.dumps(schedule, indent=2) + "\n")
     wanted.save(save / "model_args.json")
     if tokenizer is not None:
         shutil.copyfile(tokenizer, save / "tokenizer.model")
+
+
+def _schedule(args) -> dict:
+    """What megatron's OptimizerParamScheduler insists be unchanged when it resumes."""
+    return dict(lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
+                lr_decay_iters=args.lr_decay_iters or args.train_iters, lr_decay_style=args.lr_decay_style,
+                start_weight_decay=args.start_weight_decay, end_weight_decay=args.end_weight_decay)
+
+
+def check_resumed_schedule(save: Path, schedule: dict, resuming: bool) -> None:
+    """megatron asserts deep in its checkpoint loading when a resumed run changes the LR schedule; say
+    which values changed, and how to proceed, before anything loads."""
+    stored = save / "schedule.json"
+    if not resuming or not stored.is_file() or not (save / MEGATRON_TRACKER).is_file():
+        return
+    before = json.loads(stored.read_text())
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in schedule.items() if before.get(k) != v]
+    if changed:
+        raise SystemExit(f"checkpoint.save={save} resumes a run with another LR schedule ({'; '.join(changed)}): "
+                         f"keep the run's values, or add `-- --override-opt_param-scheduler` to take the new "
+                         f"ones (or `-- --use-checkpoint-opt_param-scheduler` to keep the checkpoint's).")
 
 
 def check_run_files(save: Path, wanted, tokenizer: Path | None) -> None:
