@@ -130,8 +130,8 @@ def _submit(ns) -> int:
                              if not str(p).replace(".", "").isdigit()]
         if recipe.get("tokenizer_model"):
             paths.append(Path(recipe.get("tokenizer_model")))
-        slurm.check_shared_paths(paths, shape.nodes)
         opts = _job_options(ns, f"stag-{Path(argv[0]).stem}", run_dir)
+        slurm.check_shared_paths(paths + slurm.job_files(opts), shape.nodes)
         cmd = slurm.sbatch_command("pretrain.sbatch", shape, opts, [*argv, *(["--", *extra] if extra else [])])
         slurm.submit(cmd, slurm.job_environment(opts), ns.dry_run)
     except (RecipeError, slurm.SlurmError) as err:
@@ -155,8 +155,8 @@ def _submit_generate(ns) -> int:
         run_dir = Path(ns.run_dir or Path("runs") / "generate")
         shape = slurm.generate_shape(sections, gen.tp, ns.nodes, ns.gpus_per_node, ns.cpu)
         paths = [run_dir, ckpt] + [Path(p) for p in (gen.prompt_file, gen.output) if p]
-        slurm.check_shared_paths(paths, shape.nodes)
         opts = _job_options(ns, "stag-generate", run_dir)
+        slurm.check_shared_paths(paths + slurm.job_files(opts), shape.nodes)
         cmd = slurm.sbatch_command("generate.sbatch", shape, opts, [ns.checkpoint, *ns.args])
         slurm.submit(cmd, slurm.job_environment(opts), ns.dry_run)
     except slurm.SlurmError as err:

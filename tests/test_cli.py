@@ -3,6 +3,7 @@
 generate` with its error messages."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -88,6 +89,10 @@ def test_export_and_generate_with_deepspeed(quickstart_run, tmp_path):
     package = tmp_path / "pkg"
     cli("export", str(out / "checkpoints"), str(package))
     assert sorted(p.name for p in package.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (package, *package.iterdir()):  # issue 20: mkdtemp made the package 0700, unreadable by a team
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
     again = cli("export", str(out / "checkpoints"), str(package), check=False)
     assert again.returncode != 0 and "exists" in again.stderr
     args = ["--prompt", "def f(x):", "--prompt", "import os", "--max-new-tokens", "10"]

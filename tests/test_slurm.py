@@ -2,6 +2,7 @@
 started on this machine (pretraining as a 2-task job, staggered generation with one section per task,
 preemption -> checkpoint -> requeue -> resume)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -80,16 +81,21 @@ def test_sbatch_command_multinode_and_environment(tmp_path):
 
 def test_submit_dry_run_and_errors(tmp_path):
     shared_data = ["data.data_path=[/shared/corpus_text_document]", "data.tokenizer_model=/shared/corpus.model"]
+    shared_python = {**os.environ, "STAG_PYTHON": "/shared/venv/bin/python"}  # wherever this checkout is
     out = cli("submit", "--dry-run", "--nodes", "2", "--run-dir", "/shared/run", "350m-stag", *shared_data,
               "parallelism.tensor_model_parallel_size=2", "training.global_batch_size=512",
-              "--", "--log-timers-to-tensorboard").stdout
+              "--", "--log-timers-to-tensorboard", env=shared_python).stdout
     assert "sbatch --job-name=stag-350m-stag --nodes=2 --ntasks-per-node=8" in out
     assert "STAG_RUN_DIR=/shared/run" in out
     assert out.rstrip().endswith("parallelism.tensor_model_parallel_size=2 "
                                  "training.global_batch_size=512 -- --log-timers-to-tensorboard")
     shared = cli("submit", "--dry-run", "--nodes", "2", "--run-dir", "/dev/shm/run", "350m-stag", *shared_data,
-                 "training.global_batch_size=512", check=False)
-    assert shared.returncode != 0 and "node-local filesystem" in shared.stderr and "/dev/shm/run" in shared.stderr
+                 "training.global_batch_size=512", env=shared_python, check=False)
+    assert shared.returncode != 0 and "node-local filesystem (under /dev/shm/" in shared.stderr and "/dev/shm/run" in shared.stderr
+    local_python = cli("submit", "--dry-run", "--nodes", "2", "--run-dir", "/shared/run", "350m-stag", *shared_data,
+                       "training.global_batch_size=512", env={**os.environ, "STAG_PYTHON": "/tmp/venv/bin/python"},
+                       check=False)  # issue 20: a node-local interpreter failed only on the other node
+    assert local_python.returncode != 0 and "/tmp/venv/bin/python is on a node-local" in local_python.stderr
     misfit = cli("submit", "--dry-run", "--nodes", "1", "--gpus-per-node", "4", "350m-stag",
                  "parallelism.tensor_model_parallel_size=8", check=False)
     assert "exceeds the 4 tasks per node" in misfit.stderr

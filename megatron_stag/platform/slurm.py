@@ -121,10 +121,17 @@ def check_shared_paths(paths: list[Path], nodes: int) -> None:
     for path in paths:
         resolved = Path(os.path.abspath(path))
         fs = _fs_type(resolved, mounts)
-        if str(resolved).startswith(NODE_LOCAL_PREFIXES) or fs in NODE_LOCAL_FS:
-            raise SlurmError(f"{path} is on a node-local filesystem ({fs or str(resolved).split('/')[1]}); "
-                             f"a {nodes}-node job needs it on a shared filesystem (NFS, Lustre, GPFS, ...): "
-                             f"move it or pass a shared --run-dir.")
+        prefix = next((p for p in NODE_LOCAL_PREFIXES if str(resolved).startswith(p)), None)
+        if prefix or fs in NODE_LOCAL_FS:
+            why = f"under {prefix}, which every node has its own of" if prefix else f"a {fs} filesystem"
+            raise SlurmError(f"{path} is on a node-local filesystem ({why}); a {nodes}-node job needs it on "
+                             f"a shared filesystem (NFS, Lustre, GPFS, ...): move it or pass a shared --run-dir.")
+
+
+def job_files(opts: "JobOptions") -> list[Path]:
+    """What every node's tasks run besides the data: the interpreter (with megatron-stag installed
+    beside it), unless a container image brings its own."""
+    return [] if opts.container_image else [Path(job_environment(opts)["STAG_PYTHON"])]
 
 
 def _mount_types() -> list[tuple[str, str]]:

@@ -12,6 +12,7 @@ temporary sibling and renamed, so it is complete or absent.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -185,6 +186,9 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
     plain = to_plain_model(model, args).to(dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the package from the rest of a team
     try:
         plain.cfg.save(tmp / "config.json")
         save_model(plain, str(tmp / "model.safetensors"))
