@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 PY312 := $(shell for c in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12; do \
 	$$c -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && echo $$c && break; done)
 
-.PHONY: venv quickstart test test-slow clean
+.PHONY: venv quickstart lint test test-slow clean
 
 venv: $(STAMP)
 
@@ -25,7 +25,10 @@ $(STAMP): setup.py constraints.txt
 quickstart: $(STAMP)
 	$(BIN)/megatron-stag quickstart --out runs/quickstart
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check megatron_stag tests setup.py
+
+test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 test-slow: $(STAMP)

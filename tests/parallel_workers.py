@@ -104,7 +104,7 @@ def train_step(rank, world, tp, pp, stag, ckpt_in, out_dir):
              for key, parts in _shards(model).items()}
     result = {"grads": grads}
     if ps.is_pipeline_last_stage():
-        result["loss"] = sum(float(l["loss"]) for l in losses) / MICRO_BATCHES
+        result["loss"] = sum(float(m["loss"]) for m in losses) / MICRO_BATCHES
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

@@ -62,8 +62,8 @@ def test_standard_equations(kw):
             x = [e] + list(extra.chunk(k - 1, dim=-1))
         else:
             x = [e] * k
-        for l, layer in enumerate(model.blocks[0].layers):
-            j = l % k if cfg.altup_schedule == "alternating" else cfg.altup_fixed_block
+        for index, layer in enumerate(model.blocks[0].layers):
+            j = index % k if cfg.altup_schedule == "alternating" else cfg.altup_fixed_block
             p, g = layer.altup.prediction, layer.altup.correction
             pred = [sum(p[i, m] * x[m] for m in range(k)) for i in range(k)]
             y = _layer(layer, x[j])  # the layer reads the old active block
@@ -190,7 +190,7 @@ def test_gemma3n_equations():
         blocks = [x[0]] + [_rescale(x[i + 1] @ w.t(), x[0]) for i, w in enumerate(head.projections)]
         ref = _logits(model, head.norm(sum(blocks) / k))
         torch.testing.assert_close(model(ids, pos), ref, atol=1e-5, rtol=1e-5)
-    assert any((a.abs() > 0.2).any() for a in [l.altup.prediction for l in model.blocks[0].layers]), \
+    assert any((a.abs() > 0.2).any() for a in [layer.altup.prediction for layer in model.blocks[0].layers]), \
         "the clip must be active somewhere for this test to check it"
 
 

@@ -40,7 +40,7 @@ def test_generate_from_checkpoint(quickstart_run, tmp_path):
     prompts.write_text("def f(x):\nclass A:\n")
     proc = cli("generate", str(out / "checkpoints"), "--prompt-file", str(prompts),
                "--max-new-tokens", "8", "--output", str(jsonl))
-    rows = [json.loads(l) for l in jsonl.read_text().splitlines()]
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["def f(x):", "class A:"]
     assert all(len(r["tokens"]) == 8 for r in rows)
     assert "tokens/s" in proc.stderr
@@ -98,7 +98,7 @@ def test_export_and_generate_with_deepspeed(quickstart_run, tmp_path):
     args = ["--prompt", "def f(x):", "--prompt", "import os", "--max-new-tokens", "10"]
 
     def records(path):
-        return [json.loads(l) for l in path.read_text().splitlines()]
+        return [json.loads(line) for line in path.read_text().splitlines()]
 
     cli("generate", str(out / "checkpoints"), *args, "--output", str(tmp_path / "megatron.jsonl"))
     cli("generate", str(package), "--engine", "deepspeed", *args, "--output", str(tmp_path / "ds.jsonl"))

@@ -117,8 +117,8 @@ def test_shared_weights_share_storage_and_count():
     half = tiny_model(stag_sections=1, num_layers=2)
     n_shared = sum(p.numel() for p in shared.parameters())
     n_half = sum(p.numel() for p in half.parameters())
-    cross = sum(p.numel() for l in shared.blocks[1].layers
-                for m in (l.cross_attention, l.pre_cross_attn_layernorm) for p in m.parameters())
+    cross = sum(p.numel() for layer in shared.blocks[1].layers
+                for m in (layer.cross_attention, layer.pre_cross_attn_layernorm) for p in m.parameters())
     final_norm = sum(p.numel() for p in shared.blocks[0].final_layernorm.parameters())
     assert n_shared == n_half + cross + final_norm
     a, b = shared.blocks[0].layers[0], shared.blocks[1].layers[0]

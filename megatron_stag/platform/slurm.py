@@ -139,7 +139,7 @@ def _mount_types() -> list[tuple[str, str]]:
         lines = Path("/proc/mounts").read_text().splitlines()
     except OSError:
         return []
-    return sorted(((l.split()[1], l.split()[2]) for l in lines if len(l.split()) > 2),
+    return sorted(((row.split()[1], row.split()[2]) for row in lines if len(row.split()) > 2),
                   key=lambda m: len(m[0]), reverse=True)
 
 
