@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_pretrain)
 
     p = sub.add_parser("plot", formatter_class=_HELP, help="loss curves of one or more runs (their train.log) as a PNG")
-    p.add_argument("logs", nargs="+", help="train.log files or save folders holding one")
+    p.add_argument("logs", nargs="+", help="train.log files, save folders holding one, or Slurm run directories")
     p.add_argument("--out", default="loss.png", help="PNG to write")
     p.add_argument("--label", action="append", help="legend name per log (default: folder name)")
     p.add_argument("--title", default="lm loss", help="plot title")

@@ -225,4 +225,17 @@ def test_plot_several_runs(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([sys.executable, "-m", "megatron_stag.cli", "plot", str(tmp_path / "c")],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "does not exist" in bad.stderr
+    assert bad.returncode != 0 and "has no log" in bad.stderr
+
+
+def test_plot_reads_a_slurm_run_directory(tmp_path):
+    """Issue 20: a `submit` run directory has slurm-<job>.out (appended across requeues), no train.log."""
+    from megatron_stag.training.run_logs import read_log
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "slurm-17.out").write_text(" iteration        1/       4 | lm loss: 5.0E+00 |\n")
+    (run / "slurm-23.out").write_text(" iteration        3/       4 | lm loss: 3.0E+00 |\n")
+    os.utime(run / "slurm-17.out", (1, 1))  # the older job's log
+    log = read_log(run)
+    assert log.name == "run" and log.train == {1: 5.0, 3: 3.0}

@@ -31,14 +31,26 @@ class RunLog:
     params: int | None = None  # summed over the (tensor, pipeline) ranks megatron reports
 
 
+def _log_files(path: Path) -> list[Path]:
+    """A log file, a save folder's train.log (`pretrain`), or a Slurm run directory's slurm-<job>.out
+    files (`submit`; a requeued job appends to its own, a resubmitted one starts another), oldest first."""
+    if not path.is_dir():
+        return [path] if path.is_file() else []
+    if (path / "train.log").is_file():
+        return [path / "train.log"]
+    return sorted(path.glob("slurm-*.out"), key=lambda p: p.stat().st_mtime)
+
+
 def read_log(path: Path, name: str | None = None) -> RunLog:
     path = Path(path)
-    if path.is_dir():
-        path = path / "train.log"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass a run's train.log (or its save folder).")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    run = RunLog(name or path.parent.name)
+    files = _log_files(path)
+    if not files:
+        raise FileNotFoundError(f"{path} has no log: pass a run's train.log, its save folder, or a Slurm "
+                                f"run directory (with slurm-<job>.out).")
+    text = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    path = files[-1]
+    run = RunLog(name or (path.parent.name if path.name == "train.log" or path.name.startswith("slurm-")
+                          else path.stem))
     run.train = {int(i): float(v) for i, v in TRAIN.findall(text)}
     run.valid = {int(i): float(v) for i, v in VALID.findall(text)}
     run.grad_norm = {int(i): float(v) for i, v in GRAD_NORM.findall(text)}
