@@ -11,11 +11,11 @@ On CUDA the step is compiled (torch.compile, one function per section so the str
 and replayed from one CUDA graph by default. Sampling is `sampling.decode_loop`.
 
 Several ranks: rank r runs section r // tp as tensor-parallel rank r % tp of its section (the
-sections' TP groups are what `engine.init_deepspeed_engine` shards with). Rank (k, t) sends its
+sections' TP groups are what `deepspeed.init_deepspeed_engine` shards with). Rank (k, t) sends its
 step output to (k+1, t) while (k+1, t) computes the same step, so the critical path per token is one
 section plus a small send and the broadcast of the sampled token from the last section's rank 0.
 With output 'last' what it sends is section k+1's new cross-attention entry already projected to
-every layer's keys and values (`plain_model.EntryProjections`, kept on rank k by `keep_sections`):
+every layer's keys and values (`model.EntryProjections`, kept on rank k by `keep_sections`):
 both ranks then read about the same weight bytes per step (prefill still sends outputs).
 Communication goes through `comm`: `deepspeed.comm` under DeepSpeed, torch.distributed otherwise.
 
