@@ -1,11 +1,12 @@
-"""A StagFormer / AltUp language model in plain PyTorch: what `megatron-stag export` writes.
+"""The serving model: a StagFormer / AltUp language model in plain PyTorch, what `generate` decodes
+(converted in memory from a megatron checkpoint) and what `megatron-stag export` writes.
 
 Loadable without megatron (torch and safetensors only), built from `nn.Linear` layers with the usual
 names (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`), so DeepSpeed's
 AutoTP can shard it by name. The maths is megatron's (see `models/stagformer_model.py`): pre-norm
 layers, rotary or learned positions, section k >= 1 cross-attending to section k-1's final normed
 outputs shifted right by one (entry 0 = the null entry, entry j = position j-1), optionally inside a
-window; AltUp's K-block stream with predict/correct around every layer.
+window; AltUp's K-block stream with predict/correct around every layer; megatron's MoE MLP.
 
 One code path serves the teacher-forced forward and decoding: a section runs over new positions of
 some cache rows, writing their self-attention K/V into its cache and reading cross-attention entries
