@@ -194,6 +194,8 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
         save_model(plain, str(tmp / "model.safetensors"))
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        for written in tmp.iterdir():  # safetensors writes 0600 as well
+            os.chmod(written, 0o666 & ~umask)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
