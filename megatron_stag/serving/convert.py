@@ -169,21 +169,12 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
     """Write the package for `checkpoint` (anything `resolve_checkpoint` accepts) to `out`."""
     from safetensors.torch import save_model
 
-    from megatron_stag.checkpointing.checkpoint_io import load_model_weights, resolve_checkpoint
-    from megatron_stag.models.model_args import ModelArgs
-    from megatron_stag.platform.distributed import initialize
-
     out = Path(out)
     if out.exists():
         raise ExportError(f"{out} exists: export into a new folder (nothing was written).")
-    _, run_dir = resolve_checkpoint(checkpoint)
-    args = ModelArgs.load(run_dir / "model_args.json")
-    check_exportable(args)
+    _, run_dir = describe(checkpoint)
     tokenizer = Path(tokenizer) if tokenizer else run_dir / "tokenizer.model"
-    initialize(tp=1, pp=1)
-    model = args.build(args.config()).eval()
-    load_model_weights(model, checkpoint)
-    plain = to_plain_model(model, args).to(dtype)
+    plain = load_serving_model(checkpoint, dtype=dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
