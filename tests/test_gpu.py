@@ -140,3 +140,23 @@ def test_default_step_equals_eager_step(dtype, tol):
         prompts, params, keep_logits=True)
     assert fast.tokens == eager.tokens
     assert (fast.step_logits.float() - eager.step_logits.float()).abs().max() <= tol
+
+
+def test_sampling_inside_the_graph_equals_eager_sampling():
+    """Sampling runs inside the graphed step with the engine's seeded CUDA generator: the same tokens
+    as the eager step (fp32), and again on a second generate that replays the same graph."""
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.sampling import SamplingParams
+    from tests.model_factory import tiny_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    plain = to_plain_model(tiny_model(), None, device="cuda")
+    prompts = [[5, 9, 2, 33, 7], [1, 2, 3]]
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=30, top_p=0.95, seed=4)
+    fast = StaggeredGenerator(plain, max_len=24, batch=2)
+    first = fast.generate(prompts, params).tokens
+    eager = StaggeredGenerator(plain, max_len=24, batch=2, cuda_graph=False, compile=False).generate(prompts, params)
+    assert first == eager.tokens
+    assert fast.generate(prompts, params).tokens == first
+    assert fast.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.9, seed=5)).tokens != first

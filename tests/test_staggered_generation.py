@@ -108,6 +108,42 @@ def test_sampling_controls():
         SamplingParams(top_p=0.0)
 
 
+def test_sampling_follows_the_distribution():
+    """The exponential race (argmax p / E) samples multinomial(p); top-k and top-p cut the tail."""
+    from megatron_stag.serving.sampling import sample
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(40000, 1)
+    gen = torch.Generator().manual_seed(0)
+
+    def freq(**kw):
+        return torch.bincount(sample(logits, SamplingParams(temperature=1.0, **kw), gen), minlength=5) / 40000
+
+    torch.testing.assert_close(freq(), logits[0].softmax(0), atol=0.01, rtol=0)
+    torch.testing.assert_close(freq(top_k=2), torch.cat([logits[0, :2].softmax(0), torch.zeros(3)]), atol=0.01, rtol=0)
+    probs = logits[0].softmax(0)  # top-p 0.8 keeps the tokens up to and including the one crossing 0.8
+    torch.testing.assert_close(freq(top_p=0.8), torch.cat([probs[:3] / probs[:3].sum(), torch.zeros(2)]),
+                               atol=0.01, rtol=0)
+
+
+def test_decode_loop_reads_back_only_to_stop():
+    """The loop keeps tokens on the device: a stop rule is checked every `check_every` steps (rows
+    run on meanwhile and are cut at their stop), and without one nothing is read until the end."""
+    from megatron_stag.serving.sampling import decode_loop
+
+    calls = []
+
+    def step(tokens, positions):
+        calls.append(1)
+        return tokens + 1, positions + 1, None
+
+    params = SamplingParams(max_new_tokens=40, stop=lambda ids: ids[-1] == 3)
+    out, _ = decode_loop(torch.tensor([0, 10]), step, torch.tensor([5, 5]), params, check_every=8)
+    assert out[0] == [0, 1, 2, 3] and out[1] == list(range(10, 50))
+    assert len(calls) == 39
+    out, _ = decode_loop(torch.tensor([0]), step, torch.tensor([5]), params, check_every=8)
+    assert out == [[0, 1, 2, 3]] and len(calls) == 39 + 7  # checked once 8 tokens were out
+
+
 def test_learned_positions_bound_the_context():
     with pytest.raises(ValueError, match=f"exceeds the model's {MAX_LEN} positions"):
         generator(tiny_model(), MAX_LEN + 1)

@@ -8,8 +8,9 @@
 Each model is a megatron StagFormerModel (bf16, random weights, 24 layers of hidden 2048, vocabulary
 32k, rope) converted in memory to the serving model, exactly what `megatron-stag generate` decodes,
 driven by `engine.StaggeredGenerator` with its defaults (compiled step, one CUDA graph per token step).
-A row: `--prompt` random tokens per sequence, then `--new` greedy tokens with no host synchronisation,
-timed with CUDA events; `--rounds` repeats of the timed loop, the median reported.
+A row: `--prompt` random tokens per sequence, then `--new` greedy tokens through `generate`'s decode
+loop (`sampling.decode_loop`: sampling inside the graphed step, no host synchronisation until the
+end), timed with CUDA events; `--rounds` repeats of the timed loop, the median reported.
 
 The floor is the bytes a step must read over the copy bandwidth measured in the same run:
 `floor_weights_ms` the weights (once, however many sections share them; on the slowest rank with one
@@ -21,6 +22,7 @@ at the mean position of the timed steps.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -100,8 +102,10 @@ def step_bytes(plain, batch: int, position: float, sections, recurrent: bool) ->
 
 
 def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=None) -> dict:
-    """ms per token of the engine's default step (greedy, no host sync), median of ns.rounds."""
+    """ms per token of `generate`'s decode loop with the engine's defaults (greedy, sampled inside the
+    graphed step, no host sync until the end), median of ns.rounds."""
     from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.sampling import SamplingParams, decode_loop
 
     gen = StaggeredGenerator(plain, ns.prompt + ns.new, batch, placement=placement, comm=comm, recurrent=recurrent)
     g = torch.Generator().manual_seed(0)
@@ -111,20 +115,10 @@ def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=N
     first = torch.stack(last).argmax(-1) if gen._sampler else torch.zeros(batch, dtype=torch.long, device="cuda")
     first = gen._broadcast(first)
     start = torch.full((batch,), ns.prompt, device="cuda")
-
-    def step(t, pos):
-        logits = gen.step(t, pos)
-        return gen._broadcast(logits.argmax(-1) if logits is not None else torch.zeros_like(t))
-
-    step(first, start)  # compile and capture (its warm-ups rewrite the same cache slots)
-
-    def loop():
-        t, pos = first, start
-        for _ in range(ns.new - 1):
-            t = step(t, pos)
-            pos = pos + 1
-
-    rounds = [_timed(loop, ns.new - 1) * 1e3 for _ in range(ns.rounds)]
+    params = SamplingParams(max_new_tokens=ns.new)
+    step = functools.partial(gen.step, params=params)
+    step(first, start)  # compile and capture (every round rewrites the same cache slots)
+    rounds = [_timed(lambda: decode_loop(first, step, start, params), ns.new - 1) * 1e3 for _ in range(ns.rounds)]
     return dict(ms_per_token=statistics.median(rounds), rounds_ms=rounds)
 
 

@@ -87,7 +87,7 @@ def recurrent_eval(save: Path, prefix: Path, sequences: int, length: int) -> dic
                 logits = [gen.prefill(0, seq[:1].tolist())]
                 pos = torch.tensor([1], device="cuda")
                 for t in range(1, length):
-                    logits.append(gen.step(seq[t:t + 1].cuda(), pos)[0])
+                    logits.append(gen.step(seq[t:t + 1].cuda(), pos)[2][0].clone())
                     pos = pos + 1
             lp = torch.log_softmax(torch.stack(logits).float(), -1)
             target = seq[1:length + 1].cuda()

@@ -32,7 +32,9 @@ class SamplingParams:
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
-    """logits [b, v] -> token ids [b]."""
+    """logits [b, v] -> token ids [b] on the logits' device, without a host sync, so a CUDA graph can
+    hold it. A sampled token is the argmax of p / E with E ~ Exp(1) drawn from `generator` (the
+    exponential race: distributed as multinomial(p), but one kernel chain with no host round trip)."""
     logits = logits.float()
     if params.temperature == 0:
         return logits.argmax(dim=-1)
@@ -47,15 +49,18 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(dim=-1)
 
 
-def append_tokens(out: list[list[int]], done: list[bool], tokens: Tensor, stop) -> None:
-    """Add each unfinished row's new token; a row finishes once `stop` holds for it (keeping the token)."""
-    for r, t in enumerate(tokens.tolist()):
-        if not done[r]:
-            out[r].append(t)
-            done[r] = stop is not None and stop(out[r])
+def _append(out: list[list[int]], done: list[bool], tokens: list[list[int]], stop) -> None:
+    """Add each unfinished row's new tokens [steps][rows]; a row finishes once `stop` holds for it
+    (keeping that token)."""
+    for step in tokens:
+        for r, t in enumerate(step):
+            if not done[r]:
+                out[r].append(t)
+                done[r] = stop is not None and stop(out[r])
 
 
 def check_prompts(prompts: list[list[int]], params: SamplingParams, max_len: int, batch: int) -> None:
@@ -71,31 +76,33 @@ def check_prompts(prompts: list[list[int]], params: SamplingParams, max_len: int
             f"context of {max_len}: shorten the prompt or lower max_new_tokens.")
 
 
-def decode_loop(first_logits, step, positions: Tensor, params: SamplingParams, rows: int,
-                samples_here: bool = True, broadcast=lambda t: t, keep_logits: bool = False,
-                on_token=None):
-    """The token loop shared by every generator: sample, append, stop, step.
+def decode_loop(first: Tensor, step, positions: Tensor, params: SamplingParams, keep_logits: bool = False,
+                on_token=None, check_every: int = 16):
+    """The token loop of every generator: step, record, and read tokens back to the host only where
+    a stop rule needs them (every `check_every` steps) and at the end, so the GPU never waits on Python.
 
-    `step(tokens, positions)` returns the next logits (or None on ranks that do not sample);
-    `broadcast` hands the sampled tokens to every rank. Returns (tokens per row, kept step logits).
+    `first` [rows]: the tokens sampled from the prompts' logits (on every rank). `step(tokens,
+    positions)` runs one token step, sampling included, and returns (next tokens, next positions,
+    logits or None). Rows run on after they stop (rows are independent, so this changes no row's
+    tokens) until every row has stopped or the budget is spent. Returns (tokens per row, kept logits).
     """
-    gen = torch.Generator().manual_seed(params.seed)
-    tokens = sample(first_logits, params, gen) if samples_here else torch.zeros(
-        rows, dtype=torch.long, device=positions.device)
-    tokens = broadcast(tokens)
-    out, done = [[] for _ in range(rows)], [False] * rows
-    append_tokens(out, done, tokens, params.stop)
-    kept = []
-    for i in range(params.max_new_tokens - 1):
-        if all(done):
-            break
-        logits = step(tokens, positions)
-        if samples_here:
-            if keep_logits:
-                kept.append(logits)
-            tokens = sample(logits, params, gen)
-        tokens, positions = broadcast(tokens), positions + 1
-        append_tokens(out, done, tokens, params.stop)
+    rows = first.shape[0]
+    history = torch.empty(params.max_new_tokens, rows, dtype=torch.long, device=first.device)
+    history[0].copy_(first)
+    out, done, read, n, kept = [[] for _ in range(rows)], [False] * rows, 0, 1, []
+    tokens = first
+    while n < params.max_new_tokens:
+        if params.stop is not None and n - read >= check_every:
+            _append(out, done, history[read:n].tolist(), params.stop)
+            read = n
+            if all(done):
+                break
+        tokens, positions, logits = step(tokens, positions)
+        if keep_logits and logits is not None:
+            kept.append(logits.clone())
+        history[n].copy_(tokens)
+        n += 1
         if on_token is not None:
-            on_token(i + 2)
+            on_token(n)
+    _append(out, done, history[read:n].tolist(), params.stop)
     return out, kept
