@@ -92,10 +92,14 @@ def _export(ns) -> int:
 
     try:
         out = export_checkpoint(Path(ns.checkpoint), Path(ns.out), dtype=DTYPES[ns.dtype],
-                                tokenizer=Path(ns.tokenizer) if ns.tokenizer else None)
+                                tokenizer=Path(ns.tokenizer) if ns.tokenizer else None, format=ns.format)
     except (ExportError, FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
         raise SystemExit(str(err)) from None
-    print(f"wrote {out} (config.json, model.safetensors, tokenizer.model)")
+    if ns.format == "hf":
+        print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+              f"trust_remote_code=True) and AutoTokenizer likewise")
+    else:
+        print(f"wrote {out} (config.json, model.safetensors, tokenizer.model)")
     return 0
 
 
@@ -290,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out", help="new folder for config.json, model.safetensors, tokenizer.model")
     x.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype written")
     x.add_argument("--tokenizer", help="sentencepiece .model to ship (default: the checkpoint's)")
+    x.add_argument("--format", choices=("plain", "hf"), default="plain",
+                   help="plain: this package's serving format; hf: a Hugging Face transformers folder")
     x.set_defaults(func=_export)
     return parser
 

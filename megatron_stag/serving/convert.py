@@ -12,6 +12,7 @@ temporary sibling and renamed, so it is complete or absent.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -165,26 +166,38 @@ def to_plain_model(model, args, device="cpu") -> StagLM:
 
 
 def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.float32,
-                      tokenizer: Path | None = None) -> Path:
-    """Write the package for `checkpoint` (anything `resolve_checkpoint` accepts) to `out`."""
+                      tokenizer: Path | None = None, format: str = "plain", max_shard_bytes: int = 5 << 30) -> Path:
+    """Write the package for `checkpoint` (anything `resolve_checkpoint` accepts) to `out`: our plain
+    format, or (`format="hf"`) a Hugging Face transformers folder (`write_hf_folder`)."""
     from safetensors.torch import save_model
 
+    if format not in ("plain", "hf"):
+        raise ExportError(f"format={format!r}: choose 'plain' or 'hf'.")
     out = Path(out)
     if out.exists():
         raise ExportError(f"{out} exists: export into a new folder (nothing was written).")
     _, run_dir = describe(checkpoint)
     tokenizer = Path(tokenizer) if tokenizer else run_dir / "tokenizer.model"
+    if format == "hf" and not tokenizer.is_file():
+        raise ExportError(f"{tokenizer} does not exist: a Hugging Face folder ships its tokenizer; pass "
+                          f"--tokenizer with the sentencepiece .model the model was trained with.")
     plain = load_serving_model(checkpoint, dtype=dtype)
+    if format == "hf" and (vocab := _tokenizer_vocab(tokenizer)) > plain.cfg.vocab_size:
+        raise ExportError(f"{tokenizer} has {vocab} pieces, more than the model's vocab_size "
+                          f"{plain.cfg.vocab_size}: pass the tokenizer the model was trained with.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the package from the rest of a team
     try:
-        plain.cfg.save(tmp / "config.json")
-        save_model(plain, str(tmp / "model.safetensors"))
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        if format == "hf":
+            write_hf_folder(plain, tokenizer, tmp, dtype, max_shard_bytes)
+        else:
+            plain.cfg.save(tmp / "config.json")
+            save_model(plain, str(tmp / "model.safetensors"))
+            if tokenizer.is_file():
+                shutil.copyfile(tokenizer, tmp / "tokenizer.model")
         for written in tmp.iterdir():  # safetensors writes 0600 as well
             os.chmod(written, 0o666 & ~umask)
         tmp.rename(out)
@@ -192,6 +205,60 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _tokenizer_vocab(path: Path) -> int:
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+    except (RuntimeError, OSError) as err:
+        raise ExportError(f"{path} is not a sentencepiece model ({err}).") from None
+
+
+def write_hf_folder(plain: StagLM, tokenizer: Path | None, out: Path, dtype: torch.dtype,
+                    max_shard_bytes: int = 5 << 30) -> None:
+    """A transformers folder: config.json naming `hf_model.py` (the wrapper) and `model.py` (the serving
+    model) in `auto_map`, both copied here so megatron_stag is not needed to load it; safetensors weights
+    under the wrapper's names (every name of a shared or tied tensor written, so transformers finds each),
+    sharded above `max_shard_bytes` with an index; generation_config.json; the sentencepiece model with
+    `hf_tokenizer.py` for AutoTokenizer (`tokenizer` None: no tokenizer, e.g. for a model under test)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from megatron_stag.serving import hf_model, hf_tokenizer, model as model_module
+
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer)) if tokenizer else None
+    eos = sp.eos_id() if sp is not None and sp.eos_id() >= 0 else None
+    config = hf_model.StagConfig.from_plain(
+        plain.cfg, architectures=["StagForCausalLM"], dtype=str(dtype).removeprefix("torch."),
+        eos_token_id=eos, pad_token_id=eos,
+        auto_map={"AutoConfig": "hf_model.StagConfig", "AutoModelForCausalLM": "hf_model.StagForCausalLM"})
+    config.save_pretrained(out)
+    GenerationConfig(eos_token_id=eos, pad_token_id=eos).save_pretrained(out)
+    state = {f"model.{k}": v.detach().to(dtype).contiguous().clone() for k, v in plain.state_dict().items()}
+    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_bytes)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, str(out / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = dict(metadata={"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     weight_map=split.tensor_to_filename)
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for module in (hf_model, model_module):
+        shutil.copyfile(module.__file__, out / Path(module.__file__).name)
+    if sp is None:
+        return
+    shutil.copyfile(hf_tokenizer.__file__, out / Path(hf_tokenizer.__file__).name)
+    shutil.copyfile(tokenizer, out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="StagTokenizer", auto_map={"AutoTokenizer": ["hf_tokenizer.StagTokenizer", None]},
+        eos_token=sp.id_to_piece(eos) if eos is not None else None, unk_token=sp.id_to_piece(sp.unk_id()),
+        pad_token=sp.id_to_piece(eos) if eos is not None else None, padding_side="left",
+        model_max_length=plain.cfg.max_sequence_length), indent=2) + "\n")
 
 
 def describe(path: Path) -> tuple[PlainConfig | ModelArgs, Path]:

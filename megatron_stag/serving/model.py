@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FORMAT_VERSION = 1
+HF_MODEL_TYPE = "stagformer"  # config.json of `export --format hf` (hf_model.py)
 _EPS = 1e-6  # AltUp's RMS rescaling floor (layers/altup_stream.py)
 
 
@@ -75,6 +76,11 @@ class PlainConfig:
             data = json.loads(Path(path).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON ({err}): export the checkpoint again.") from None
+        if isinstance(data, dict) and "model_type" in data:  # a Hugging Face config
+            if data["model_type"] != HF_MODEL_TYPE:
+                raise ValueError(f"{path}: model_type {data['model_type']!r} is not a megatron-stag model "
+                                 f"({HF_MODEL_TYPE!r}): export one with `megatron-stag export CKPT OUT --format hf`.")
+            data = {f.name: data[f.name] for f in fields(cls) if f.name in data}
         if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
             version = data.get("format_version") if isinstance(data, dict) else None
             raise ValueError(f"{path}: format_version {version} is not {FORMAT_VERSION}: re-export the "
@@ -401,17 +407,26 @@ class Section(nn.Module):
         return torch.stack(blocks, -2).mean(-2)
 
     def forward(self, h: Tensor, positions: Tensor, rows: Optional[Tensor], cache: SectionCache,
-                rope: Optional[tuple[Tensor, Tensor]] = None, entries: Optional[Tensor] = None) -> Tensor:
+                rope: Optional[tuple[Tensor, Tensor]] = None, entries: Optional[Tensor] = None,
+                valid: Optional[Tensor] = None) -> Tensor:
         """Run new positions [b', n] of cache rows `rows` (None: every row) from the input h [b', n, D].
 
         Writes their self-attention K/V; cross-attention reads entries <= position (and > position -
         window), which the caller stored beforehand in the cache, or passes as `entries` (`all_entries`
-        of these rows). Returns the section's normed output [b', n, d].
+        of these rows). `valid` [b', slots] (every row, whole caches): which slots hold tokens, not
+        padding; a padded slot is read by no other position (each still reads its own slot, so no
+        softmax is empty). Returns the section's normed output [b', n, d].
         """
         keep = _causal_keep(positions, cache.kv[0].shape[3])
+        if valid is not None:
+            keep = keep & valid[:, None, None, :] | _own_slot(positions, valid.shape[1])
         if self.index:
             cross_kv = cache.cross if entries is None else entries
             cross_keep = self._cross_keep(positions, cross_kv.shape[4])
+            if valid is not None:  # entry j is column j's: the null entry or the output of column j - 1
+                ring = cross_kv.shape[4]
+                entry_valid = torch.cat([valid, valid.new_ones(valid.shape[0], ring - valid.shape[1])], 1)
+                cross_keep = cross_keep & entry_valid[:, None, None, :] | _own_slot(positions, ring)
         whole = rows is None
         if whole:
             rows = torch.arange(positions.shape[0], device=h.device)
@@ -435,6 +450,11 @@ class Section(nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             h = layer.altup.correct(prediction, x) if prediction is not None else x
         return self.norm(self._collapse(h))
+
+
+def _own_slot(positions: Tensor, slots: int) -> Tensor:
+    """[b', 1, n, slots]: each new position's own slot."""
+    return (torch.arange(slots, device=positions.device)[None, None, :] == positions[:, :, None])[:, None]
 
 
 def _causal_keep(positions: Tensor, slots: int) -> Tensor:
@@ -602,16 +622,37 @@ class StagLM(nn.Module):
         return self.lm_head(outputs[-1])
 
     def forward(self, ids: Tensor) -> Tensor:
-        b, s = ids.shape
-        positions = torch.arange(s, device=ids.device)[None].expand(b, -1)
-        caches = self.new_caches(b, s)
+        """Teacher-forced logits [b, s, V] of ids [b, s]."""
+        return self.extend(ids, self.new_caches(ids.shape[0], ids.shape[1]), 0)
+
+    def extend(self, ids: Tensor, caches: dict, start: int, mask: Optional[Tensor] = None) -> Tensor:
+        """Logits [b, n, V] of new tokens ids [b, n] at columns start..start+n-1 of every cache row
+        (whole caches, `bounded=False`), after the `start` columns the caches already hold: a forward
+        (start 0) or a chunk of cached decoding (what the Hugging Face model runs).
+
+        `mask` [b, start + n] (1 token, 0 padding, e.g. left padding of a batch): a padded column is read
+        by no token, positions count tokens only, and a cross-attention entry whose previous column is
+        padding is the null entry; a row's logits then equal its unpadded forward's.
+        """
+        b, n = ids.shape
+        columns = torch.arange(start, start + n, device=ids.device)[None].expand(b, -1)
+        positions, valid = columns, None
+        if mask is not None:
+            mask = mask.bool()
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+            valid = torch.zeros(b, caches[0].kv[0].shape[3], dtype=torch.bool, device=ids.device)
+            valid[:, :start + n] = mask
         h0, rope = self.embed(ids, positions), self.rope(positions)
+        first = torch.full((b,), start, dtype=torch.long, device=ids.device)
         outs = []
         for k, section in enumerate(self.sections):
-            if k:
-                entries = torch.cat([self.null_entry(outs[-1]), outs[-1][:, :-1]], dim=1)
-                section.write_entries(caches[k], entries, torch.zeros(b, dtype=torch.long, device=ids.device))
-            outs.append(section(h0, positions, None, caches[k], rope))
+            if k:  # entries start+1..start+n: the previous section's outputs at these columns
+                prev = outs[-1] if mask is None else outs[-1].masked_fill(~mask[:, start:, None], 0.0)
+                if start == 0:
+                    section.write_entries(caches[k], torch.cat([self.null_entry(prev), prev], 1), first)
+                else:
+                    section.write_entries(caches[k], prev, first + 1)
+            outs.append(section(h0, columns, None, caches[k], rope, valid=valid))
         return self.logits(outs)
 
     def fuse_projections(self) -> None:
@@ -640,16 +681,30 @@ class StagLM(nn.Module):
 
 
 def load_plain_model(directory: Path, device="cpu", dtype: torch.dtype = torch.float32) -> StagLM:
-    """An exported model package (config.json + model.safetensors) -> StagLM in eval mode."""
-    from safetensors.torch import load_model
+    """An exported package (config.json + model.safetensors), or a Hugging Face folder written by
+    `export --format hf` (weights under `model.`, possibly sharded) -> StagLM in eval mode."""
+    from safetensors.torch import load_file, load_model
 
     directory = Path(directory)
-    for name in ("config.json", "model.safetensors"):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} is missing: export a checkpoint with "
-                                    f"`megatron-stag export CHECKPOINT {directory}`.")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory / 'config.json'} is missing: export a checkpoint with "
+                                f"`megatron-stag export CHECKPOINT {directory}`.")
     cfg = PlainConfig.load(directory / "config.json")
+    shards = sorted(directory.glob("model*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{directory / 'model.safetensors'} is missing: export a checkpoint with "
+                                f"`megatron-stag export CHECKPOINT {directory}`.")
     with torch.device(device):
         model = StagLM(cfg)
-    load_model(model, directory / "model.safetensors", strict=True, device=str(device))
+    hf = json.loads((directory / "config.json").read_text()).get("model_type") == HF_MODEL_TYPE
+    if not hf:
+        load_model(model, directory / "model.safetensors", strict=True, device=str(device))
+        return model.to(dtype).eval()
+    state = {}
+    for shard in shards:
+        state.update({k.removeprefix("model."): v for k, v in load_file(shard, device=str(device)).items()})
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{directory}: the weights do not match config.json ({str(err)[:300]}): export again.") from None
     return model.to(dtype).eval()

@@ -1,0 +1,143 @@
+"""Hugging Face format (`export --format hf`): transformers loads the exported folder through
+trust_remote_code (also where megatron_stag cannot be imported), its logits equal megatron's, its
+generate() equals our engine's tokens, padding is handled, AutoTokenizer equals our tokenizer."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.cli_helpers import cli
+from tests.model_factory import MAX_LEN, batch, tiny_model
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5  # fp32; observed <= 1e-7 (the same serving model behind transformers' interfaces)
+
+VARIANTS = {
+    "stag": {},
+    "shared": dict(stag_shared_weights=True),
+    "window4-rope": dict(stag_cross_window=4, position_embedding_type="rope"),
+    "p3-combine": dict(stag_sections=3, num_layers=6, stag_output="combine"),
+    "gqa-swiglu-rmsnorm-nobias": dict(num_query_groups=2, gated_linear_unit=True, activation_func=F.silu,
+                                      bias_activation_fusion=False, normalization="RMSNorm",
+                                      add_bias_linear=False),
+    "altup-gemma3n": dict(altup_blocks=2, altup_output="projected", altup_embedding="projected",
+                          altup_form="gemma3n", altup_schedule="fixed", altup_coef_clip=0.5,
+                          position_embedding_type="rope"),
+}
+
+
+def hf_folder(model, path, shard_bytes=5 << 30):
+    from megatron_stag.serving.convert import to_plain_model, write_hf_folder
+
+    path.mkdir()
+    write_hf_folder(to_plain_model(model, None), None, path, torch.float32, shard_bytes)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_hf_logits_and_generate_equal_ours(megatron_world, tmp_path, name):
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.sampling import SamplingParams
+
+    model = tiny_model(**VARIANTS[name])
+    hf = hf_folder(model, tmp_path / "hf", shard_bytes=20_000)  # several shards and an index
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    ids, pos = batch()
+    with torch.no_grad():
+        assert (model(ids, pos) - hf(ids).logits).abs().max() <= TOL
+    prompt = [5, 9, 2, 33, 7]
+    ours = StaggeredGenerator(to_plain_model(model, None), MAX_LEN, 1).generate([prompt], SamplingParams(8))
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    assert theirs[0, len(prompt):].tolist() == ours.tokens[0]
+
+
+def test_hf_padding_and_cache(megatron_world, tmp_path):
+    """A left-padded batch gives each row its unpadded logits (cached decoding too); right padding
+    leaves the tokens before it unchanged."""
+    model = tiny_model(stag_cross_window=2, position_embedding_type="rope", num_query_groups=2)
+    hf = hf_folder(model, tmp_path / "hf")
+    short, long = [4, 8, 15], [16, 23, 42, 7, 9]
+    ids = torch.tensor([[0, 0] + short, long])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1] * 5])
+    with torch.no_grad():
+        out = hf(ids, attention_mask=mask)
+        alone = hf(torch.tensor([short])).logits[0]
+        torch.testing.assert_close(out.logits[0, 2:], alone, atol=TOL, rtol=0)
+        torch.testing.assert_close(out.logits[1], hf(torch.tensor([long])).logits[0], atol=TOL, rtol=0)
+        step = hf(torch.tensor([[11], [12]]), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                  past_key_values=out.past_key_values)
+        torch.testing.assert_close(step.logits[0, 0], hf(torch.tensor([short + [11]])).logits[0, -1], atol=TOL, rtol=0)
+        right = hf(torch.tensor([short + [0, 0]]), attention_mask=torch.tensor([[1, 1, 1, 0, 0]])).logits[0, :3]
+        torch.testing.assert_close(right, alone, atol=TOL, rtol=0)
+    padded = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert padded[0, 5:].tolist() == hf.generate(torch.tensor([short]), max_new_tokens=5, do_sample=False)[0, 3:].tolist()
+
+
+def test_hf_export_cli_loads_without_megatron_stag(quickstart_run, tmp_path):
+    """`export --format hf` on the quickstart checkpoint: a Python that cannot import megatron_stag
+    loads model and tokenizer (trust_remote_code) and gets our tokenizer's ids and our greedy tokens;
+    `generate` reads the folder too. Bad folders fail naming the file."""
+    out, _ = quickstart_run
+    folder = tmp_path / "hf"
+    cli("export", str(out / "checkpoints"), str(folder), "--format", "hf")
+    assert {"config.json", "generation_config.json", "hf_model.py", "model.py", "hf_tokenizer.py", "tokenizer.model",
+            "tokenizer_config.json", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+    text = "def f(x):\n    return x  + 1"
+    ours = cli("generate", str(out / "checkpoints"), "--prompt", text, "--max-new-tokens", "8",
+               "--output", str(tmp_path / "ours.jsonl"))
+    assert ours.returncode == 0
+    record = json.loads((tmp_path / "ours.jsonl").read_text())
+    script = textwrap.dedent(f"""
+        import importlib.abc, json, sys
+        class Refuse(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "megatron_stag":
+                    raise ImportError("megatron_stag is not importable here")
+        sys.meta_path.insert(0, Refuse())
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        ids = tok({text!r})["input_ids"]
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+        print(json.dumps(dict(ids=ids, tokens=out, text=tok.decode(ids))))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    from megatron_stag.data.tokenizer import load_tokenizer
+
+    assert theirs["ids"] == load_tokenizer(out / "checkpoints" / "tokenizer.model").tokenize(text)
+    assert theirs["text"] == text
+    assert theirs["tokens"] == record["tokens"]
+    again = cli("generate", str(folder), "--prompt", text, "--max-new-tokens", "8", "--output", str(tmp_path / "hf.jsonl"))
+    assert again.returncode == 0 and json.loads((tmp_path / "hf.jsonl").read_text())["tokens"] == record["tokens"]
+
+
+def test_hf_bad_folders_name_the_file(megatron_world, tmp_path):
+    from megatron_stag.serving.model import load_plain_model
+
+    hf_folder(tiny_model(), tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        load_plain_model(tmp_path / "hf")
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(dict(model_type="llama", hidden_size=8)))
+    with pytest.raises(ValueError, match=r"llama.*not a megatron-stag"):
+        load_plain_model(other)
+
+
+def test_importing_hf_model_registers_the_auto_classes(megatron_world, tmp_path):
+    import megatron_stag.serving.hf_model as hf_model
+
+    hf_folder(tiny_model(), tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # no trust_remote_code
+    assert type(model) is hf_model.StagForCausalLM
