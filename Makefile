@@ -19,7 +19,7 @@ $(STAMP): setup.py constraints.txt
 	@test -n "$(PY312)" || { echo "python3.12 not found: install Python 3.12 (megatron-core 0.19 needs it)"; exit 1; }
 	@test -x $(BIN)/python || $(PY312) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,deepspeed]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,deepspeed,eval]'
 	@touch $@
 
 quickstart: $(STAMP)

@@ -28,6 +28,7 @@ setup(
     extras_require={
         # AutoTP (tensor-parallel DeepSpeed inference) imports transformers
         "deepspeed": ["deepspeed>=0.19,<0.20", "transformers>=4.40"],
+        "eval": ["lm-eval>=0.4.9,<0.5", "accelerate", "transformers>=4.40"],  # megatron-stag eval (HFLM)
         "test": ["pytest", "pytest-timeout", "ruff"],
     },
     entry_points={"console_scripts": ["megatron-stag=megatron_stag.cli:main"]},

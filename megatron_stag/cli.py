@@ -297,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=("plain", "hf"), default="plain",
                    help="plain: this package's serving format; hf: a Hugging Face transformers folder")
     x.set_defaults(func=_export)
+
+    e = sub.add_parser("eval", formatter_class=_HELP, help="lm-evaluation-harness on a checkpoint or export")
+    from megatron_stag.serving import evaluate
+
+    evaluate.add_arguments(e)
+    e.set_defaults(func=evaluate.run)
     return parser
 
 

@@ -141,3 +141,47 @@ def test_importing_hf_model_registers_the_auto_classes(megatron_world, tmp_path)
     hf_folder(tiny_model(), tmp_path / "hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # no trust_remote_code
     assert type(model) is hf_model.StagForCausalLM
+
+
+def test_eval_runs_local_tasks_through_the_harness(quickstart_run, tmp_path):
+    """`megatron-stag eval` on the quickstart checkpoint: a local loglikelihood task and a
+    generate_until task run through lm-evaluation-harness's hf backend, offline; the harness's
+    perplexity is the one our serving model gives the same continuations."""
+    pytest.importorskip("lm_eval")
+    out, _ = quickstart_run
+    docs = [dict(context="def f(x):\n    return", continuation=" x + 1"), dict(context="import", continuation=" os"),
+            dict(context="for i in", continuation=" range(10):")]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+              "doc_to_text: '{{context}}'\ndoc_to_target: '{{continuation}}'\n")
+    (tasks / "ll.yaml").write_text("task: tiny_ll\noutput_type: loglikelihood\n" + common +
+                                   "metric_list:\n  - metric: perplexity\n  - metric: acc\n")
+    (tasks / "gen.yaml").write_text("task: tiny_gen\noutput_type: generate_until\n" + common +
+                                    "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 6\n  do_sample: false\n"
+                                    "metric_list:\n  - metric: exact_match\n")
+    result = tmp_path / "results.json"
+    cli("eval", str(out / "checkpoints"), "--tasks", "tiny_ll,tiny_gen", "--include-path", str(tasks),
+        "--output", str(result))
+    record = json.loads(result.read_text())
+    assert set(record["results"]) == {"tiny_ll", "tiny_gen"}
+    assert 0.0 <= record["results"]["tiny_gen"]["exact_match,none"] <= 1.0
+
+    from megatron_stag.data.tokenizer import load_tokenizer
+    from megatron_stag.serving.convert import load_serving_model
+
+    tok = load_tokenizer(out / "checkpoints" / "tokenizer.model")
+    model = load_serving_model(out / "checkpoints")
+    lls = []
+    for d in docs:
+        context = tok.tokenize(d["context"])
+        whole = tok.tokenize(d["context"] + d["continuation"])
+        with torch.no_grad():
+            logp = model(torch.tensor([whole])).log_softmax(-1)[0]
+        lls.append(sum(logp[i - 1, whole[i]].item() for i in range(len(context), len(whole))))
+    expected = float(torch.tensor(lls).mean().neg().exp())
+    assert record["results"]["tiny_ll"]["perplexity,none"] == pytest.approx(expected, rel=1e-4)
+    bad = cli("eval", str(out / "checkpoints"), "--tasks", "no_such_task", "--include-path", str(tasks), check=False)
+    assert bad.returncode != 0 and "no_such_task" in bad.stderr
