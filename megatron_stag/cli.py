@@ -87,6 +87,19 @@ def _generate(ns) -> int:
     return generate_from_checkpoint(ns, _read_prompts(ns))
 
 
+def _import(ns) -> int:
+    from megatron_stag.serving.convert import ExportError, import_checkpoint
+
+    try:
+        out = import_checkpoint(Path(ns.source), Path(ns.out))
+    except (ExportError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    print(f"wrote {out} (megatron torch_dist, any TP/PP loads it): continue training with "
+          f"`megatron-stag pretrain RECIPE checkpoint.load={out} checkpoint.save=NEW_DIR` and the model "
+          f"settings in {out / 'model_args.json'}")
+    return 0
+
+
 def _export(ns) -> int:
     from megatron_stag.serving.convert import DTYPES, ExportError, export_checkpoint
 
@@ -297,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=("plain", "hf"), default="plain",
                    help="plain: this package's serving format; hf: a Hugging Face transformers folder")
     x.set_defaults(func=_export)
+
+    im = sub.add_parser("import", formatter_class=_HELP,
+                        help="Hugging Face export (or plain package) -> megatron checkpoint to fine-tune from")
+    im.add_argument("source", help="a folder written by `megatron-stag export` (--format hf or plain)")
+    im.add_argument("out", help="new checkpoint folder; train from it with checkpoint.load=OUT")
+    im.set_defaults(func=_import)
 
     e = sub.add_parser("eval", formatter_class=_HELP, help="lm-evaluation-harness on a checkpoint or export")
     from megatron_stag.serving import evaluate

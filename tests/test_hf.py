@@ -119,6 +119,17 @@ def test_hf_export_cli_loads_without_megatron_stag(quickstart_run, tmp_path):
     assert theirs["tokens"] == record["tokens"]
     again = cli("generate", str(folder), "--prompt", text, "--max-new-tokens", "8", "--output", str(tmp_path / "hf.jsonl"))
     assert again.returncode == 0 and json.loads((tmp_path / "hf.jsonl").read_text())["tokens"] == record["tokens"]
+    from megatron_stag.data.tokenizer import train_sentencepiece
+    from pathlib import Path
+
+    import megatron_stag
+
+    sources = [p.read_text() for p in Path(megatron_stag.__file__).parent.rglob("*.py")]
+    big = train_sentencepiece(sources * 3, tmp_path / "big.model", 3000)
+    refused = cli("export", str(out / "checkpoints"), str(tmp_path / "hf2"), "--format", "hf", "--tokenizer", str(big),
+                  check=False)
+    assert refused.returncode != 0 and "big.model has 3000 pieces" in refused.stderr
+    assert not (tmp_path / "hf2").exists()
 
 
 def test_hf_bad_folders_name_the_file(megatron_world, tmp_path):
@@ -185,3 +196,47 @@ def test_eval_runs_local_tasks_through_the_harness(quickstart_run, tmp_path):
     assert record["results"]["tiny_ll"]["perplexity,none"] == pytest.approx(expected, rel=1e-4)
     bad = cli("eval", str(out / "checkpoints"), "--tasks", "no_such_task", "--include-path", str(tasks), check=False)
     assert bad.returncode != 0 and "no_such_task" in bad.stderr
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS) + ["learned-positions-gpt", "altup3-widened-learned"])
+def test_import_round_trip_is_exact(megatron_world, tmp_path, name):
+    """megatron -> HF folder -> `import` -> megatron: every weight bit-exact (fp32)."""
+    from megatron_stag.checkpointing.checkpoint_io import load_model_weights, resolve_checkpoint
+    from megatron_stag.models.model_args import ModelArgs
+    from megatron_stag.serving.convert import import_checkpoint
+
+    kw = {"learned-positions-gpt": dict(stag_sections=1),
+          "altup3-widened-learned": dict(altup_blocks=3, altup_embedding="widened", altup_output="learned")}
+    model = tiny_model(**kw.get(name, VARIANTS.get(name, {})))
+    hf_folder(model, tmp_path / "hf")
+    checkpoint = import_checkpoint(tmp_path / "hf", tmp_path / "ckpt")
+    _, run_dir = resolve_checkpoint(checkpoint)
+    args = ModelArgs.load(run_dir / "model_args.json")
+    back = args.build(args.config()).eval()
+    load_model_weights(back, checkpoint)
+    theirs = back.state_dict()
+    for key, value in model.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(theirs[key], value), key
+    with pytest.raises(Exception, match="exists"):
+        import_checkpoint(tmp_path / "hf", checkpoint)
+
+
+@pytest.mark.slow
+def test_import_continues_training_at_tp2_pp2(quickstart_run, tmp_path):
+    """The quickstart model exported to HF and imported back: `pretrain` at TP=2 x PP=2 loads it
+    (megatron's release checkpoint: weights only) and trains on from the trained weights."""
+    out, _ = quickstart_run
+    cli("export", str(out / "checkpoints"), str(tmp_path / "hf"), "--format", "hf")
+    cli("import", str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    summary = json.loads((out / "summary.json").read_text())
+    data = out / "data"
+    proc = cli("pretrain", "tiny-cpu-stag", f"data.data_path=[{data / 'stdlib_text_document'}]",
+               f"data.tokenizer_model={data / 'stdlib.model'}", f"checkpoint.load={tmp_path / 'ckpt'}",
+               f"checkpoint.save={tmp_path / 'ft'}", "training.train_iters=2", "checkpoint.save_interval=2",
+               "parallelism.tensor_model_parallel_size=2", "parallelism.pipeline_model_parallel_size=2",
+               "logging.eval_interval=100", "optimizer.lr_warmup_iters=1")
+    log = proc.stdout + proc.stderr
+    assert "loading release distributed checkpoint" in log and "at iteration 0" in log
+    first = float(log.split("lm loss: ")[1].split()[0])
+    assert first < summary["first_loss"] - 1.5  # a fresh model starts near ln(vocab); this one is trained

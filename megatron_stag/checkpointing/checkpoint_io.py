@@ -77,13 +77,16 @@ MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def megatron_latest(save_dir: Path) -> Optional[Path]:
-    """The iteration folder Megatron's tracker names (None when there is no complete checkpoint)."""
+    """The iteration folder Megatron's tracker names (None when there is no complete checkpoint);
+    'release' is a converted model (`megatron-stag import`): weights only, loaded as iteration 0."""
     tracker = Path(save_dir) / MEGATRON_TRACKER
     if not tracker.is_file():
         return None
     text = tracker.read_text().strip()
+    if text == "release":
+        return Path(save_dir) / "release"
     if not text.isdigit():
-        raise ValueError(f"{tracker} holds {text!r}, not an iteration number.")
+        raise ValueError(f"{tracker} holds {text!r}, not an iteration number or 'release'.")
     return Path(save_dir) / f"iter_{int(text):07d}"
 
 

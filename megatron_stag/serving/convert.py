@@ -294,3 +294,117 @@ def load_serving_model(path: Path, device="cpu", dtype: torch.dtype = torch.floa
     model = args.build(args.config()).eval()
     load_model_weights(model, path)
     return to_plain_model(model, args, device=device).to(dtype)
+
+
+# ------------------------------------------------------------------ serving model -> megatron
+def model_args_for(cfg: PlainConfig) -> "ModelArgs":
+    """The ModelArgs (megatron model) whose conversion is `cfg`, or an ExportError naming the field
+    that has no megatron equivalent here."""
+    from megatron_stag.models.model_args import ModelArgs
+
+    fixed = dict(rotary_base=10000.0, norm_eps=1e-5)
+    for name, value in fixed.items():
+        if getattr(cfg, name) != value:
+            raise ExportError(f"{name}={getattr(cfg, name)}: megatron-stag trains with {value}; this model "
+                              f"cannot be imported.")
+    if cfg.position_embedding == "rope" and cfg.rotary_dim != cfg.head_dim:
+        raise ExportError(f"rotary_dim={cfg.rotary_dim} differs from head_dim={cfg.head_dim}: megatron-stag "
+                          f"rotates whole heads; this model cannot be imported.")
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        raise ExportError(f"head_dim={cfg.head_dim} x num_attention_heads={cfg.num_attention_heads} is not "
+                          f"hidden_size={cfg.hidden_size}: this model cannot be imported.")
+    schedule, fixed_block = "alternating", 0
+    blocks = {b for section in cfg.altup_active for b in section}
+    if cfg.altup_blocks > 1 and len(blocks) == 1 and any(len(s) > 1 for s in cfg.altup_active):
+        schedule, fixed_block = "fixed", blocks.pop()
+    return ModelArgs(
+        vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_sequence_length,
+        num_layers=sum(cfg.section_layers), hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=None if cfg.num_query_groups == cfg.num_attention_heads else cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size, normalization=cfg.normalization, swiglu=cfg.activation == "swiglu",
+        position_embedding_type=cfg.position_embedding, share_embeddings_and_output_weights=cfg.tie_embeddings,
+        stag_sections=cfg.sections, stag_section_layers=list(cfg.section_layers),
+        stag_shared_weights=cfg.shared_weights, stag_cross_window=cfg.cross_window, stag_output=cfg.output,
+        altup_blocks=cfg.altup_blocks, altup_schedule=schedule, altup_fixed_block=fixed_block,
+        altup_embedding=cfg.altup_embedding, altup_output=cfg.altup_output, altup_form=cfg.altup_form,
+        altup_coef_clip=cfg.altup_coef_clip, num_moe_experts=cfg.moe_experts or None, moe_router_topk=cfg.moe_topk,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size, add_bias_linear=cfg.bias)
+
+
+def load_into_megatron(model, cfg: PlainConfig, state: dict) -> None:
+    """Write the serving model's weights `state` (StagLM names) into the megatron `model` (TP=1, PP=1):
+    the exact inverse of `plain_state_dict`, found by running that mapping once over element ids
+    (each megatron parameter filled with (its index << 32) + element index, in float64), so the two
+    directions cannot drift apart. Every megatron element must receive a value."""
+    params = [p for _, p in model.named_parameters()]
+    saved = [p.data for p in params]
+    for i, p in enumerate(params):
+        p.data = (torch.arange(p.numel(), dtype=torch.float64) + float(i << 32)).view(p.shape)
+    try:
+        ids = plain_state_dict(model, cfg)
+    finally:
+        for p, data in zip(params, saved):
+            p.data = data
+    missing = sorted(set(ids) - set(state))
+    if missing:
+        raise ExportError(f"weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
+    covered = [torch.zeros(p.numel(), dtype=torch.bool) for p in params]
+    with torch.no_grad():
+        for name, traced in ids.items():
+            flat = traced.reshape(-1).long()
+            values = state[name].reshape(-1).to(torch.float32)
+            if values.numel() != flat.numel():
+                raise ExportError(f"{name}: {tuple(state[name].shape)} does not match the model's "
+                                  f"{tuple(traced.shape)}.")
+            owners = flat >> 32
+            for owner in owners.unique().tolist():
+                chosen = owners == owner
+                where = flat[chosen] & 0xFFFFFFFF
+                params[owner].data.view(-1)[where] = values[chosen].to(params[owner].dtype)
+                covered[owner][where] = True
+    gaps = [name for (name, _), done in zip(model.named_parameters(), covered) if not done.all()]
+    if gaps:
+        raise ExportError(f"no serving-model weight maps onto {gaps[:5]}: this model cannot be imported.")
+
+
+def import_checkpoint(source: Path, out: Path) -> Path:
+    """An exported folder (`export --format hf`, or a plain package) -> a megatron checkpoint directory
+    that `pretrain` continues from (`checkpoint.load=OUT`; megatron's 'release' tracker: weights only,
+    iteration 0, fresh optimizer) and `generate`/`export` read. Saved at TP=1/PP=1: torch_dist reshards
+    it to the layout of whatever run loads it. Written to a temporary sibling and renamed."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER
+    from megatron_stag.platform.distributed import initialize
+
+    source, out = Path(source), Path(out)
+    if out.exists():
+        raise ExportError(f"{out} exists: import into a new folder (nothing was written).")
+    plain = load_plain_model(source)
+    args = model_args_for(plain.cfg)
+    tokenizer = source / "tokenizer.model"
+    initialize(tp=1, pp=1)
+    model = args.build(args.config()).eval()
+    if plain_config(model, args) != plain.cfg:
+        raise ExportError(f"{source / 'config.json'} describes a model megatron-stag does not build the same "
+                          f"way (altup_active or a default differs): it cannot be imported.")
+    load_into_megatron(model, plain.cfg, plain.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        (tmp / "release").mkdir()
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0},
+                                str(tmp / "release"))
+        (tmp / MEGATRON_TRACKER).write_text("release")
+        args.save(tmp / "model_args.json")
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
