@@ -326,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from megatron_stag.platform import quiet
     from megatron_stag.platform.slurm import adopt_slurm_rank_env
 
+    quiet.install()  # known, harmless library warnings: off for this command and the ranks it starts
     adopt_slurm_rank_env()  # a task of our batch scripts: Slurm's variables -> RANK, WORLD_SIZE, ...
     ns = build_parser().parse_args(argv)
     return ns.func(ns)

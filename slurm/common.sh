@@ -32,7 +32,8 @@ check_shared_run_dir() {
   if (( SLURM_JOB_NUM_NODES > 1 )); then
     local marker="${STAG_RUN_DIR}/.shared-check-${SLURM_JOB_ID}"
     touch "$marker"
-    if ! srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 test -e "$marker"; then
+    # one task per node, stated in full: the job's own task count would otherwise apply (and warn)
+    if ! srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 test -e "$marker"; then
       log "error: ${STAG_RUN_DIR} is not visible from every node: use a shared filesystem for the run directory"
       rm -f "$marker"
       exit 2

@@ -175,3 +175,35 @@ def test_runs_refuse_to_overwrite_another_models_files(quickstart_run, tmp_path)
     again = cli("quickstart", "--out", str(out), "--corpus-mb", "2.5", check=False)
     assert again.returncode != 0 and "--corpus-mb" in again.stderr
     assert (out / "checkpoints" / "tokenizer.model").read_bytes() == stored[1]
+
+
+def test_quickstart_output_is_what_a_user_reads(quickstart_run):
+    """Megatron's argument dump goes to the run's folder (one line names the file); known, harmless
+    library warnings and megatron's INFO set-up chatter stay off the terminal."""
+    out, proc = quickstart_run
+    text = proc.stdout + proc.stderr
+    assert "------------------------ arguments" not in text
+    assert f"megatron arguments: {out / 'checkpoints' / 'megatron_arguments.txt'}" in text
+    assert "micro_batch_size" in (out / "checkpoints" / "megatron_arguments.txt").read_text()
+    for known in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                  "MCore's async save is deprecated", "INFO:megatron", "CPU RNG state changed"):
+        assert known not in text, known
+
+
+def test_quiet_keeps_unknown_warnings(monkeypatch):
+    import logging
+    import warnings
+
+    from megatron_stag.platform import quiet
+
+    for name in ("PYTHONWARNINGS", "MEGATRON_LOGGING_LEVEL"):  # restored after the test
+        monkeypatch.delenv(name, raising=False)
+    for name in ("", "megatron"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet.install()
+        warnings.warn("Apex is not installed. Falling back to Torch Norm")
+        warnings.warn("something a user should see")
+    assert [str(w.message) for w in caught] == ["something a user should see"]
+    assert not any("," in start or ":" in start for _, start in quiet.KNOWN_WARNINGS)  # PYTHONWARNINGS syntax

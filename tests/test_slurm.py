@@ -180,14 +180,22 @@ def test_pretrain_job_on_two_tasks(cluster, trained):
 
 
 def test_generation_job_one_section_per_task(cluster, trained, tmp_path):
+    """One section per task; the time-limit warning (USR1 to the batch shell, as --signal=B:USR1@N
+    sends) is logged and generation goes on to write its whole output (it used to kill the job)."""
     run, _, _ = trained
     ckpt = run / "checkpoints"
     args = ["--prompt", "def f(x):", "--prompt", "import os", "--max-new-tokens", "8"]
     proc = cli("submit-generate", "--cpu", "--run-dir", str(tmp_path), str(ckpt), *args,
                "--output", str(tmp_path / "slurm.jsonl"), env=cluster.env)
     job = submitted(proc)
+    deadline = time.time() + 300
+    while "2 tasks on 1 node(s)" not in log_of(tmp_path, job):  # printed once the traps are set
+        assert time.time() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING"), log_of(tmp_path, job)
+        time.sleep(0.2)
+    warned = subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster.env).returncode == 0
     assert cluster.wait(job) == "COMPLETED", log_of(tmp_path, job)[-4000:]
-    assert "2 tasks on 1 node(s)" in log_of(tmp_path, job)
+    if warned:  # the signal reached a running script (else the job had already finished)
+        assert "time-limit warning: generation continues" in log_of(tmp_path, job)
     cli("generate", str(ckpt), *args, "--output", str(tmp_path / "local.jsonl"))
     assert (tmp_path / "slurm.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
 

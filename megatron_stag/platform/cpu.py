@@ -192,6 +192,11 @@ def adapt_megatron_training() -> None:
         raise RuntimeError("adapt_megatron_training() is for CPU machines: call activate() first.")
     training.initialize_megatron = functools.partial(initialize.initialize_megatron, allow_no_cuda=True)
     arguments.get_device_arch_version = lambda: 0  # only picks performance advice for TP/CP
+    from megatron_stag.platform.quiet import drop_log_lines
+
+    # the "GPU" RNG is the CPU generator here, so megatron's check that the CPU state stays untouched
+    # inside the GPU RNG context always fires: noise on CPU only
+    drop_log_lines("megatron.core.tensor_parallel.random", "CPU RNG state changed within GPU RNG context")
 
 
 def is_active() -> bool:

@@ -343,6 +343,22 @@ def use_shipped_dataset_helpers() -> None:
     dataset_utils.compile_helpers = lambda: None
 
 
+def _arguments_to_file(title: str, args) -> None:
+    """Megatron prints its ~770 resolved arguments at start-up; they go to the run's folder
+    (`<checkpoint.save>/megatron_arguments.txt`) with one line on the terminal naming the file."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    lines = sorted((f"  {name} {'.' * (48 - len(name))} {value}" for name, value in vars(args).items()),
+                   key=str.lower)
+    if not args.save:
+        print("\n".join([f"------------------------ {title} ------------------------", *lines]), flush=True)
+        return
+    path = Path(args.save) / "megatron_arguments.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"megatron {title}: {path}", flush=True)
+
+
 def run(argv: list[str]) -> int:
     """One process of the job (under torchrun/srun): parse Megatron's argv, adapt the platform, train."""
     from megatron_stag.checkpointing import safe_unpickle
@@ -355,6 +371,9 @@ def run(argv: list[str]) -> int:
     from megatron.training import training as megatron_training
 
     megatron_training.training_log = ProgressLog(megatron_training.training_log)
+    from megatron.training import arguments as megatron_arguments
+
+    megatron_arguments._print_args = _arguments_to_file
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.arguments import parse_and_validate_args
