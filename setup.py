@@ -24,6 +24,7 @@ setup(
         "pyyaml",
         "psutil",  # hidden dependency of megatron's torch_dist checkpoint saving
         "matplotlib",  # megatron-stag plot
+        "tensorboard",  # megatron's --tensorboard-dir (logging.tensorboard_dir) writes through it
     ],
     extras_require={
         # AutoTP (tensor-parallel DeepSpeed inference) imports transformers

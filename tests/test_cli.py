@@ -207,3 +207,19 @@ def test_quiet_keeps_unknown_warnings(monkeypatch):
         warnings.warn("something a user should see")
     assert [str(w.message) for w in caught] == ["something a user should see"]
     assert not any("," in start or ":" in start for _, start in quiet.KNOWN_WARNINGS)  # PYTHONWARNINGS syntax
+
+
+def test_quickstart_logs_to_tensorboard(quickstart_run):
+    """logging.tensorboard_dir (the quickstart sets it): Megatron's loss scalars at every iteration and
+    our tokens/s at every log interval, readable with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = quickstart_run
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"lm loss", "lm loss validation", "learning-rate", "tokens-per-second"} <= set(tags), tags
+    loss = [e.value for e in events.Scalars("lm loss")]
+    assert len(loss) == 100 and loss[-1] < loss[0] - 1.0
+    speed = events.Scalars("tokens-per-second")
+    assert [e.step for e in speed] == list(range(10, 101, 10)) and all(e.value > 0 for e in speed)

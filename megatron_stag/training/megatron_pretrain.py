@@ -227,7 +227,8 @@ datasets_provider.is_distributed = True  # called on every rank; each data rank 
 
 
 class ProgressLog:
-    """Adds tokens/s and ETA after Megatron's iteration line (which has neither in 0.19): wraps
+    """Adds tokens/s and ETA after Megatron's iteration line (which has neither in 0.19), and tokens/s
+    to TensorBoard as `tokens-per-second` beside Megatron's scalars: wraps
     `megatron.training.training.training_log`, measuring wall time between log intervals."""
 
     def __init__(self, training_log):
@@ -237,7 +238,7 @@ class ProgressLog:
     def __call__(self, *args, **kwargs):
         import time
 
-        from megatron.training import get_args, print_rank_last
+        from megatron.training import get_args, get_tensorboard_writer, print_rank_last
 
         out = self.training_log(*args, **kwargs)
         iteration = kwargs["iteration"] if "iteration" in kwargs else args[3]
@@ -251,6 +252,9 @@ class ProgressLog:
             eta = (a.train_iters - iteration) * seconds / steps
             print_rank_last(f" progress: iteration {iteration}/{a.train_iters} | tokens/s: {tokens:,.0f} "
                             f"| ETA: {_duration(eta)}")
+            writer = get_tensorboard_writer()  # the last rank's, when logging.tensorboard_dir is set
+            if writer:
+                writer.add_scalar("tokens-per-second", tokens, iteration)
             self.last = (iteration, now)
         return out
 

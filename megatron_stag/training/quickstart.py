@@ -62,7 +62,8 @@ def run_quickstart(out: Path, iterations: int = 500, corpus_mb: float = 4.0, see
                  f"checkpoint.save={ckpts}", f"checkpoint.load={ckpts}", f"training.seed={seed}",
                  f"training.train_iters={iterations}", f"checkpoint.save_interval={iterations}",
                  f"logging.eval_interval={max(1, iterations // 3)}",
-                 f"optimizer.lr_warmup_iters={max(1, min(20, iterations // 10))}"]
+                 f"optimizer.lr_warmup_iters={max(1, min(20, iterations // 10))}",
+                 f"logging.tensorboard_dir={out / 'tensorboard'}"]
     print(f"\n$ megatron-stag pretrain {RECIPE} {' '.join(overrides)}\n", file=sys.stderr)
     if launch(RECIPE, overrides, []) != 0:
         raise SystemExit("pretraining failed (see the log above).")
