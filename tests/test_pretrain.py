@@ -178,37 +178,45 @@ def test_short_pretrain_on_two_ranks(family, data, tmp_path):
 
 
 def test_kill_and_resume_is_exact(data, tmp_path):
-    """A run killed after its iteration-8 checkpoint resumes at iteration 9 on the same data and
-    logs exactly the uninterrupted run's losses; an interrupted later save is never loaded."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["training.train_iters=14", "pipeline_model_parallel_size=2"]
-    pretrain("tiny-cpu-stag", data, straight, *common, "checkpoint.save_interval=100")
+    """A run killed after a checkpoint resumes from it on the same data and logs exactly the
+    uninterrupted run's losses; an interrupted later save is never loaded.
 
+    The killed run would train for 1000 iterations, so however late the kill lands (a busy machine can
+    starve this test between seeing the checkpoint and killing the job) it lands during training; the
+    iteration it resumes from is read from the tracker once the job is dead, and both runs then stop
+    (exit_interval) six iterations later with the same LR schedule."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["training.train_iters=1000", "pipeline_model_parallel_size=2"]
     job = pretrain("tiny-cpu-stag", data, resumed, *common, "checkpoint.save_interval=8", popen=True)
     tracker = resumed / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 300
-    while not (tracker.is_file() and tracker.read_text().strip() == "8"):
+    while not (tracker.is_file() and int(tracker.read_text().strip() or 0) >= 8):
         assert job.poll() is None and time.time() < deadline, job.stdout.read()[-3000:]
         time.sleep(0.2)
     os.killpg(job.pid, signal.SIGKILL)  # the whole job: launcher and both ranks
     job.wait()
-    # a save that died half-way: an iteration folder without metadata, tracker not updated
-    partial = resumed / "iter_0000012"
+    start = int(tracker.read_text())  # the job is dead: its last complete checkpoint
+    # a later save that died half-way: an iteration folder without metadata, tracker not updated
+    partial = resumed / f"iter_{start + 4:07d}"
     partial.mkdir(exist_ok=True)
     (partial / "__0_0.distcp").write_bytes(b"truncated")
 
-    proc = pretrain("tiny-cpu-stag", data, resumed, *common, "checkpoint.save_interval=100")
-    assert re.search(r"successfully loaded checkpoint from .* at iteration 8\b", proc.stdout)
+    stop = f"training.exit_interval={start + 6}"
+    pretrain("tiny-cpu-stag", data, straight, *common, "checkpoint.save_interval=1000", stop)
+    proc = pretrain("tiny-cpu-stag", data, resumed, *common, "checkpoint.save_interval=1000", stop)
+    assert re.search(rf"successfully loaded checkpoint from .* at iteration {start}\b", proc.stdout)
     from megatron_stag.training.run_logs import read_log
 
     a, b = read_log(straight), read_log(resumed)
-    after = [i for i in a.train if i > 8]
+    after = [i for i in a.train if i > start]
+    assert after == list(range(start + 1, start + 7))
     # the training state is bit-identical: every grad norm after the resume equals the straight run's
     assert [b.grad_norm[i] for i in after] == [a.grad_norm[i] for i in after]
-    # and so are the losses, except iteration 10: Megatron does not reset its loss accumulator on
-    # a run's first logged iteration (9), so line 10 shows the mean of 9 and 10
-    assert [b.train[i] for i in after if i != 10] == [a.train[i] for i in after if i != 10]
-    assert b.train[10] == pytest.approx((a.train[9] + a.train[10]) / 2, abs=2e-6)
+    # and so are the losses, except the second: Megatron does not reset its loss accumulator on a
+    # run's first logged iteration, so that line shows the mean of the first two
+    second = start + 2
+    assert [b.train[i] for i in after if i != second] == [a.train[i] for i in after if i != second]
+    assert b.train[second] == pytest.approx((a.train[second - 1] + a.train[second]) / 2, abs=2e-6)
 
 
 def test_plot_several_runs(tmp_path):
