@@ -13,7 +13,7 @@ def test_flags_mirror_config_fields():
     parser = add_stagformer_args(argparse.ArgumentParser())
     flags = {a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
     assert flags == {"--stag-sections", "--stag-section-layers", "--stag-shared-weights",
-                     "--stag-cross-window", "--stag-output", "--altup-blocks", "--altup-schedule",
+                     "--stag-cross-window", "--stag-output", "--stag-null-entry", "--altup-blocks", "--altup-schedule",
                      "--altup-fixed-block", "--altup-embedding", "--altup-output", "--altup-form",
                      "--altup-coef-clip", "--altup-sequence-stride", "--altup-compile"}
     assert {f.name for f in STAG_FIELDS} == {f[2:].replace("-", "_") for f in flags}

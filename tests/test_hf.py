@@ -22,6 +22,7 @@ VARIANTS = {
     "stag": {},
     "shared": dict(stag_shared_weights=True),
     "window4-rope": dict(stag_cross_window=4, position_embedding_type="rope"),
+    "null-first": dict(stag_null_entry="first"),
     "p3-combine": dict(stag_sections=3, num_layers=6, stag_output="combine"),
     "gqa-swiglu-rmsnorm-nobias": dict(num_query_groups=2, gated_linear_unit=True, activation_func=F.silu,
                                       bias_activation_fusion=False, normalization="RMSNorm",
@@ -58,10 +59,13 @@ def test_hf_logits_and_generate_equal_ours(megatron_world, tmp_path, name):
     assert theirs[0, len(prompt):].tolist() == ours.tokens[0]
 
 
-def test_hf_padding_and_cache(megatron_world, tmp_path):
+@pytest.mark.parametrize("null_entry", ["all", "first"])
+def test_hf_padding_and_cache(megatron_world, tmp_path, null_entry):
     """A left-padded batch gives each row its unpadded logits (cached decoding too); right padding
-    leaves the tokens before it unchanged."""
-    model = tiny_model(stag_cross_window=2, position_embedding_type="rope", num_query_groups=2)
+    leaves the tokens before it unchanged. With the null entry for the first position only, that is
+    each row's first token, wherever padding puts it."""
+    model = tiny_model(stag_cross_window=2 if null_entry == "all" else None, position_embedding_type="rope",
+                       num_query_groups=2, stag_null_entry=null_entry)
     hf = hf_folder(model, tmp_path / "hf")
     short, long = [4, 8, 15], [16, 23, 42, 7, 9]
     ids = torch.tensor([[0, 0] + short, long])

@@ -144,3 +144,34 @@ def test_gradients_reach_every_section_and_the_embedding():
     model(ids, pos, labels=ids).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_null_entry_for_the_first_position_only(megatron_world):
+    """stag_null_entry='first' (the paper's literal reading): position 0 still reads the null entry,
+    later positions do not. Same weights: position 0's logits equal the default model's ('all', where
+    every softmax includes the null entry), later positions' differ; the mask itself says exactly that."""
+    import torch
+
+    from megatron_stag.layers.sdpa_attention import SDPAttention
+    from megatron_stag.layers.staggered_cross_attention import cross_attention_config
+    from megatron.core.transformer.enums import AttnMaskType
+    from tests.model_factory import batch, tiny_config, tiny_model
+
+    every, first = tiny_model(), tiny_model(stag_null_entry="first")
+    first.load_state_dict(every.state_dict())
+    ids, pos = batch()
+    with torch.no_grad():
+        a, b = every(ids, pos), first(ids, pos)
+    assert torch.equal(a[:, 0], b[:, 0])
+    assert (a[:, 1:] - b[:, 1:]).abs().amax(-1).min() > 0
+    core = SDPAttention(cross_attention_config(tiny_config(stag_null_entry="first")), 1, AttnMaskType.causal, "cross")
+    keep = core._keep_mask(5, 5, "cpu")
+    expected = torch.ones(5, 5).tril().bool()
+    expected[1:, 0] = False
+    assert torch.equal(keep, expected)
+    with pytest.raises(ValueError, match="stag_null_entry='first'"):
+        from megatron_stag.specs.stagformer_specs import get_stagformer_section_specs
+
+        get_stagformer_section_specs(tiny_config(stag_null_entry="first"), core_attention="local")
+    with pytest.raises(Exception, match="stag_null_entry='last'"):
+        tiny_config(stag_null_entry="last")

@@ -34,6 +34,8 @@ VARIANTS = {
                           activation_func=torch.nn.functional.silu, bias_activation_fusion=False),
     "p2-altup-widened-learned": dict(altup_blocks=3, altup_embedding="widened", altup_output="learned"),
     "p2-shared-altup": dict(stag_shared_weights=True, altup_blocks=2),
+    "p2-null-first": dict(stag_null_entry="first"),
+    "p2-null-first-window4-rope": dict(stag_null_entry="first", stag_cross_window=4, position_embedding_type="rope"),
 }
 
 

@@ -31,6 +31,7 @@ RUNS = {
     "StagFormer shared (6 layers run twice)": ["stag_sections=2", "stag_shared_weights=true"],
     "StagFormer 2x6 window 128": ["stag_sections=2", "stag_cross_window=128"],
     "StagFormer 2x6 window 1": ["stag_sections=2", "stag_cross_window=1"],
+    "StagFormer 2x6 null entry at position 0 only": ["stag_sections=2", "stag_null_entry=first"],
     "StagFormer p=3 (3x4)": ["stag_sections=3"],
     "AltUp K=2 recycled (L=12)": ["altup_blocks=2", "altup_compile=true"],
     "AltUp K=4 recycled (L=12)": ["altup_blocks=4", "altup_compile=true"],

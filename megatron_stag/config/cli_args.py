@@ -18,7 +18,7 @@ from megatron_stag.config.altup_config import (
     ALTUP_OUTPUTS,
     ALTUP_SCHEDULES,
 )
-from megatron_stag.config.stagformer_config import OUTPUT_MODES, StagFormerConfig
+from megatron_stag.config.stagformer_config import NULL_ENTRY_MODES, OUTPUT_MODES, StagFormerConfig
 
 INTERNAL_FIELDS = {"altup_first_layer"}  # set by the model per section piece, not by users
 STAG_FIELDS = [f for f in dataclasses.fields(StagFormerConfig)
@@ -30,6 +30,7 @@ HELP = {
     "stag_shared_weights": "run the same layers in every section",
     "stag_cross_window": "cross-attention window W >= 1 (default: all earlier positions)",
     "stag_output": "logits from the last section or a learned mix of all sections",
+    "stag_null_entry": "who sees the cross-attention's null entry: every position, or only position 0",
     "altup_blocks": "AltUp stream blocks K (1 = no AltUp)",
     "altup_schedule": "which block a layer computes: layer mod K, or a fixed block",
     "altup_fixed_block": "the block computed under --altup-schedule fixed",
@@ -41,7 +42,7 @@ HELP = {
     "altup_compile": "fused AltUp predict/correct: Triton kernels for the standard form (its equations in "
                      "torch on CPU), torch.compile for Gemma 3n's",
 }
-CHOICES = {"stag_output": OUTPUT_MODES, "altup_schedule": ALTUP_SCHEDULES,
+CHOICES = {"stag_output": OUTPUT_MODES, "stag_null_entry": NULL_ENTRY_MODES, "altup_schedule": ALTUP_SCHEDULES,
            "altup_embedding": ALTUP_EMBEDDINGS, "altup_output": ALTUP_OUTPUTS, "altup_form": ALTUP_FORMS}
 FLOATS = {"altup_coef_clip"}
 

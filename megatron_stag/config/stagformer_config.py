@@ -16,6 +16,7 @@ from megatron_stag.config.altup_config import AltUpConfig
 from megatron_stag.config.section_layout import LayoutError, section_layer_counts, stage_pieces
 
 OUTPUT_MODES = ("last", "combine")
+NULL_ENTRY_MODES = ("all", "first")
 
 
 class StagConfigError(ValueError):
@@ -46,6 +47,11 @@ class StagFormerConfig(AltUpConfig):
 
     stag_output: str = "last"
     """'last': logits from the last section; 'combine': from a learned mix of all sections' outputs."""
+
+    stag_null_entry: str = "all"
+    """Who sees the cross-attention's null entry (the zero entry before position 0): 'all' positions
+    (an attention sink in every softmax, what the causal mask over shifted entries gives) or only
+    position 0 ('first', the paper's literal reading; needs core_attention='sdpa')."""
 
     section_layers: list[int] = field(init=False, default_factory=list)
 
@@ -101,6 +107,10 @@ class StagFormerConfig(AltUpConfig):
         if self.stag_output not in OUTPUT_MODES:
             raise StagConfigError(
                 f"stag_output={self.stag_output!r}: choose one of {', '.join(OUTPUT_MODES)}."
+            )
+        if self.stag_null_entry not in NULL_ENTRY_MODES:
+            raise StagConfigError(
+                f"stag_null_entry={self.stag_null_entry!r}: choose one of {', '.join(NULL_ENTRY_MODES)}."
             )
         if self.stag_output == "combine" and self.stag_sections < 2:
             raise StagConfigError(

@@ -80,14 +80,20 @@ class SDPAttention(MegatronModule):
                 f"right window to 0."
             )
         self.window = config.window_size[0] if use_window and config.window_size[0] >= 0 else None
+        # StagFormer's cross-attention with stag_null_entry='first': key 0 (the null entry) is for
+        # query 0 only
+        self.null_first_only = getattr(config, "null_entry_first_only", False)
         self._mask_cache: dict = {}
 
     def _keep_mask(self, sq: int, sk: int, device) -> Optional[Tensor]:
-        if sq == sk and self.window is None:
+        if sq == sk and self.window is None and not self.null_first_only:
             return None  # SDPA's is_causal fast path
         key = (sq, sk, device)
         if key not in self._mask_cache:
-            self._mask_cache = {key: banded_causal_mask(sq, sk, self.window, device)}
+            keep = banded_causal_mask(sq, sk, self.window, device)
+            if self.null_first_only:
+                keep[:, 0] &= torch.arange(sk - sq, sk, device=device) == 0
+            self._mask_cache = {key: keep}
         return self._mask_cache[key]
 
     def forward(

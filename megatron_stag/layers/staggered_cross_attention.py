@@ -7,7 +7,9 @@ section's output *shifted right by one* with a zero "null" entry at position 0
 causal kernel applies; position 0 attends only to the null entry (whose keys/values are the
 linear_kv bias) instead of a fully masked row, which megatron's additive -10000 masks would turn into
 a uniform average over the future. A bounded window W keeps shifted positions i-W+1..i, i.e.
-original positions i-W..i-1.
+original positions i-W..i-1. The null entry is then visible to every position (an attention sink);
+`stag_null_entry='first'` hides it from positions > 0 (the paper's literal reading), through
+SDPAttention's mask.
 
 megatron's CrossAttention refuses grouped-query attention; the cross-attention always runs
 multi-head (its own config copy sets num_query_groups = num_attention_heads), whatever the
@@ -33,6 +35,8 @@ def cross_attention_config(config):
     window = getattr(config, "stag_cross_window", None)
     cfg.window_size = (window - 1, 0) if window is not None else None
     cfg.window_attn_skip_freq = None
+    # read by SDPAttention on this copy only (the self-attention's config has no such attribute)
+    cfg.null_entry_first_only = getattr(config, "stag_null_entry", "all") == "first"
     return cfg
 
 

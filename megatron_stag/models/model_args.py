@@ -29,6 +29,7 @@ class ModelArgs:
     stag_shared_weights: bool = False
     stag_cross_window: Optional[int] = None
     stag_output: str = "last"
+    stag_null_entry: str = "all"
     altup_blocks: int = 1
     altup_schedule: str = "alternating"
     altup_fixed_block: int = 0
@@ -78,7 +79,7 @@ class ModelArgs:
             ffn_hidden_size=self.ffn_hidden_size, normalization=self.normalization,
             stag_sections=self.stag_sections, stag_section_layers=self.stag_section_layers,
             stag_shared_weights=self.stag_shared_weights, stag_cross_window=self.stag_cross_window,
-            stag_output=self.stag_output, tensor_model_parallel_size=tp,
+            stag_output=self.stag_output, stag_null_entry=self.stag_null_entry, tensor_model_parallel_size=tp,
             **{f.name: getattr(self, f.name) for f in fields(self)
                if f.name.startswith(("altup_", "moe_")) or f.name in ("num_moe_experts", "add_bias_linear")},
             pipeline_model_parallel_size=pp, params_dtype=dtype, bf16=dtype == torch.bfloat16,

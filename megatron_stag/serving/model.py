@@ -43,6 +43,7 @@ class PlainConfig:
     shared_weights: bool = False
     cross_window: Optional[int] = None
     output: str = "last"  # 'last' section, or 'combine' (learned mix of all sections)
+    null_entry: str = "all"  # who reads the cross-attention's null entry: 'all' positions or 'first' only
     normalization: str = "LayerNorm"
     norm_eps: float = 1e-5
     activation: str = "gelu"  # or 'swiglu'
@@ -109,6 +110,8 @@ class PlainConfig:
             raise bad("section_layers", "must list at least one section of >= 1 layers")
         if self.num_attention_heads % self.num_query_groups:
             raise bad("num_query_groups", f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.null_entry not in ("all", "first"):
+            raise bad("null_entry", "must be 'all' or 'first'")
         if self.cross_window is not None and (not isinstance(self.cross_window, int) or self.cross_window < 1):
             raise bad("cross_window", "must be null or a whole number >= 1")
 
@@ -380,13 +383,18 @@ class Section(nn.Module):
         cache.cross[:, :, rows[:, None].expand_as(slots), :, slots] = kv.view(
             *kv.shape[:2], len(self.layers), 2, -1, cache.cross.shape[-1])
 
-    def _cross_keep(self, positions: Tensor, ring: int) -> Tensor:
+    def _cross_keep(self, positions: Tensor, ring: int, first: Optional[Tensor] = None) -> Tensor:
         """[b', 1, n, ring]: the entries position p reads (<= p, > p - window); slot s holds entry
-        p - back, the newest entry congruent to s modulo the ring."""
-        back = (positions[:, :, None] - torch.arange(ring, device=positions.device)[None, None, :]) % ring
-        keep = back <= positions[:, :, None]
+        p - back, the newest entry congruent to s modulo the ring. `first` [b']: the column of each
+        row's null entry (its first token's; 0 without padding)."""
+        p = positions[:, :, None]
+        back = (p - torch.arange(ring, device=positions.device)[None, None, :]) % ring
+        keep = back <= p
         if self.cfg.cross_window is not None:
             keep &= back < self.cfg.cross_window
+        if self.cfg.null_entry == "first":  # the null entry is for the first position only
+            start = 0 if first is None else first[:, None, None]
+            keep &= (back != p - start) | (p == start)
         return keep[:, None]
 
     def _collapse(self, stream: Tensor) -> Tensor:
@@ -422,7 +430,8 @@ class Section(nn.Module):
             keep = keep & valid[:, None, None, :] | _own_slot(positions, valid.shape[1])
         if self.index:
             cross_kv = cache.cross if entries is None else entries
-            cross_keep = self._cross_keep(positions, cross_kv.shape[4])
+            first = valid.long().argmax(-1) if valid is not None else None  # each row's first token
+            cross_keep = self._cross_keep(positions, cross_kv.shape[4], first)
             if valid is not None:  # entry j is column j's: the null entry or the output of column j - 1
                 ring = cross_kv.shape[4]
                 entry_valid = torch.cat([valid, valid.new_ones(valid.shape[0], ring - valid.shape[1])], 1)

@@ -140,6 +140,10 @@ def get_stagformer_section_specs(
     config, backend: Backend | None = None, core_attention: CoreAttention = "sdpa"
 ) -> list[ModuleSpec]:
     """One layer spec per section: section 0 without, later sections with cross-attention."""
+    if getattr(config, "stag_null_entry", "all") == "first" and (
+            core_attention != "sdpa" or (backend or default_backend()) != "local"):
+        raise ValueError("stag_null_entry='first' masks the null entry in SDPAttention: use "
+                         "core_attention='sdpa' with the local backend.")
     return [
         altup_layer_spec(
             get_stagformer_layer_spec(k > 0, backend, config.normalization, core_attention,
