@@ -1,6 +1,11 @@
 """Quality study: StagFormer and AltUp against baselines, same data, tokens, seed and schedule.
 
+    # issue 8: ~50M models, 20M tokens each, Python files
     python -m megatron_stag.benchmarks.quality_study --out results/quality_study [--runs a,b] [--iters N]
+    # issue 19: small models at >= 10 tokens per non-embedding parameter, the machine's source text,
+    # run in parts (each call runs what is not in the JSON yet, within --budget-seconds)
+    python -m megatron_stag.benchmarks.quality_study --study budget --out results/quality_budget
+    python -m megatron_stag.benchmarks.quality_study --study budget --throughput --out results/quality_budget
 
 Data (no downloads): the `.py` files of this machine's Python standard library and installed
 site-packages, sorted by path, one document per file, tokenised by `prepare-data` into a 16k
@@ -8,8 +13,9 @@ sentencepiece vocabulary. Megatron's GPTDataset splits documents in order (98/2)
 never train. Each run is `megatron-stag pretrain study-50m` plus the run's model overrides (~50M
 parameters, seq 1024); validation loss is Megatron's evaluation every `--eval-interval` iterations.
 The shared-weight run is also evaluated in recurrent mode (pass 2 reading its own earlier outputs)
-on held-out sequences through the staggered decoder. Writes `<out>/quality_study.json` (command,
-machine, data, every figure), `<out>/quality_study.md` and `<out>/validation_loss.png`.
+on held-out sequences through the staggered decoder. Writes `<out>/<out name>.json` (commands,
+machine, data, every figure), `<out>/<out name>.md` and `<out>/validation_loss.png`. A call runs the
+runs not yet in the JSON (or those named), so a study too long for one sitting resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -36,17 +42,39 @@ RUNS = {
     "AltUp K=2 recycled (L=12)": ["altup_blocks=2", "altup_compile=true"],
     "AltUp K=4 recycled (L=12)": ["altup_blocks=4", "altup_compile=true"],
 }
-SLUGS = {name: "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split()) for name in RUNS}
+# issue 19: budget >= 10 tokens per non-embedding parameter; two seeds where noise must be measured
+BUDGET_RUNS = {
+    "baseline L=6": ["model.num_layers=6"],
+    "baseline L=12": [],
+    "baseline L=12 seed 2": ["training.seed=2"],
+    "StagFormer 2x6 separate": ["stag_sections=2"],
+    "StagFormer 2x6 separate seed 2": ["stag_sections=2", "training.seed=2"],
+    "StagFormer 2x6 shared": ["stag_sections=2", "stag_shared_weights=true"],
+    "StagFormer 2x6 window 1": ["stag_sections=2", "stag_cross_window=1"],
+    "StagFormer 2x6 null entry at position 0 only": ["stag_sections=2", "stag_null_entry=first"],
+    "AltUp K=2 recycled (L=12)": ["altup_blocks=2", "altup_compile=true"],
+}
+STUDIES = {"small": ("study-50m", RUNS), "budget": ("study-budget", BUDGET_RUNS)}
+SLUGS = {name: "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+         for runs in (RUNS, BUDGET_RUNS) for name in runs}
+# the machine's own source text (issue 19): Python, C/C++/CUDA headers and sources, docs
+MACHINE_ROOTS = ("/usr/include", "/usr/local/cuda/include", "/usr/share/doc")
+MACHINE_EXTENSIONS = (".py", ".h", ".hpp", ".cuh", ".c", ".cc", ".cpp", ".md", ".rst", ".txt")
 
 
-def corpus_files(max_mb: float) -> tuple[list[Path], dict]:
+def corpus_files(max_mb: float, machine: bool = False) -> tuple[list[Path], dict]:
+    """Sorted source files of this machine: the stdlib's and site-packages' `.py` files, and with
+    `machine` also its headers, C/C++/CUDA sources and docs (MACHINE_ROOTS, MACHINE_EXTENSIONS)."""
     from megatron_stag.data.local_corpus import stdlib_files
 
     roots = [Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])]
+    extensions = MACHINE_EXTENSIONS if machine else (".py",)
     files = stdlib_files(root=roots[0])
-    for dirpath, dirnames, filenames in os.walk(roots[1]):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "tests", "test"))
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
+    walk = roots[1:] + ([Path(r) for r in MACHINE_ROOTS if Path(r).is_dir()] if machine else [])
+    for root in walk:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "tests", "test"))
+            files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(extensions))
     files = sorted(set(files), key=str)
     out, total = [], 0
     for f in files:
@@ -54,8 +82,9 @@ def corpus_files(max_mb: float) -> tuple[list[Path], dict]:
         if 200 <= size <= 200_000 and total + size <= max_mb * 1e6:
             out.append(f)
             total += size
-    return out, dict(roots=[str(r) for r in roots], files=len(out), bytes=total,
-                     rule="sorted .py files of 200 B..200 kB under the roots (tests skipped)")
+    return out, dict(roots=[str(r) for r in roots + walk[1:]], extensions=list(extensions), files=len(out),
+                     bytes=total, rule=f"sorted files of 200 B..200 kB under the roots, {', '.join(extensions)} "
+                                       f"(tests skipped)")
 
 
 def recurrent_eval(save: Path, prefix: Path, sequences: int, length: int) -> dict:
@@ -101,59 +130,86 @@ def recurrent_eval(save: Path, prefix: Path, sequences: int, length: int) -> dic
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", choices=sorted(STUDIES), default="small",
+                        help="small: issue 8's 20M-token runs; budget: issue 19's >= 10 tokens per parameter")
     parser.add_argument("--out", default="results/quality_study")
     parser.add_argument("--work", default="/tmp/quality_study", help="data and checkpoints (not kept)")
-    parser.add_argument("--runs", help="comma-separated run names or slugs (default: all)")
-    parser.add_argument("--iters", type=int, default=1000)
+    parser.add_argument("--runs", help="comma-separated run names or slugs (default: all not yet in the JSON)")
+    parser.add_argument("--rerun", action="store_true", help="run again what the JSON already holds")
+    parser.add_argument("--iters", type=int, help="default: 1000 (small), the token budget (budget)")
+    parser.add_argument("--tokens-per-param", type=float, default=10.0, help="budget study: tokens per "
+                        "non-embedding parameter of the largest model")
+    parser.add_argument("--budget-seconds", type=float, default=0, help="start no run after this (0: no limit)")
+    parser.add_argument("--throughput", action="store_true", help="measure tokens/s and MFU of the study's "
+                        "baseline at several micro-batch sizes, then stop")
     parser.add_argument("--eval-interval", type=int, default=100)
     parser.add_argument("--corpus-mb", type=float, default=60.0)
     parser.add_argument("--vocab", type=int, default=16000)
+    parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--recurrent-sequences", type=int, default=4)
     parser.add_argument("--recurrent-length", type=int, default=512)
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the JSON")
     ns = parser.parse_args(argv)
+    recipe, study_runs = STUDIES[ns.study]
+    out = Path(ns.out)
+    results_path = out / f"{out.name}.json"
     if ns.report_only:
-        return _write_report(json.loads((Path(ns.out) / "quality_study.json").read_text()), Path(ns.out))
+        return _write_report(json.loads(results_path.read_text()), out)
 
     from megatron_stag.benchmarks.hardware import machine
     from megatron_stag.data.prepare import prepare_dataset
     from megatron_stag.training.megatron_pretrain import launch
     from megatron_stag.training.run_logs import read_log
 
-    out, work = Path(ns.out), Path(ns.work)
+    started = time.time()
+    work = Path(ns.work)
     out.mkdir(parents=True, exist_ok=True)
     prefix = work / "data" / "corpus_text_document"
     model_path = work / "data" / "corpus.model"
-    files, data_info = corpus_files(ns.corpus_mb)
+    files, data_info = corpus_files(ns.corpus_mb, machine=ns.study == "budget")
     if not Path(f"{prefix}.idx").is_file():
-        prepare_dataset([str(f) for f in files], work / "data" / "corpus", vocab_size=ns.vocab, workers=8)
-    wanted = set(ns.runs.split(",")) if ns.runs else None
-    results_path = out / "quality_study.json"
+        t = time.time()
+        prepare_dataset([str(f) for f in files], work / "data" / "corpus", vocab_size=ns.vocab, workers=ns.workers)
+        data_info["prepare_seconds"] = time.time() - t
+    data_info["tokens"] = _dataset_tokens(prefix)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     import sys
 
-    results.update(machine=machine(), data=data_info, settings=vars(ns))
+    results.update(machine=machine(), data=data_info, settings=vars(ns), recipe=recipe)
     results.setdefault("commands", []).append(" ".join(sys.argv))
+    iters = ns.iters or (1000 if ns.study == "small" else _budget_iters(recipe, study_runs, ns.tokens_per_param))
+    if ns.throughput:
+        results["throughput"] = _throughput(recipe, prefix, model_path, work, launch)
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results["throughput"], indent=2))
+        return
+    wanted = set(ns.runs.split(",")) if ns.runs else None
     runs = results.setdefault("runs", {})
-    for name, overrides in RUNS.items():
+    for name, overrides in study_runs.items():
         if wanted and name not in wanted and SLUGS[name] not in wanted:
             continue
+        if name in runs and not ns.rerun:
+            continue
+        if ns.budget_seconds and time.time() - started > ns.budget_seconds:
+            print(f"budget of {ns.budget_seconds:.0f} s spent: {name!r} and later runs are left for the next call")
+            break
         save = work / "runs" / SLUGS[name]
         common = [f"data.data_path=[{prefix}]", f"data.tokenizer_model={model_path}",
-                  f"checkpoint.save={save}", f"checkpoint.load={save}", f"training.train_iters={ns.iters}",
-                  f"logging.eval_interval={ns.eval_interval}", f"checkpoint.save_interval={ns.iters}",
-                  f"optimizer.lr_warmup_iters={max(1, min(100, ns.iters // 10))}"]
+                  f"checkpoint.save={save}", f"checkpoint.load={save}", f"training.train_iters={iters}",
+                  f"logging.eval_interval={ns.eval_interval}", f"checkpoint.save_interval={iters}",
+                  f"optimizer.lr_warmup_iters={max(1, min(100, iters // 10))}"]
         start = time.time()
-        if launch("study-50m", common + overrides, []) != 0:
+        if launch(recipe, common + overrides, []) != 0:
             raise SystemExit(f"run {name!r} failed")
         log = read_log(save / "train.log", name)
         args = json.loads((save / "model_args.json").read_text())
         iter_ms = sorted(log.iter_ms[i] for i in log.iter_ms if i > 20)
         final = log.valid[max(log.valid)]
         runs[name] = dict(
-            overrides=overrides, params=log.params, layers=args["num_layers"],
-            tokens=ns.iters * _recipe_tokens(), final_validation_loss=final,
-            final_validation_ppl=math.exp(final), validation_curve=log.valid,
+            command=f"megatron-stag pretrain {recipe} " + " ".join(common + overrides),
+            overrides=overrides, params=log.params, non_embedding_params=_non_embedding(recipe, overrides),
+            layers=args["num_layers"], tokens=iters * _recipe_tokens(recipe), final_validation_loss=final,
+            final_validation_ppl=math.exp(final), validation_curve=log.valid, training_curve=log.train,
             median_iteration_ms=iter_ms[len(iter_ms) // 2] if iter_ms else None,
             wall_seconds=time.time() - start)
         if "shared" in name:
@@ -161,6 +217,60 @@ def main(argv=None) -> None:
                                                      ns.recurrent_length)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
     _write_report(results, out)
+
+
+def _dataset_tokens(prefix: Path) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return int(IndexedDataset(str(prefix)).sequence_lengths.sum())
+
+
+def _non_embedding(recipe: str, overrides: list[str]) -> int:
+    """Non-embedding parameters of a run (attention, MLP and cross-attention matrices; norms and AltUp
+    scalars are negligible), from the recipe and the run's overrides."""
+    from megatron_stag.config.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    d, layers, ffn = r.get("hidden_size"), r.get("num_layers"), r.get("ffn_hidden_size") or 4 * r.get("hidden_size")
+    mlp = (3 if r.get("swiglu") else 2) * d * ffn
+    sections = r.get("stag_sections") or 1
+    per_section = layers // sections
+    distinct = per_section if r.get("stag_shared_weights") else layers
+    cross = 4 * d * d * per_section * (sections - 1)
+    return distinct * (4 * d * d + mlp) + cross
+
+
+def _budget_iters(recipe: str, runs: dict, tokens_per_param: float) -> int:
+    """Iterations giving every run >= tokens_per_param tokens per non-embedding parameter (the same
+    tokens and schedule for all: the largest model sets it)."""
+    largest = max(_non_embedding(recipe, overrides) for overrides in runs.values())
+    return math.ceil(tokens_per_param * largest / _recipe_tokens(recipe))
+
+
+def _throughput(recipe: str, prefix: Path, model_path: Path, work: Path, launch) -> dict:
+    """tokens/s and MFU (megatron's own TFLOP/s over the bf16 peak) of the baseline at several
+    micro-batch sizes, 30 iterations each."""
+    import re
+
+    from megatron_stag.benchmarks.hardware import peak_tflops
+
+    rows = []
+    for micro in (16, 32, 64):
+        save = work / "throughput" / f"mb{micro}"
+        common = [f"data.data_path=[{prefix}]", f"data.tokenizer_model={model_path}", f"checkpoint.save={save}",
+                  f"checkpoint.load={save}", "training.train_iters=30", "checkpoint.save_interval=1000",
+                  "logging.eval_interval=1000", "logging.log_interval=10", "optimizer.lr_warmup_iters=5",
+                  f"training.micro_batch_size={micro}", f"training.global_batch_size={max(micro, 64)}"]
+        if launch(recipe, common, []) != 0:
+            rows.append(dict(micro_batch=micro, error="failed (out of memory?)"))
+            continue
+        text = (save / "train.log").read_text()
+        speed = [float(x.replace(",", "")) for x in re.findall(r"tokens/s: ([0-9,]+)", text)][1:]
+        tflops = [float(x) for x in re.findall(r"throughput per GPU \(TFLOP/s/GPU\): ([0-9.]+)", text)][10:]
+        rows.append(dict(micro_batch=micro, global_batch=max(micro, 64), tokens_per_s=max(speed) if speed else None,
+                         tflops=sorted(tflops)[len(tflops) // 2] if tflops else None,
+                         mfu=sorted(tflops)[len(tflops) // 2] / peak_tflops() if tflops else None))
+    return dict(recipe=recipe, rows=rows)
 
 
 def _write_report(results: dict, out: Path) -> None:
@@ -174,10 +284,10 @@ def _write_report(results: dict, out: Path) -> None:
         print("matplotlib is not installed: no PNG written (rerun with --report-only).")
 
 
-def _recipe_tokens() -> int:
+def _recipe_tokens(recipe: str = "study-50m") -> int:
     from megatron_stag.config.recipe import load_recipe
 
-    r = load_recipe("study-50m")
+    r = load_recipe(recipe)
     return r.get("global_batch_size") * r.get("seq_length")
 
 
@@ -187,6 +297,31 @@ def _curve(name: str, run: dict):
     valid = {int(k): v for k, v in run["validation_curve"].items()}
     return RunLog(name, valid=valid)
 
+
+def _loss(r: dict, name: str) -> float:
+    return r[name]["final_validation_loss"]
+
+
+def _seed_spread(r: dict) -> float:
+    return max(abs(_loss(r, a) - _loss(r, f"{a} seed 2")) for a in ("baseline L=12", "StagFormer 2x6 separate"))
+
+
+BUDGET_HYPOTHESES = [  # stated before the runs (issue 19)
+    ("precondition: baseline L=12 clearly below L=6 (by more than the seed spread)",
+     lambda r: _loss(r, "baseline L=6") - _loss(r, "baseline L=12") > _seed_spread(r)),
+    ("StagFormer 2x6 within 1.5% of baseline L=12 and below L=6",
+     lambda r: _loss(r, "StagFormer 2x6 separate") <= 1.015 * _loss(r, "baseline L=12")
+     and _loss(r, "StagFormer 2x6 separate") < _loss(r, "baseline L=6")),
+    ("StagFormer 2x6 shared below baseline L=6",
+     lambda r: _loss(r, "StagFormer 2x6 shared") < _loss(r, "baseline L=6")),
+    ("window 1 within 1% of full cross-attention",
+     lambda r: _loss(r, "StagFormer 2x6 window 1") <= 1.01 * _loss(r, "StagFormer 2x6 separate")),
+    ("AltUp K=2 below baseline L=12",
+     lambda r: _loss(r, "AltUp K=2 recycled (L=12)") < _loss(r, "baseline L=12")),
+    ("the null entry for position 0 only changes the loss by less than the seed spread",
+     lambda r: abs(_loss(r, "StagFormer 2x6 null entry at position 0 only") - _loss(r, "StagFormer 2x6 separate"))
+     < _seed_spread(r)),
+]
 
 HYPOTHESES = [
     ("StagFormer 2x6 separate within 1.5% of baseline L=12's validation loss",
@@ -223,15 +358,15 @@ def _report(results: dict, out: Path) -> None:
                          f"{rec['length']} held-out tokens | | | | {rec['loss_normal_decode']:.4f} / "
                          f"{rec['loss_recurrent']:.4f} | | |")
     verdicts = []
-    for text, check in HYPOTHESES:
+    for text, check in (BUDGET_HYPOTHESES if results.get("recipe") == "study-budget" else HYPOTHESES):
         try:
             verdicts.append((text, "held" if check(runs) else "did not hold"))
         except KeyError:
             verdicts.append((text, "not run"))
     results["hypotheses"] = dict(verdicts)
-    (out / "quality_study.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{out.name}.json").write_text(json.dumps(results, indent=2) + "\n")
     md = "\n".join(lines) + "\n\n" + "\n".join(f"- {t}: **{v}**" for t, v in verdicts) + "\n"
-    (out / "quality_study.md").write_text(md)
+    (out / f"{out.name}.md").write_text(md)
     print(md)
 
 
