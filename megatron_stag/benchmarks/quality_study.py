@@ -78,6 +78,8 @@ def corpus_files(max_mb: float, machine: bool = False) -> tuple[list[Path], dict
     files = sorted(set(files), key=str)
     out, total = [], 0
     for f in files:
+        if not f.is_file():  # a dangling link
+            continue
         size = f.stat().st_size
         if 200 <= size <= 200_000 and total + size <= max_mb * 1e6:
             out.append(f)
