@@ -224,7 +224,8 @@ def main(argv=None) -> None:
 def _dataset_tokens(prefix: Path) -> int:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    return int(IndexedDataset(str(prefix)).sequence_lengths.sum())
+    dataset = IndexedDataset(str(prefix))  # alive while its memory-mapped index is read
+    return int(dataset.sequence_lengths.sum())
 
 
 def _non_embedding(recipe: str, overrides: list[str]) -> int:
