@@ -269,7 +269,7 @@ def _throughput(recipe: str, prefix: Path, model_path: Path, work: Path, launch)
             continue
         text = (save / "train.log").read_text()
         speed = [float(x.replace(",", "")) for x in re.findall(r"tokens/s: ([0-9,]+)", text)][1:]
-        tflops = [float(x) for x in re.findall(r"throughput per GPU \(TFLOP/s/GPU\): ([0-9.]+)", text)][10:]
+        tflops = [float(x) for x in re.findall(r"throughput per GPU \(TFLOP/s/GPU\): ([0-9.]+)", text)][1:]
         rows.append(dict(micro_batch=micro, global_batch=max(micro, 64), tokens_per_s=max(speed) if speed else None,
                          tflops=sorted(tflops)[len(tflops) // 2] if tflops else None,
                          mfu=sorted(tflops)[len(tflops) // 2] / peak_tflops() if tflops else None))
