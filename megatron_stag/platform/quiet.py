@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
 KNOWN_WARNINGS = [  # (category, start of the message: no ',' or ':', which PYTHONWARNINGS splits on)
@@ -46,7 +47,7 @@ def install() -> None:
     for name in ("", "megatron"):  # megatron.core sets its own logger's level on import
         logging.getLogger(name).setLevel(int(level) if level.isdigit() else logging.WARNING)
     for category, start in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=_literal(start), category=category)
+        warnings.filterwarnings("ignore", message=re.escape(start), category=category)
     # and in every process started from here (ranks, spawned data workers), from its first import
     ours = [f"ignore:{start}:{category.__name__}" for category, start in KNOWN_WARNINGS]
     given = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
@@ -58,10 +59,3 @@ def install() -> None:
 def drop_log_lines(logger: str, start: str) -> None:
     """Drop the records of `logger` whose message starts with `start`."""
     logging.getLogger(logger).addFilter(_DropKnown(start))
-
-
-def _literal(text: str) -> str:
-    import re
-
-    return re.escape(text)
-
