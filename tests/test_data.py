@@ -111,3 +111,30 @@ def test_bad_corpora_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="--vocab-size 5000"):
         prepare_dataset([str(small)], tmp_path / "s", vocab_size=5000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt", "latin1.txt", "small.txt"]
+
+
+def test_tokenizer_is_the_same_in_every_process(tmp_path):
+    """Above 200k lines the tokenizer trains on a sample; sentencepiece's own sampler is seeded by the
+    OS, so before the sample was drawn here two processes (two machines, two calls of a study) built
+    different vocabularies from the same files. Two fresh processes must write identical bytes."""
+    import hashlib
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom pathlib import Path\n"
+        "from megatron_stag.data.local_corpus import stdlib_files\n"
+        "from megatron_stag.data.tokenizer import train_sentencepiece\n"
+        "texts = (f.read_text(errors='replace') for f in stdlib_files(max_bytes=12_000_000))\n"
+        "train_sentencepiece(texts, Path(sys.argv[1]), 2000)\n")
+    from megatron_stag.data.local_corpus import stdlib_files
+
+    lines = sum(1 for f in stdlib_files(max_bytes=12_000_000)
+                for line in f.read_text(errors="replace").splitlines() if line.strip())
+    assert lines > 200_000  # else no sample is drawn and this proves nothing
+    digests = []
+    for k in range(2):
+        path = tmp_path / f"{k}.model"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
