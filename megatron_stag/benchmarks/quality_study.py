@@ -25,7 +25,9 @@ import json
 import math
 import os
 import sysconfig
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -142,6 +144,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens-per-param", type=float, default=10.0, help="budget study: tokens per "
                         "non-embedding parameter of the largest model")
     parser.add_argument("--budget-seconds", type=float, default=0, help="start no run after this (0: no limit)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs training at once on the GPU: the "
+                        "budget study's small models leave most of an H200 idle, so several share it")
     parser.add_argument("--throughput", action="store_true", help="measure tokens/s and MFU of the study's "
                         "baseline at several micro-batch sizes, then stop")
     parser.add_argument("--eval-interval", type=int, default=100)
@@ -187,14 +191,15 @@ def main(argv=None) -> None:
         return
     wanted = set(ns.runs.split(",")) if ns.runs else None
     runs = results.setdefault("runs", {})
-    for name, overrides in study_runs.items():
-        if wanted and name not in wanted and SLUGS[name] not in wanted:
-            continue
-        if name in runs and not ns.rerun:
-            continue
+    todo = [(name, overrides) for name, overrides in study_runs.items()
+            if not (wanted and name not in wanted and SLUGS[name] not in wanted)
+            and (name not in runs or ns.rerun)]
+    lock = threading.Lock()
+
+    def one(name: str, overrides: list[str]) -> None:
         if ns.budget_seconds and time.time() - started > ns.budget_seconds:
-            print(f"budget of {ns.budget_seconds:.0f} s spent: {name!r} and later runs are left for the next call")
-            break
+            print(f"budget of {ns.budget_seconds:.0f} s spent: {name!r} is left for the next call")
+            return
         save = work / "runs" / SLUGS[name]
         common = [f"data.data_path=[{prefix}]", f"data.tokenizer_model={model_path}",
                   f"checkpoint.save={save}", f"checkpoint.load={save}", f"training.train_iters={iters}",
@@ -202,22 +207,28 @@ def main(argv=None) -> None:
                   f"optimizer.lr_warmup_iters={max(1, min(100, iters // 10))}"]
         start = time.time()
         if launch(recipe, common + overrides, []) != 0:
-            raise SystemExit(f"run {name!r} failed")
+            raise RuntimeError(f"run {name!r} failed (its log: {save / 'train.log'})")
         log = read_log(save / "train.log", name)
         args = json.loads((save / "model_args.json").read_text())
         iter_ms = sorted(log.iter_ms[i] for i in log.iter_ms if i > 20)
         final = log.valid[max(log.valid)]
-        runs[name] = dict(
+        row = dict(
             command=f"megatron-stag pretrain {recipe} " + " ".join(common + overrides),
             overrides=overrides, params=log.params, non_embedding_params=_non_embedding(recipe, overrides),
             layers=args["num_layers"], tokens=iters * _recipe_tokens(recipe), final_validation_loss=final,
             final_validation_ppl=math.exp(final), validation_curve=log.valid, training_curve=log.train,
             median_iteration_ms=iter_ms[len(iter_ms) // 2] if iter_ms else None,
-            wall_seconds=time.time() - start)
+            wall_seconds=time.time() - start, runs_sharing_the_gpu=ns.parallel, data_tokens=data_info["tokens"])
         if "shared" in name:
-            runs[name]["recurrent"] = recurrent_eval(save, prefix, ns.recurrent_sequences,
-                                                     ns.recurrent_length)
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
+            row["recurrent"] = recurrent_eval(save, prefix, ns.recurrent_sequences, ns.recurrent_length)
+        with lock:  # each finished run is saved at once: a call cut short keeps what it finished
+            runs[name] = row
+            results_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    with ThreadPoolExecutor(max_workers=ns.parallel) as pool:
+        failures = [f.exception() for f in [pool.submit(one, *job) for job in todo] if f.exception()]
+    if failures:
+        raise SystemExit("; ".join(map(str, failures)))
     _write_report(results, out)
 
 
@@ -282,7 +293,8 @@ def _write_report(results: dict, out: Path) -> None:
     _report(results, out)
     try:
         plot_runs([_curve(n, r) for n, r in results["runs"].items()], out / "validation_loss.png",
-                  "validation loss (held-out Python files)")
+                  "validation loss (held-out " + ("source and doc files)" if results.get("recipe") == "study-budget"
+                                                  else "Python files)"))
     except ImportError:  # matplotlib missing on this machine: rerun with --report-only elsewhere
         print("matplotlib is not installed: no PNG written (rerun with --report-only).")
 
@@ -302,11 +314,19 @@ def _curve(name: str, run: dict):
 
 
 def _loss(r: dict, name: str) -> float:
-    return r[name]["final_validation_loss"]
+    """A run's final validation loss; the mean over its seeds where a second seed ran."""
+    losses = [r[n]["final_validation_loss"] for n in (name, f"{name} seed 2") if n in r]
+    if not losses:
+        raise KeyError(name)
+    return sum(losses) / len(losses)
 
 
 def _seed_spread(r: dict) -> float:
-    return max(abs(_loss(r, a) - _loss(r, f"{a} seed 2")) for a in ("baseline L=12", "StagFormer 2x6 separate"))
+    """The largest difference between two seeds of one model (the pairs that ran)."""
+    pairs = [(a, f"{a} seed 2") for a in ("baseline L=12", "StagFormer 2x6 separate") if f"{a} seed 2" in r]
+    if not pairs:
+        raise KeyError("seed 2")
+    return max(abs(r[a]["final_validation_loss"] - r[b]["final_validation_loss"]) for a, b in pairs)
 
 
 BUDGET_HYPOTHESES = [  # stated before the runs (issue 19)
@@ -351,8 +371,9 @@ def _report(results: dict, out: Path) -> None:
     lines = ["| model | params | layers | tokens | val loss | val ppl | step time vs L=12 |",
              "|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
-        rel = (f"{r['median_iteration_ms'] / base['median_iteration_ms']:.2f}"
-               if base and r.get("median_iteration_ms") else "")
+        rel = (f"{r['median_iteration_ms'] / base['median_iteration_ms']:.2f}"  # comparable if run alike
+               if base and r.get("median_iteration_ms")
+               and r.get("runs_sharing_the_gpu", 1) == base.get("runs_sharing_the_gpu", 1) else "")
         lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['layers']} | {r['tokens'] / 1e6:.0f}M | "
                      f"{r['final_validation_loss']:.4f} | {r['final_validation_ppl']:.2f} | {rel} |")
         if "recurrent" in r:
@@ -368,7 +389,14 @@ def _report(results: dict, out: Path) -> None:
             verdicts.append((text, "not run"))
     results["hypotheses"] = dict(verdicts)
     (out / f"{out.name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = "\n".join(lines) + "\n\n" + "\n".join(f"- {t}: **{v}**" for t, v in verdicts) + "\n"
+    try:
+        spread = _seed_spread(runs)
+        notes = [f"Seed spread (largest |seed 1 - seed 2| of the pairs that ran): {spread:.4f}. Verdicts use "
+                 f"the mean over a model's seeds where two ran."]
+    except KeyError:
+        notes = []
+    md = ("\n".join(lines) + "\n\n" + "".join(n + "\n\n" for n in notes)
+          + "\n".join(f"- {t}: **{v}**" for t, v in verdicts) + "\n")
     (out / f"{out.name}.md").write_text(md)
     print(md)
 
