@@ -91,8 +91,12 @@ def corpus_files(max_mb: float, machine: bool = False) -> tuple[list[Path], dict
                                        f"(tests skipped)")
 
 
-def recurrent_eval(save: Path, prefix: Path, sequences: int, length: int) -> dict:
-    """Held-out loss of the shared-weight model decoded normally and in recurrent mode."""
+def recurrent_eval(save: Path, prefix: Path, split: str, sequences: int, length: int) -> dict:
+    """Held-out loss of the shared-weight model decoded normally and in recurrent mode. Recurrent mode
+    is a generation mode (the prompt is prefilled with both passes), so each sequence's first half is
+    the prompt and the loss is that of its second half, read by decoding steps."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_stag.checkpointing.checkpoint_io import load_model_weights, resolve_checkpoint
@@ -109,26 +113,28 @@ def recurrent_eval(save: Path, prefix: Path, sequences: int, length: int) -> dic
     model = to_plain_model(model, args, device="cuda").to(torch.bfloat16)
     ds = IndexedDataset(str(prefix))
     docs = len(ds)
-    held_out = list(range(int(round(0.98 * docs)), docs))  # the validation split's documents
+    begin, end = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[1]
+    held_out = list(range(round(begin * docs), round(end * docs)))  # megatron's validation documents
     tokens = torch.cat([torch.from_numpy(ds[i].astype("int64")) for i in held_out])
     seqs = [tokens[i * (length + 1):(i + 1) * (length + 1)] for i in range(sequences)]
+    prompt = length // 2
     out = {}
     for mode in ("normal", "recurrent"):
         nll, count = 0.0, 0
         for seq in seqs:
             gen = StaggeredGenerator(model, max_len=length + 1, batch=1, recurrent=mode == "recurrent")
             with torch.no_grad():
-                logits = [gen.prefill(0, seq[:1].tolist())]
-                pos = torch.tensor([1], device="cuda")
-                for t in range(1, length):
+                logits = [gen.prefill(0, seq[:prompt].tolist())]
+                pos = torch.tensor([prompt], device="cuda")
+                for t in range(prompt, length):
                     logits.append(gen.step(seq[t:t + 1].cuda(), pos)[2][0].clone())
                     pos = pos + 1
             lp = torch.log_softmax(torch.stack(logits).float(), -1)
-            target = seq[1:length + 1].cuda()
+            target = seq[prompt:length + 1].cuda()
             nll += -lp.gather(-1, target[:, None]).sum().item()
-            count += length
+            count += len(target)
         out[mode] = nll / count
-    return dict(sequences=sequences, length=length, held_out_documents=len(held_out),
+    return dict(sequences=sequences, length=length, prompt=prompt, held_out_documents=len(held_out),
                 loss_normal_decode=out["normal"], loss_recurrent=out["recurrent"])
 
 
@@ -163,6 +169,7 @@ def main(argv=None) -> None:
         return _write_report(json.loads(results_path.read_text()), out)
 
     from megatron_stag.benchmarks.hardware import machine
+    from megatron_stag.config.recipe import load_recipe
     from megatron_stag.data.prepare import prepare_dataset
     from megatron_stag.training.megatron_pretrain import launch
     from megatron_stag.training.run_logs import read_log
@@ -220,7 +227,8 @@ def main(argv=None) -> None:
             median_iteration_ms=iter_ms[len(iter_ms) // 2] if iter_ms else None,
             wall_seconds=time.time() - start, runs_sharing_the_gpu=ns.parallel, data_tokens=data_info["tokens"])
         if "shared" in name:
-            row["recurrent"] = recurrent_eval(save, prefix, ns.recurrent_sequences, ns.recurrent_length)
+            row["recurrent"] = recurrent_eval(save, prefix, load_recipe(recipe).get("split"), ns.recurrent_sequences,
+                                              ns.recurrent_length)
         with lock:  # each finished run is saved at once: a call cut short keeps what it finished
             runs[name] = row
             results_path.write_text(json.dumps(results, indent=2) + "\n")
@@ -378,9 +386,11 @@ def _report(results: dict, out: Path) -> None:
                      f"{r['final_validation_loss']:.4f} | {r['final_validation_ppl']:.2f} | {rel} |")
         if "recurrent" in r:
             rec = r["recurrent"]
-            lines.append(f"| ↳ same model, decoded (normal / recurrent) on {rec['sequences']}x"
-                         f"{rec['length']} held-out tokens | | | | {rec['loss_normal_decode']:.4f} / "
-                         f"{rec['loss_recurrent']:.4f} | | |")
+            how = (f"the last {rec['length'] - rec['prompt'] + 1} of {rec['sequences']}x{rec['length'] + 1} held-out "
+                   f"tokens after a {rec['prompt']}-token prompt" if "prompt" in rec
+                   else f"{rec['sequences']}x{rec['length']} tokens")
+            lines.append(f"| ↳ same model, decoded (normal / recurrent): {how}{' (see the note in the JSON)' if 'note' in rec else ''}"
+                         f" | | | | {rec['loss_normal_decode']:.4f} / {rec['loss_recurrent']:.4f} | | |")
     verdicts = []
     for text, check in (BUDGET_HYPOTHESES if results.get("recipe") == "study-budget" else HYPOTHESES):
         try:
