@@ -48,23 +48,23 @@ def _compare(ref_dir, out_dir):
 
 
 CASES = {
-    "tp2-separate-window": (2, 1, dict(stag_cross_window=2)),
     "tp2-sequence-parallel-combine": (2, 1, dict(sequence_parallel=True, stag_output="combine",
                                                   position_embedding_type="rope")),
     "pp2-separate": (1, 2, dict()),
-    "pp2-shared": (1, 2, dict(stag_shared_weights=True)),
     # a gated MLP checkpoints linear_fc1 through a ShardedTensorFactory: keys must be layout-free too
     "pp2-shared-gated-mlp": (1, 2, dict(stag_shared_weights=True, gated_linear_unit=True)),
-    "pp2-one-section": (1, 2, dict(stag_sections=1)),
     # AltUp: K=3 on one section puts layers 2, 3 (blocks 2, 0) on stage 1: a stage-local schedule
     # would compute blocks 0, 1 there; the K*d stream crosses the stage boundary.
     "pp2-altup-k3-widened": (1, 2, dict(stag_sections=1, altup_blocks=3, altup_embedding="widened",
                                          altup_output="learned")),
+}
+SLOW_CASES = {  # the default run keeps one case per mechanism: TP+SP, PP, PP+shared, AltUp across stages
+    "tp2-separate-window": (2, 1, dict(stag_cross_window=2)),
+    "pp2-shared": (1, 2, dict(stag_shared_weights=True)),
+    "pp2-one-section": (1, 2, dict(stag_sections=1)),
     "tp2-sp-altup-gemma3n": (2, 1, dict(sequence_parallel=True, altup_blocks=2, altup_form="gemma3n",
                                          altup_schedule="fixed", altup_embedding="projected",
                                          altup_output="projected", position_embedding_type="rope")),
-}
-SLOW_CASES = {
     "pp4-two-stages-per-section": (1, 4, dict()),
     "pp4-shared": (1, 4, dict(stag_shared_weights=True)),
     "tp2-pp2-combine": (2, 2, dict(stag_output="combine")),
@@ -101,8 +101,10 @@ def test_parallel_matches_single_rank_slow(tmp_path, case):
     _run_case(tmp_path, *SLOW_CASES[case])
 
 
-@pytest.mark.parametrize("stag", [dict(stag_sections=2), dict(stag_sections=2, stag_shared_weights=True),
-                                  dict(stag_sections=2, altup_blocks=2, altup_embedding="widened")])
+@pytest.mark.parametrize("stag", [
+    pytest.param(dict(stag_sections=2), marks=pytest.mark.slow),
+    dict(stag_sections=2, stag_shared_weights=True),  # shared weights: the gradient most easily reduced twice
+    pytest.param(dict(stag_sections=2, altup_blocks=2, altup_embedding="widened"), marks=pytest.mark.slow)])
 def test_distributed_optimizer_step_matches_single_rank(tmp_path, stag):
     """DP=2 with megatron's distributed optimizer takes the same Adam step as DP=1 (catches a
     gradient that is reduced twice or not at all, e.g. for shared weights)."""

@@ -163,7 +163,8 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in ("stag-pp2", "altup-dp2")
+                                    else f for f in FAMILIES])  # stag-altup-pp2 covers PP; the Slurm job DP
 def test_short_pretrain_on_two_ranks(family, data, tmp_path):
     """Megatron's loop on 2 gloo ranks: the loss falls, a checkpoint and the run files appear."""
     recipe, layout = FAMILIES[family]
