@@ -105,12 +105,13 @@ def recurrent_eval(save: Path, prefix: Path, split: str, sequences: int, length:
     from megatron_stag.serving.convert import to_plain_model
     from megatron_stag.serving.engine import StaggeredGenerator
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     initialize(tp=1, pp=1)
     _, run_dir = resolve_checkpoint(save)
     args = ModelArgs.load(run_dir / "model_args.json")
-    model = args.build(args.config(dtype=torch.bfloat16)).cuda().eval()
+    model = args.build(args.config(dtype=torch.bfloat16)).to(device).eval()
     load_model_weights(model, save)
-    model = to_plain_model(model, args, device="cuda").to(torch.bfloat16)
+    model = to_plain_model(model, args, device=device).to(torch.bfloat16)
     ds = IndexedDataset(str(prefix))
     docs = len(ds)
     begin, end = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[1]
@@ -125,12 +126,12 @@ def recurrent_eval(save: Path, prefix: Path, split: str, sequences: int, length:
             gen = StaggeredGenerator(model, max_len=length + 1, batch=1, recurrent=mode == "recurrent")
             with torch.no_grad():
                 logits = [gen.prefill(0, seq[:prompt].tolist())]
-                pos = torch.tensor([prompt], device="cuda")
+                pos = torch.tensor([prompt], device=device)
                 for t in range(prompt, length):
-                    logits.append(gen.step(seq[t:t + 1].cuda(), pos)[2][0].clone())
+                    logits.append(gen.step(seq[t:t + 1].to(device), pos)[2][0].clone())
                     pos = pos + 1
             lp = torch.log_softmax(torch.stack(logits).float(), -1)
-            target = seq[prompt:length + 1].cuda()
+            target = seq[prompt:length + 1].to(device)
             nll += -lp.gather(-1, target[:, None]).sum().item()
             count += len(target)
         out[mode] = nll / count
