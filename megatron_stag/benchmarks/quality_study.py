@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens-per-param", type=float, default=10.0, help="budget study: tokens per "
                         "non-embedding parameter of the largest model")
     parser.add_argument("--budget-seconds", type=float, default=0, help="start no run after this (0: no limit)")
-    parser.add_argument("--parallel", type=int, default=1, help="runs training at once on the GPU: the "
+    parser.add_argument("--parallel", type=lambda v: max(1, int(v)), default=1, help="runs training at once on the GPU: the "
                         "budget study's small models leave most of an H200 idle, so several share it")
     parser.add_argument("--throughput", action="store_true", help="measure tokens/s and MFU of the study's "
                         "baseline at several micro-batch sizes, then stop")
@@ -226,7 +226,7 @@ def main(argv=None) -> None:
             layers=args["num_layers"], tokens=iters * _recipe_tokens(recipe), final_validation_loss=final,
             final_validation_ppl=math.exp(final), validation_curve=log.valid, training_curve=log.train,
             median_iteration_ms=iter_ms[len(iter_ms) // 2] if iter_ms else None,
-            wall_seconds=time.time() - start, runs_sharing_the_gpu=ns.parallel, data_tokens=data_info["tokens"])
+            wall_seconds=time.time() - start, runs_sharing_the_gpu=min(ns.parallel, len(todo)), data_tokens=data_info["tokens"])
         if "shared" in name:
             row["recurrent"] = recurrent_eval(save, prefix, load_recipe(recipe).get("split"), ns.recurrent_sequences,
                                               ns.recurrent_length)
