@@ -376,13 +376,14 @@ HYPOTHESES = [
 
 def _report(results: dict, out: Path) -> None:
     runs = results["runs"]
-    base = runs.get("baseline L=12")
+    bases = [runs[n] for n in ("baseline L=12", "baseline L=12 seed 2") if n in runs]
     lines = ["| model | params | layers | tokens | val loss | val ppl | step time vs L=12 |",
              "|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
-        rel = (f"{r['median_iteration_ms'] / base['median_iteration_ms']:.2f}"  # comparable if run alike
-               if base and r.get("median_iteration_ms")
-               and r.get("runs_sharing_the_gpu", 1) == base.get("runs_sharing_the_gpu", 1) else "")
+        # step times are comparable only between runs that shared the GPU alike
+        base = next((b for b in bases if b.get("runs_sharing_the_gpu", 1) == r.get("runs_sharing_the_gpu", 1)), None)
+        rel = (f"{r['median_iteration_ms'] / base['median_iteration_ms']:.2f}"
+               if base and r.get("median_iteration_ms") else "")
         lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['layers']} | {r['tokens'] / 1e6:.0f}M | "
                      f"{r['final_validation_loss']:.4f} | {r['final_validation_ppl']:.2f} | {rel} |")
         if "recurrent" in r:
