@@ -32,8 +32,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from megatron_stag.serving import gemv as _gemv
 from megatron_stag.serving.model import StagLM, shared_passes_step
 from megatron_stag.serving.sampling import SamplingParams, check_prompts, decode_loop, sample
 
@@ -95,12 +97,14 @@ class StaggeredGenerator:
     """Greedy or sampled generation from a StagLM (possibly DeepSpeed-sharded).
 
     `placement` None: every section on this process (which may still be one of a TP group, with
-    `comm` given to share the sampled tokens); otherwise this rank's section only. `cuda_graph` and
-    `compile` (the defaults, the fastest configuration) apply on CUDA only; turn them off to debug.
+    `comm` given to share the sampled tokens); otherwise this rank's section only. `cuda_graph`,
+    `compile` and `gemv` (one-row matmuls on `serving.gemv`'s kernel) are the defaults, the fastest
+    configuration, and apply on CUDA only; turn them off to debug or to compare.
     """
 
     def __init__(self, model: StagLM, max_len: int, batch: int, placement: Optional[SectionPlacement] = None,
-                 comm=None, recurrent: bool = False, cuda_graph: bool = True, compile: bool = True):
+                 comm=None, recurrent: bool = False, cuda_graph: bool = True, compile: bool = True,
+                 gemv: bool = True):
         cfg = model.cfg
         if recurrent and not (cfg.shared_weights and cfg.sections == 2 and placement is None
                               and cfg.output == "last"):
@@ -116,6 +120,8 @@ class StaggeredGenerator:
                              f"model.keep_sections([{placement.section}]) before DeepSpeed shards the model.")
         self.model, self.max_len, self.batch, self.recurrent = model.eval(), max_len, batch, recurrent
         model.fuse_projections()  # after DeepSpeed's sharding: each rank fuses its own shards
+        # one-row matmuls on the streaming GEMV kernel (Hopper+): 0.93 -> 0.73 ms for a 1B step's matmuls
+        model.use_matmul(_gemv.linear if gemv and _gemv.available(next(model.parameters()).device) else F.linear)
         self.place, self.comm = placement, comm
         self.p = cfg.sections
         self.mine = list(range(self.p)) if placement is None else [placement.section]

@@ -123,17 +123,29 @@ def make_norm(cfg: PlainConfig) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------- layers
+class Linear(nn.Linear):
+    """nn.Linear whose matmul a serving engine may replace (`StagLM.use_matmul`: a faster one-row kernel
+    at decode time); DeepSpeed's AutoTP still sees, and shards, an nn.Linear."""
+
+    matmul = staticmethod(F.linear)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.matmul(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     """Multi-head (grouped-query for self-attention) attention over a cache given by the caller."""
+
+    matmul = staticmethod(F.linear)  # of the fused q/k/v (see Linear)
 
     def __init__(self, cfg: PlainConfig, kv_heads: int):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.head_dim = hd
-        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=cfg.bias)
-        self.k_proj = nn.Linear(d, kv_heads * hd, bias=cfg.bias)
-        self.v_proj = nn.Linear(d, kv_heads * hd, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=cfg.bias)
+        self.q_proj = Linear(d, cfg.num_attention_heads * hd, bias=cfg.bias)
+        self.k_proj = Linear(d, kv_heads * hd, bias=cfg.bias)
+        self.v_proj = Linear(d, kv_heads * hd, bias=cfg.bias)
+        self.o_proj = Linear(cfg.num_attention_heads * hd, d, bias=cfg.bias)
         self.qkv = None  # (weight, bias) once fuse_qkv() ran
 
     def heads(self, x: Tensor, proj: nn.Module) -> Tensor:
@@ -152,7 +164,7 @@ class Attention(nn.Module):
         if self.qkv is None:
             return self.heads(x, self.q_proj), self.heads(x, self.k_proj), self.heads(x, self.v_proj)
         sizes = [self.q_proj.weight.shape[0], self.k_proj.weight.shape[0], self.v_proj.weight.shape[0]]
-        return tuple(self._split_heads(y) for y in F.linear(x, *self.qkv).split(sizes, dim=-1))
+        return tuple(self._split_heads(y) for y in self.matmul(x, *self.qkv).split(sizes, dim=-1))
 
     def attend(self, q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
         return self.o_proj(self.core(q, keys, values, keep))
@@ -186,9 +198,9 @@ class MLP(nn.Module):
         d, f = cfg.hidden_size, ffn or cfg.ffn_hidden_size
         self.gated = cfg.activation == "swiglu"
         if self.gated:
-            self.gate_proj = nn.Linear(d, f, bias=cfg.bias)
-        self.up_proj = nn.Linear(d, f, bias=cfg.bias)
-        self.down_proj = nn.Linear(f, d, bias=cfg.bias)
+            self.gate_proj = Linear(d, f, bias=cfg.bias)
+        self.up_proj = Linear(d, f, bias=cfg.bias)
+        self.down_proj = Linear(f, d, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
@@ -264,11 +276,11 @@ class AltUp(nn.Module):
         return (prediction + gains.unsqueeze(-1) * innovation.unsqueeze(-2)).flatten(-2)
 
 
-def project_entries(cross_kv, fused, entries: Tensor) -> Tensor:
+def project_entries(cross_kv, fused, entries: Tensor, matmul=F.linear) -> Tensor:
     """Cross-attention entries [b', m, d] -> every layer's keys and values [b', m, L * 2 * heads * hd]:
     one matmul once fused, else each layer's (k_proj, v_proj) from the iterable `cross_kv`."""
     if fused is not None:
-        return F.linear(entries, *fused)
+        return matmul(entries, *fused)
     return torch.cat([proj(entries) for pair in cross_kv for proj in pair], dim=-1)
 
 
@@ -315,6 +327,8 @@ def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Section(nn.Module):
+    matmul = staticmethod(F.linear)  # of the fused cross-attention entry projection (see Linear)
+
     def __init__(self, cfg: PlainConfig, index: int, layers: Optional[list[DecoderLayer]] = None):
         super().__init__()
         self.cfg, self.index = cfg, index
@@ -357,7 +371,7 @@ class Section(nn.Module):
     def project(self, entries: Tensor) -> Tensor:
         """Cross-attention entries [b', m, d] -> every layer's keys and values [b', m, L * 2 * heads * hd]."""
         cross_kv = ((layer.cross_attn.k_proj, layer.cross_attn.v_proj) for layer in self.layers)
-        return project_entries(cross_kv, self.entry_kv, entries)
+        return project_entries(cross_kv, self.entry_kv, entries, self.matmul)
 
     def write_entries(self, cache: SectionCache, entries: Tensor, first: Tensor,
                       rows: Optional[Tensor] = None) -> None:
@@ -530,6 +544,8 @@ class EntryProjections(nn.Module):
     split them by heads like the layer's own, so tensor-parallel rank t sends what rank t of section k
     stores."""
 
+    matmul = staticmethod(F.linear)  # of the fused projection (see Linear)
+
     def __init__(self, section: "Section"):
         super().__init__()
         self.layers = nn.ModuleList([CrossKV(layer.cross_attn) for layer in section.layers])
@@ -540,7 +556,8 @@ class EntryProjections(nn.Module):
             self.fused = fuse_linears([proj for layer in self.layers for proj in (layer.k_proj, layer.v_proj)])
 
     def forward(self, entries: Tensor) -> Tensor:
-        return project_entries(((layer.k_proj, layer.v_proj) for layer in self.layers), self.fused, entries)
+        return project_entries(((layer.k_proj, layer.v_proj) for layer in self.layers), self.fused, entries,
+                               self.matmul)
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -582,7 +599,7 @@ class StagLM(nn.Module):
             mix = torch.zeros(cfg.sections)
             mix[-1] = 1.0
             self.section_mix = nn.Parameter(mix)
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.next_entries: Optional[EntryProjections] = None  # set by keep_sections
@@ -671,6 +688,13 @@ class StagLM(nn.Module):
                 section.fuse_projections()
         if self.next_entries is not None:
             self.next_entries.fuse()
+
+    def use_matmul(self, matmul) -> None:
+        """Every projection's matmul (F.linear's signature) becomes `matmul`: how the serving engine puts
+        its decode kernel in without this file depending on it. Layers DeepSpeed replaced keep theirs."""
+        for m in self.modules():
+            if hasattr(type(m), "matmul"):
+                m.matmul = matmul
 
     def entries_made_upstream(self) -> bool:
         """With one section per rank, whether section k-1's rank sends section k its entries' keys and

@@ -1,0 +1,77 @@
+"""The decode GEMV kernel's arithmetic on CPU, through Triton's interpreter (the GPU tests in
+test_gpu.py run it compiled, with programmatic dependent launch)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    from megatron_stag.serving.gemv import gemv
+    torch.manual_seed(0)
+    for rows, n, k, tile in ((1, 48, 32, 256), (3, 17, 128, 256), (1, 5, 64, 64)):
+        x = torch.randn(rows, 2 * k).to(torch.bfloat16)[:, :k]  # strided rows
+        w = torch.randn(n, k).to(torch.bfloat16)
+        ref = F.linear(x.float(), w.float())
+        out = gemv(x, w, tile=tile, num_warps=4, pdl=False)
+        assert out.shape == (rows, n), out.shape
+        err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-2, (rows, n, k, err)
+    print("ok")
+""")
+
+
+def test_gemv_matches_f_linear_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")  # read when triton is imported: a fresh process
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+ENGINE = textwrap.dedent("""
+    import torch
+    from megatron_stag.platform.distributed import initialize
+    from megatron_stag.serving import gemv
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.sampling import SamplingParams
+    from tests.model_factory import tiny_model
+
+    initialize(tp=1, pp=1)
+    calls = []
+    kernel = gemv.gemv
+    gemv.gemv = lambda x, w, **kw: calls.append(tuple(w.shape)) or kernel(x, w, **kw)
+    gemv.available = lambda device: True  # CPU tensors run through the interpreter
+    compiled = torch.compile(gemv.linear, dynamic=False)
+    x, w, b = torch.randn(1, 1, 256).bfloat16(), (torch.randn(96, 256) / 16).bfloat16(), torch.randn(96).bfloat16()
+    assert (compiled(x, w, b).float() - torch.nn.functional.linear(x, w, b).float()).abs().max() < 0.05
+    assert calls == [(96, 256)], calls  # the compiled function called the kernel
+    plain = to_plain_model(tiny_model(num_layers=6, hidden_size=256, num_attention_heads=4,
+                                      position_embedding_type="rope"), None, device="cpu").to(torch.bfloat16)
+    params = SamplingParams(max_new_tokens=6)
+    calls.clear()
+    fast = StaggeredGenerator(plain, max_len=16, batch=1).generate([[5, 9, 2, 33, 7]], params, keep_logits=True)
+    shapes = set(calls)
+    slow = StaggeredGenerator(plain, max_len=16, batch=1, gemv=False).generate([[5, 9, 2, 33, 7]], params,
+                                                                            keep_logits=True)
+    assert fast.tokens == slow.tokens, (fast.tokens, slow.tokens)
+    assert (fast.step_logits.float() - slow.step_logits.float()).abs().max() < 0.1
+    print(sorted(shapes))
+""")
+
+
+def test_engine_routes_one_row_matmuls_to_the_kernel():
+    """The engine's step with `gemv` on (forced onto CPU tensors through the interpreter): every
+    projection kind (fused q/k/v, out, MLP, the fused cross-attention entry projection, the head) goes
+    through the kernel, under torch.compile too, and decoding gives the tokens of F.linear's step."""
+    out = subprocess.run([sys.executable, "-c", ENGINE], env=dict(os.environ, TRITON_INTERPRET="1"),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shapes = out.stdout.strip().splitlines()[-1]
+    # q/k/v fused, out, MLP up and down, section 2's 3 layers' cross k/v fused, the head
+    for shape in ("(768, 256)", "(256, 256)", "(1024, 256)", "(256, 1024)", "(1536, 256)", "(64, 256)"):
+        assert shape in shapes, (shape, shapes)
