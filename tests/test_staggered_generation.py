@@ -90,6 +90,32 @@ def test_recurrent_mode():
         generator(tiny_model(), 32, recurrent=True)
 
 
+def test_recurrent_mode_equals_its_definition():
+    """Recurrent mode against its definition, computed without the decode caches: the prompt's cross
+    entries are pass 1's outputs; from then on, the entry after position j is pass 2's own output at j.
+    Each step t re-runs pass 2 teacher-forced over positions 0..t with that memory."""
+    model = tiny_model(stag_shared_weights=True, position_embedding_type="rope")
+    plain, prompt, new = serving(model), [3, 14, 15, 9, 26, 5], 8
+    rec = generator(model, 32, recurrent=True).generate([prompt], SamplingParams(max_new_tokens=new),
+                                                        keep_logits=True)
+    ids = torch.tensor([prompt + rec.tokens[0]])
+    n, length = len(prompt), len(prompt) + new - 1  # the last token is sampled, never decoded
+    with torch.no_grad():
+        positions = torch.arange(length)[None]
+        h0, rope = plain.embed(ids[:, :length], positions), plain.rope(positions)
+        pass1 = plain.sections[0](h0, positions, None, plain.new_caches(1, length)[0], rope)
+        memory, logits = pass1[:, :n], []
+        for t in range(n, length):
+            caches = plain.new_caches(1, t + 1)
+            entries = torch.cat([plain.null_entry(memory), memory], 1)  # entries 0..t
+            plain.sections[1].write_entries(caches[1], entries, torch.zeros(1, dtype=torch.long))
+            cut = (h0[:, :t + 1], positions[:, :t + 1], None, caches[1], tuple(r[..., :t + 1, :] for r in rope))
+            out = plain.sections[1](*cut)
+            logits.append(plain.logits([out[:, t]])[0])
+            memory = torch.cat([memory, out[:, t:t + 1]], 1)
+    torch.testing.assert_close(rec.step_logits[:, 0], torch.stack(logits), atol=ATOL, rtol=0)
+
+
 def test_sampling_controls():
     model = tiny_model()
     greedy = generator(model, 32, 2).generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6))
