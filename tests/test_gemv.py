@@ -11,25 +11,55 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent("""
-    import torch, torch.nn.functional as F
-    from megatron_stag.serving.gemv import gemv
+    import torch
+    from torch import nn
+    from megatron_stag.serving.gemv import gemv, linear as kernel_linear
+    from megatron_stag.serving import gemv as gemv_module
+    from megatron_stag.serving.model import linear
     torch.manual_seed(0)
     for rows, n, k, tile in ((1, 48, 32, 256), (3, 17, 128, 256), (1, 5, 64, 64)):
         x = torch.randn(rows, 2 * k).to(torch.bfloat16)[:, :k]  # strided rows
         w = torch.randn(n, k).to(torch.bfloat16)
-        ref = F.linear(x.float(), w.float())
+        ref = linear(x.float(), w.float())
         out = gemv(x, w, tile=tile, num_warps=4, pdl=False)
         assert out.shape == (rows, n), out.shape
         err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-2, (rows, n, k, err)
+    # what the engine fuses around a matmul: the norm before it (RMS, layer), bias, activation, residual
+    gemv_module.available = lambda device: True
+    k, n = 256, 40
+    for norm in (None, nn.RMSNorm(k, eps=1e-5), nn.LayerNorm(k, eps=1e-5)):
+        if norm is not None:
+            nn.init.normal_(norm.weight)
+            if getattr(norm, "bias", None) is not None:
+                nn.init.normal_(norm.bias)
+        for activation in (None, "gelu", "swiglu"):
+            for bias, residual in ((False, False), (True, True)):
+                rows = 2 * n if activation == "swiglu" else n
+                x = (3 * torch.randn(1, 1, k)).to(torch.bfloat16)
+                w = (torch.randn(rows, k) / k ** 0.5).to(torch.bfloat16)
+                b = torch.randn(rows).to(torch.bfloat16) if bias else None
+                res = torch.randn(1, 1, n).to(torch.bfloat16) if residual else None
+                fp32 = None if norm is None else norm.float()
+                ref = linear(x.float(), w.float(), b.float() if bias else None, fp32, activation,
+                             res.float() if residual else None)
+                out = kernel_linear(x, w, b, norm.to(torch.bfloat16) if norm is not None else None, activation, res)
+                assert out.shape == ref.shape and out.dtype == torch.bfloat16
+                err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                assert err < 1e-2, (type(norm).__name__, activation, bias, residual, err)
     print("ok")
 """)
 
 
-def test_gemv_matches_f_linear_in_the_interpreter():
+def _interpret(script: str, timeout: int = 300) -> str:
     env = dict(os.environ, TRITON_INTERPRET="1")  # read when triton is imported: a fresh process
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_gemv_matches_f_linear_in_the_interpreter():
+    assert _interpret(SCRIPT) == "ok"
 
 
 ENGINE = textwrap.dedent("""
@@ -44,7 +74,7 @@ ENGINE = textwrap.dedent("""
     initialize(tp=1, pp=1)
     calls = []
     kernel = gemv.gemv
-    gemv.gemv = lambda x, w, **kw: calls.append(tuple(w.shape)) or kernel(x, w, **kw)
+    gemv.gemv = lambda x, w, *a, **kw: calls.append(tuple(w.shape)) or kernel(x, w, *a, **kw)
     gemv.available = lambda device: True  # CPU tensors run through the interpreter
     compiled = torch.compile(gemv.linear, dynamic=False)
     x, w, b = torch.randn(1, 1, 256).bfloat16(), (torch.randn(96, 256) / 16).bfloat16(), torch.randn(96).bfloat16()
@@ -57,7 +87,7 @@ ENGINE = textwrap.dedent("""
     fast = StaggeredGenerator(plain, max_len=10, batch=1).generate([[5, 9, 2, 33, 7]], params, keep_logits=True)
     shapes = set(calls)
     slow = StaggeredGenerator(plain, max_len=10, batch=1, gemv=False).generate([[5, 9, 2, 33, 7]], params,
-                                                                            keep_logits=True)
+                                                                               keep_logits=True)
     assert fast.tokens == slow.tokens, (fast.tokens, slow.tokens)
     assert (fast.step_logits.float() - slow.step_logits.float()).abs().max() < 0.1
     print(sorted(shapes))
@@ -68,10 +98,7 @@ def test_engine_routes_one_row_matmuls_to_the_kernel():
     """The engine's step with `gemv` on (forced onto CPU tensors through the interpreter): every
     projection kind (fused q/k/v, out, MLP, the fused cross-attention entry projection, the head) goes
     through the kernel, under torch.compile too, and decoding gives the tokens of F.linear's step."""
-    out = subprocess.run([sys.executable, "-c", ENGINE], env=dict(os.environ, TRITON_INTERPRET="1"),
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    shapes = out.stdout.strip().splitlines()[-1]
+    shapes = _interpret(ENGINE, timeout=600)
     # q/k/v fused, out, MLP up and down, section 2's 3 layers' cross k/v fused, the head
     for shape in ("(768, 256)", "(256, 256)", "(1024, 256)", "(256, 1024)", "(1536, 256)", "(64, 256)"):
         assert shape in shapes, (shape, shapes)

@@ -187,12 +187,25 @@ def test_gemv_kernel_equals_f_linear(dtype):
         torch.testing.assert_close(compiled.float(), ref, atol=2e-2, rtol=2e-2)
     two = torch.randn(2, 512, device="cuda", dtype=dtype)
     assert torch.equal(gemv.linear(two, w, b), F.linear(two, w, b))
+    from megatron_stag.serving.model import linear  # the fused forms: norm before, activation, residual
+    for norm in (torch.nn.RMSNorm(2048, eps=1e-5), torch.nn.LayerNorm(2048, eps=1e-5)):
+        torch.nn.init.normal_(norm.weight)
+        norm = norm.to("cuda", dtype).requires_grad_(False)
+        for activation, rows in ((None, 2048), ("gelu", 8192), ("swiglu", 2 * 8192)):
+            w = torch.randn(rows, 2048, device="cuda", dtype=dtype, generator=g) / 2048 ** 0.5
+            x = torch.randn(1, 1, 2048, device="cuda", dtype=dtype, generator=g)
+            res = torch.randn(1, 1, w.shape[0] // (2 if activation == "swiglu" else 1), device="cuda", dtype=dtype)
+            ref = linear(x.float(), w.float(), None, norm.float(), activation, res.float())
+            norm = norm.to(dtype)
+            torch.testing.assert_close(gemv.linear(x, w, None, norm, activation, res).float(), ref,
+                                       atol=3e-2, rtol=2e-2)
 
 
-def test_gemv_step_equals_cublas_step():
-    """Decoding one row (where the engine's matmuls run on the GEMV kernel, compiled and graphed with
-    programmatic dependent launch) gives the tokens of the same engine with cuBLAS matmuls, and logits
-    within bf16 rounding."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gemv_step_equals_cublas_step(batch):
+    """Decoding (one-row matmuls with their norms, activations and residual adds on the GEMV kernel,
+    compiled and graphed with programmatic dependent launch) gives the tokens of the same engine with
+    cuBLAS matmuls, and logits within bf16 rounding: GQA, a cross window; 3 rows stay on cuBLAS."""
     from megatron_stag.serving import gemv
     from megatron_stag.serving.convert import to_plain_model
     from megatron_stag.serving.engine import StaggeredGenerator
@@ -201,11 +214,13 @@ def test_gemv_step_equals_cublas_step():
 
     if not gemv.available(torch.device("cuda")):
         pytest.skip("the kernel needs Hopper or later")
-    plain = to_plain_model(tiny_model(hidden_size=256, num_attention_heads=4, position_embedding_type="rope"),
+    plain = to_plain_model(tiny_model(hidden_size=256, num_attention_heads=4, num_query_groups=2,
+                                      stag_cross_window=4, position_embedding_type="rope"),
                            None, device="cuda").to(torch.bfloat16)
     params = SamplingParams(max_new_tokens=12)
-    runs = [StaggeredGenerator(plain, max_len=24, batch=1, gemv=on).generate([[5, 9, 2, 33, 7]], params,
-                                                                              keep_logits=True)
+    prompts = [[5, 9, 2, 33, 7], [1, 2, 3], [8, 8, 8, 8]][:batch]
+    runs = [StaggeredGenerator(plain, max_len=24, batch=batch, gemv=on).generate(prompts, params,
+                                                                                  keep_logits=True)
             for on in (True, False)]
     assert runs[0].tokens == runs[1].tokens
     assert (runs[0].step_logits.float() - runs[1].step_logits.float()).abs().max() <= 0.1

@@ -65,12 +65,12 @@ def main(argv=None) -> None:
     configs = [tuple(int(v) for v in c.split(":")) for c in ns.configs.split(",")]
     for tile, warps in configs:
         forms[f"triton tile {tile // 1024}k, {warps} warps"] = (
-            lambda x, w, t=tile, nw=warps: gemv(x, w, t, nw, pdl=False))
+            lambda x, w, t=tile, nw=warps: gemv(x, w, tile=t, num_warps=nw, pdl=False))
         forms[f"triton tile {tile // 1024}k, {warps} warps, PDL + weight prefetch"] = (
-            lambda x, w, t=tile, nw=warps: gemv(x, w, t, nw, pdl=True))
+            lambda x, w, t=tile, nw=warps: gemv(x, w, tile=t, num_warps=nw, pdl=True))
     tile, warps = configs[0]
     forms[f"triton tile {tile // 1024}k, {warps} warps, PDL, waits before loading"] = (
-        lambda x, w: gemv(x, w, tile, warps, pdl=True, prefetch=False))
+        lambda x, w: gemv(x, w, tile=tile, num_warps=warps, pdl=True, prefetch=False))
     print(f"copy bandwidth {copy:.0f} GB/s; {ns.layers} layers' matmuls, {weight_bytes / 1e9:.2f} GB, "
           f"floor {floor_ms:.3f} ms")
     rows = []

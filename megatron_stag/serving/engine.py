@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_stag.serving import gemv as _gemv
-from megatron_stag.serving.model import StagLM, shared_passes_step
+from megatron_stag.serving.model import StagLM, linear, shared_passes_step
 from megatron_stag.serving.sampling import SamplingParams, check_prompts, decode_loop, sample
 
 
@@ -98,8 +97,9 @@ class StaggeredGenerator:
 
     `placement` None: every section on this process (which may still be one of a TP group, with
     `comm` given to share the sampled tokens); otherwise this rank's section only. `cuda_graph`,
-    `compile` and `gemv` (one-row matmuls on `serving.gemv`'s kernel) are the defaults, the fastest
-    configuration, and apply on CUDA only; turn them off to debug or to compare.
+    `compile` and `gemv` (one-row matmuls, with the norm before and the activation and residual add
+    after them, on `serving.gemv`'s kernel) are the defaults, the fastest configuration, and apply on
+    CUDA only (the kernel on Hopper and later); turn them off to debug or to compare.
     """
 
     def __init__(self, model: StagLM, max_len: int, batch: int, placement: Optional[SectionPlacement] = None,
@@ -120,8 +120,9 @@ class StaggeredGenerator:
                              f"model.keep_sections([{placement.section}]) before DeepSpeed shards the model.")
         self.model, self.max_len, self.batch, self.recurrent = model.eval(), max_len, batch, recurrent
         model.fuse_projections()  # after DeepSpeed's sharding: each rank fuses its own shards
-        # one-row matmuls on the streaming GEMV kernel (Hopper+): 0.93 -> 0.73 ms for a 1B step's matmuls
-        model.use_matmul(_gemv.linear if gemv and _gemv.available(next(model.parameters()).device) else F.linear)
+        # one-row matmuls, fused with their norm, activation and residual add, on the streaming GEMV
+        # kernel (Hopper+): GPT b=1 on an H200 1.54 -> 1.30 ms/token (benchmarks/decode_engine.py)
+        model.use_matmul(_gemv.linear if gemv and _gemv.available(next(model.parameters()).device) else linear)
         self.place, self.comm = placement, comm
         self.p = cfg.sections
         self.mine = list(range(self.p)) if placement is None else [placement.section]

@@ -1,4 +1,5 @@
-"""The decode step's one-row matmuls as a Triton GEMV that streams weights near the copy bandwidth.
+"""The decode step's one-row matmuls as a Triton GEMV that streams weights near the copy bandwidth,
+with what surrounds each matmul in a layer (the norm before it, bias, activation, residual add) fused.
 
 At batch 1 a decode step reads every weight once, and cuBLAS's GEMVs stream them at ~0.6 of copy
 bandwidth on an H200 (the 2048-wide matrices are mostly ramp-up and tail). This kernel gives each
@@ -6,17 +7,21 @@ program a whole [rows, K] tile of the weight, so every byte of a matrix is reque
 launches with programmatic dependent launch: a kernel issues its weight loads *before* it waits for the
 previous kernel (only x depends on it) and lets the next one launch at once, so one matrix's ramp-up
 overlaps the previous one's tail. On 24 layers' matmuls as a dependent chain (1xH200, one CUDA graph,
-`benchmarks/gemv_chain.py`): cuBLAS 0.926 ms, this kernel 0.726 ms, floor 0.578 ms. At 8 rows it is
-2x slower than cuBLAS (the per-row loop), so only one-row matmuls use it.
-"""
+`benchmarks/gemv_chain.py`): cuBLAS 0.926 ms, this kernel 0.726 ms, floor 0.578 ms. The overlap needs
+GEMVs back to back, so the layer's other work moves into them: every program normalizes x itself (K
+values, read anyway), and the epilogue adds bias and residual and applies gelu or swiglu (gate and up
+rows in one program). A layer is then qkv, rope + cache write, attention (which triggers early too),
+out + residual, norm + up + activation, down + residual. At 8 rows it is 2x slower than cuBLAS (the
+per-row loop), so only one-row matmuls use it."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from megatron_stag.serving.model import linear as reference_linear
 
 try:
     import triton
@@ -26,48 +31,83 @@ except ImportError:  # CPU-only torch: every matmul stays F.linear
 
 TILE = 8192  # weight elements per program (the best of 2k..32k measured), 8 warps
 WARPS = 8
+NORMS = {None: 0, "RMSNorm": 1, "LayerNorm": 2}
+ACTIVATIONS = {None: 0, "gelu": 1, "swiglu": 2}
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, x_stride, K: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, nw_ptr, nb_ptr, N, x_stride, eps,
+                     K: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+                     PREFETCH: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                     RESIDUAL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, K)
         if PDL and not PREFETCH:
             tl.extra.cuda.gdc_wait()
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=rows[:, None] < N, other=0.0)
-        if PDL and PREFETCH:  # the weights do not depend on the previous kernel: only x waits for it
+        if ACT == 2:  # swiglu: rows N.. of the weight are the up projection's
+            w_up = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=rows[:, None] < N, other=0.0)
+        if NORM:
+            nw = tl.load(nw_ptr + cols).to(tl.float32)
+        if NORM == 2:
+            nb = tl.load(nb_ptr + cols).to(tl.float32)
+        if PDL and PREFETCH:  # the parameters do not depend on the previous kernel: only x waits for it
             tl.extra.cuda.gdc_wait()
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         for b in tl.static_range(B):
             x = tl.load(x_ptr + b * x_stride + cols).to(tl.float32)
+            if NORM == 1:
+                x = x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * nw
+            if NORM == 2:
+                x = x - tl.sum(x, axis=0) / K
+                x = x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * nw + nb
             y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+            if ACT == 1:
+                y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+            if ACT == 2:
+                up = tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
+                if HAS_BIAS:
+                    up += tl.load(bias_ptr + N + rows, mask=rows < N, other=0.0).to(tl.float32)
+                y = y / (1.0 + tl.exp(-y)) * up
+            if RESIDUAL:
+                y += tl.load(res_ptr + b * N + rows, mask=rows < N, other=0.0).to(tl.float32)
             tl.store(y_ptr + b * N + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
-def gemv(x: Tensor, w: Tensor, tile: int = TILE, num_warps: int = WARPS, pdl: bool = True,
-         prefetch: bool = True) -> Tensor:
-    """x [B, K] (rows may be strided) @ w[N, K].T -> [B, N]; K a power of two. `pdl` needs Hopper or later."""
-    (b, k), n = x.shape, w.shape[0]
+def gemv(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+         norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None, eps: float = 0.0,
+         norm: Optional[str] = None, activation: Optional[str] = None, tile: int = TILE, num_warps: int = WARPS,
+         pdl: bool = True, prefetch: bool = True) -> Tensor:
+    """activation(norm(x) @ w.T + bias) + residual for x [B, K] (rows may be strided), K a power of two:
+    [B, N], N = w's rows (half of them with 'swiglu': [gate; up]). `pdl` needs Hopper or later."""
+    (b, k), n = x.shape, w.shape[0] // (2 if activation == "swiglu" else 1)
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty(b, n, dtype=x.dtype, device=x.device)
-    block_n = max(1, tile // k)
+    block_n = max(1, tile // k // (2 if activation == "swiglu" else 1))
     extra = dict(launch_pdl=True) if pdl else {}
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, n, x.stride(0), K=k, B=b, BLOCK_N=block_n, PDL=pdl,
-                                             PREFETCH=prefetch, num_warps=num_warps, **extra)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, w, y, bias if bias is not None else w, residual.contiguous() if residual is not None else w,
+        norm_weight if norm_weight is not None else w, norm_bias if norm_bias is not None else w, n, x.stride(0),
+        eps, K=k, B=b, BLOCK_N=block_n, PDL=pdl, PREFETCH=prefetch, NORM=NORMS[norm], HAS_BIAS=bias is not None,
+        ACT=ACTIVATIONS[activation], RESIDUAL=residual is not None, num_warps=num_warps, **extra)
     return y
 
 
 @torch.library.custom_op("megatron_stag::gemv", mutates_args=())
-def _gemv_op(x: Tensor, weight: Tensor) -> Tensor:
-    return gemv(x, weight, pdl=x.is_cuda)  # not on CPU tensors (Triton's interpreter, in the tests)
+def _gemv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+             norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float, norm: str,
+             activation: str) -> Tensor:
+    return gemv(x, weight, bias, residual, norm_weight, norm_bias, eps, norm or None, activation or None,
+                pdl=x.is_cuda)  # not on CPU tensors (Triton's interpreter, in the tests)
 
 
 @_gemv_op.register_fake
-def _(x: Tensor, weight: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _(x, weight, bias, residual, norm_weight, norm_bias, eps, norm, activation) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0] // (2 if activation == "swiglu" else 1))
 
 
 def available(device: torch.device) -> bool:
@@ -75,12 +115,20 @@ def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """F.linear, with one-row half-precision matmuls on the GEMV kernel (call only where `available`).
-    The checks read shapes and dtypes only, so under torch.compile they resolve while tracing."""
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm: Optional[nn.Module] = None,
+           activation: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
+    """`model.linear` (norm, matmul, activation and residual add) with one-row half-precision steps in
+    one kernel (call only where `available`). The checks read shapes, dtypes and module types only, so
+    under torch.compile they resolve while tracing."""
     k = x.shape[-1]
+    kind = type(norm).__name__ if norm is not None else None
     if (x.numel() != k or x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype
-            or weight.dim() != 2 or not weight.is_contiguous() or k & (k - 1) or not 256 <= k <= 16384):
-        return F.linear(x, weight, bias)
-    y = torch.ops.megatron_stag.gemv(x.reshape(1, k), weight).view(*x.shape[:-1], weight.shape[0])
-    return y if bias is None else y + bias
+            or weight.dim() != 2 or not weight.is_contiguous() or k & (k - 1) or not 256 <= k <= 16384
+            or kind not in NORMS or (norm is not None and (norm.weight is None or norm.eps is None))):
+        return reference_linear(x, weight, bias, norm, activation, residual)
+    n = weight.shape[0] // (2 if activation == "swiglu" else 1)
+    y = torch.ops.megatron_stag.gemv(
+        x.reshape(1, k), weight, bias, residual.reshape(1, n) if residual is not None else None,
+        norm.weight if norm is not None else None, getattr(norm, "bias", None), float(getattr(norm, "eps", 0.0)),
+        kind or "", activation or "")
+    return y.view(*x.shape[:-1], n)

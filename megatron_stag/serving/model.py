@@ -123,20 +123,47 @@ def make_norm(cfg: PlainConfig) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------- layers
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm: Optional[nn.Module] = None,
+           activation: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
+    """activation(norm(x) @ weight.T + bias) + residual, activation None, 'gelu' or 'swiglu' (weight
+    [gate; up]): a decode step's matmul with what surrounds it, in one call that a serving engine may
+    run as one kernel (`StagLM.use_matmul`)."""
+    return _around(F.linear(x if norm is None else norm(x), weight, bias), activation, residual)
+
+
+def _around(y: Tensor, activation: Optional[str], residual: Optional[Tensor]) -> Tensor:
+    if activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "swiglu":
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if residual is None else residual + y
+
+
+def apply(proj: nn.Module, x: Tensor, norm: Optional[nn.Module] = None, activation: Optional[str] = None,
+          residual: Optional[Tensor] = None) -> Tensor:
+    """`linear` through the projection module `proj`: in one call where it is ours, around it where
+    DeepSpeed replaced it (its layers take x alone; a row-parallel one reduces before the residual)."""
+    if isinstance(proj, Linear):
+        return proj(x, norm, activation, residual)
+    return _around(proj(x if norm is None else norm(x)), activation, residual)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose matmul a serving engine may replace (`StagLM.use_matmul`: a faster one-row kernel
     at decode time); DeepSpeed's AutoTP still sees, and shards, an nn.Linear."""
 
-    matmul = staticmethod(F.linear)
+    matmul = staticmethod(linear)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.matmul(x, self.weight, self.bias)
+    def forward(self, x: Tensor, norm: Optional[nn.Module] = None, activation: Optional[str] = None,
+                residual: Optional[Tensor] = None) -> Tensor:
+        return self.matmul(x, self.weight, self.bias, norm, activation, residual)
 
 
 class Attention(nn.Module):
     """Multi-head (grouped-query for self-attention) attention over a cache given by the caller."""
 
-    matmul = staticmethod(F.linear)  # of the fused q/k/v (see Linear)
+    matmul = staticmethod(linear)  # of the fused q/k/v (see Linear)
 
     def __init__(self, cfg: PlainConfig, kv_heads: int):
         super().__init__()
@@ -160,14 +187,21 @@ class Attention(nn.Module):
         if self.qkv is None:
             self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
-    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def project_qkv(self, x: Tensor, norm: Optional[nn.Module] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of norm(x), each [b, heads, n, hd]."""
         if self.qkv is None:
+            x = x if norm is None else norm(x)
             return self.heads(x, self.q_proj), self.heads(x, self.k_proj), self.heads(x, self.v_proj)
         sizes = [self.q_proj.weight.shape[0], self.k_proj.weight.shape[0], self.v_proj.weight.shape[0]]
-        return tuple(self._split_heads(y) for y in self.matmul(x, *self.qkv).split(sizes, dim=-1))
+        return tuple(self._split_heads(y) for y in self.matmul(x, *self.qkv, norm).split(sizes, dim=-1))
 
-    def attend(self, q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
-        return self.o_proj(self.core(q, keys, values, keep))
+    def project_q(self, x: Tensor, norm: nn.Module) -> Tensor:
+        return self._split_heads(apply(self.q_proj, x, norm))
+
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, residual: Optional[Tensor] = None
+               ) -> Tensor:
+        """residual + the output projection of the attention of q over keys and values."""
+        return apply(self.o_proj, self.core(q, keys, values, keep), residual=residual)
 
     def core(self, q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
         """Attention before the output projection: [b, heads, n, hd] queries -> [b, n, heads * hd]."""
@@ -193,6 +227,8 @@ def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Optional[Tensor]]:
 
 
 class MLP(nn.Module):
+    matmul = staticmethod(linear)  # of the fused gate/up projection (see Linear)
+
     def __init__(self, cfg: PlainConfig, ffn: Optional[int] = None):
         super().__init__()
         d, f = cfg.hidden_size, ffn or cfg.ffn_hidden_size
@@ -201,11 +237,23 @@ class MLP(nn.Module):
             self.gate_proj = Linear(d, f, bias=cfg.bias)
         self.up_proj = Linear(d, f, bias=cfg.bias)
         self.down_proj = Linear(f, d, bias=cfg.bias)
+        self.gate_up = None  # (weight, bias) once fuse() ran
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x)))
+    def fuse(self) -> None:
+        """One matmul for the gate and up projections (with the activation, one kernel at decode)."""
+        if self.gated and self.gate_up is None:
+            self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
+
+    def forward(self, x: Tensor, norm: Optional[nn.Module] = None, residual: Optional[Tensor] = None) -> Tensor:
+        """residual + MLP(norm(x))."""
+        if self.gate_up is not None:
+            h = self.matmul(x, *self.gate_up, norm, "swiglu")
+        elif self.gated:
+            x = x if norm is None else norm(x)
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = apply(self.up_proj, x, norm, "gelu")
+        return apply(self.down_proj, h, residual=residual)
 
 
 class MoE(nn.Module):
@@ -220,11 +268,14 @@ class MoE(nn.Module):
         self.router = nn.Parameter(torch.zeros(cfg.moe_experts, cfg.hidden_size))  # never sharded by name
         self.experts = nn.ModuleList([MLP(cfg, cfg.moe_ffn_hidden_size) for _ in range(cfg.moe_experts)])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, norm: Optional[nn.Module] = None, residual: Optional[Tensor] = None) -> Tensor:
+        """residual + MoE(norm(x))."""
+        x = x if norm is None else norm(x)
         logits = F.linear(x, self.router)
         scores, chosen = logits.topk(self.topk, dim=-1)
         weights = torch.zeros_like(logits).scatter(-1, chosen, scores.softmax(-1, dtype=torch.float32).to(x.dtype))
-        return sum(weights[..., e, None] * expert(x) for e, expert in enumerate(self.experts))
+        y = sum(weights[..., e, None] * expert(x) for e, expert in enumerate(self.experts))
+        return y if residual is None else residual + y
 
 
 def _mix(coefs: Tensor, x: Tensor) -> Tensor:
@@ -276,7 +327,7 @@ class AltUp(nn.Module):
         return (prediction + gains.unsqueeze(-1) * innovation.unsqueeze(-2)).flatten(-2)
 
 
-def project_entries(cross_kv, fused, entries: Tensor, matmul=F.linear) -> Tensor:
+def project_entries(cross_kv, fused, entries: Tensor, matmul=linear) -> Tensor:
     """Cross-attention entries [b', m, d] -> every layer's keys and values [b', m, L * 2 * heads * hd]:
     one matmul once fused, else each layer's (k_proj, v_proj) from the iterable `cross_kv`."""
     if fused is not None:
@@ -327,7 +378,7 @@ def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Section(nn.Module):
-    matmul = staticmethod(F.linear)  # of the fused cross-attention entry projection (see Linear)
+    matmul = staticmethod(linear)  # of the fused cross-attention entry projection (see Linear)
 
     def __init__(self, cfg: PlainConfig, index: int, layers: Optional[list[DecoderLayer]] = None):
         super().__init__()
@@ -364,6 +415,8 @@ class Section(nn.Module):
         not move the fused copies: fuse after the model's final device, dtype and sharding."""
         for layer in self.layers:
             layer.self_attn.fuse_qkv()
+            for mlp in layer.mlp.experts if isinstance(layer.mlp, MoE) else [layer.mlp]:
+                mlp.fuse()
         if self.index and self.entry_kv is None:
             self.entry_kv = fuse_linears([proj for layer in self.layers
                                           for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)])
@@ -457,20 +510,20 @@ class Section(nn.Module):
         for i, layer in enumerate(self.layers):
             x, prediction = layer.altup.predict(h) if hasattr(layer, "altup") else (h, None)
             attn = layer.self_attn
-            q, k, v = attn.project_qkv(layer.input_layernorm(x))
+            q, k, v = attn.project_qkv(x, layer.input_layernorm)
             if rope is not None:
                 q, k = _rotate(q, *rope), _rotate(k, *rope)
             kv = cache.kv[i]
             kv[:, r, :, positions] = torch.stack((k, v), dim=2).transpose(1, 3)  # [b', n, 2, heads, hd]
             if not whole:
                 kv = kv[:, rows]
-            x = x + attn.attend(q, kv[0], kv[1], keep)
+            x = attn.attend(q, kv[0], kv[1], keep, residual=x)
             if self.index:
                 cross = layer.cross_attn
-                q = cross.heads(layer.cross_attn_layernorm(x), cross.q_proj)
+                q = cross.project_q(x, layer.cross_attn_layernorm)
                 ckv = cross_kv[i] if whole or entries is not None else cross_kv[i][:, rows]
-                x = x + cross.attend(q, ckv[0], ckv[1], cross_keep)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+                x = cross.attend(q, ckv[0], ckv[1], cross_keep, residual=x)
+            x = layer.mlp(x, layer.post_attention_layernorm, residual=x)
             h = layer.altup.correct(prediction, x) if prediction is not None else x
         return self.norm(self._collapse(h))
 
@@ -503,7 +556,7 @@ def shared_passes_step(sections: list[Section], caches: list[SectionCache], h: T
     for i, layer in enumerate(sections[-1].layers):  # the shared modules, and the last pass's cross ones
         x, prediction = layer.altup.predict(h) if hasattr(layer, "altup") else (h, None)
         attn = layer.self_attn
-        q, k, v = attn.project_qkv(layer.input_layernorm(x))
+        q, k, v = attn.project_qkv(x, layer.input_layernorm)
         if rope is not None:
             q, k = _rotate(q, *rope), _rotate(k, *rope)
         cores = []
@@ -512,16 +565,16 @@ def shared_passes_step(sections: list[Section], caches: list[SectionCache], h: T
             kv = cache.kv[i]
             kv[:, r, :, positions] = torch.stack((k[rows], v[rows]), dim=2).transpose(1, 3)
             cores.append(attn.core(q[rows], kv[0], kv[1], keep))
-        x = x + attn.o_proj(torch.cat(cores))
+        x = apply(attn.o_proj, torch.cat(cores), residual=x)
         passes_x = list(x.split(b))
         for p in range(1, passes):
             cross_layer = sections[p].layers[i]
             cross = cross_layer.cross_attn
-            q = cross.heads(cross_layer.cross_attn_layernorm(passes_x[p]), cross.q_proj)
+            q = cross.project_q(passes_x[p], cross_layer.cross_attn_layernorm)
             ckv = caches[p].cross[i]
-            passes_x[p] = passes_x[p] + cross.attend(q, ckv[0], ckv[1], cross_keep[p])
+            passes_x[p] = cross.attend(q, ckv[0], ckv[1], cross_keep[p], residual=passes_x[p])
         x = torch.cat(passes_x)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = layer.mlp(x, layer.post_attention_layernorm, residual=x)
         h = layer.altup.correct(prediction, x) if prediction is not None else x
     return [s.norm(s._collapse(part)) for s, part in zip(sections, h.split(b))]
 
@@ -544,7 +597,7 @@ class EntryProjections(nn.Module):
     split them by heads like the layer's own, so tensor-parallel rank t sends what rank t of section k
     stores."""
 
-    matmul = staticmethod(F.linear)  # of the fused projection (see Linear)
+    matmul = staticmethod(linear)  # of the fused projection (see Linear)
 
     def __init__(self, section: "Section"):
         super().__init__()
@@ -689,9 +742,10 @@ class StagLM(nn.Module):
         if self.next_entries is not None:
             self.next_entries.fuse()
 
-    def use_matmul(self, matmul) -> None:
-        """Every projection's matmul (F.linear's signature) becomes `matmul`: how the serving engine puts
-        its decode kernel in without this file depending on it. Layers DeepSpeed replaced keep theirs."""
+    def use_matmul(self, matmul=linear) -> None:
+        """Every projection's matmul (`linear`'s signature: norm before, activation and residual after)
+        becomes `matmul`: how the serving engine puts its decode kernel in without this file depending
+        on it. Layers DeepSpeed replaced keep theirs."""
         for m in self.modules():
             if hasattr(type(m), "matmul"):
                 m.matmul = matmul
