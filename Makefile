@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check megatron_stag tests setup.py
 
 test: lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --run-slow tests
