@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
     # what the engine fuses around a matmul: the norm before it (RMS, layer), bias, activation, residual
     gemv_module.available = lambda device: True
     k, n = 256, 40
-    for norm in (None, nn.RMSNorm(k, eps=1e-5), nn.LayerNorm(k, eps=1e-5)):
+    for norm in (None, nn.RMSNorm(k, eps=1e-5), nn.LayerNorm(k, eps=1e-5), nn.LayerNorm(k, eps=1e-5, bias=False)):
         if norm is not None:
             nn.init.normal_(norm.weight)
             if getattr(norm, "bias", None) is not None:

@@ -38,8 +38,8 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, nw_ptr, nb_ptr, N, x_stride, eps,
                      K: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-                     PREFETCH: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                     RESIDUAL: tl.constexpr):
+                     PREFETCH: tl.constexpr, NORM: tl.constexpr, NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ACT: tl.constexpr, RESIDUAL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, K)
         if PDL and not PREFETCH:
@@ -49,7 +49,7 @@ if triton is not None:
             w_up = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=rows[:, None] < N, other=0.0)
         if NORM:
             nw = tl.load(nw_ptr + cols).to(tl.float32)
-        if NORM == 2:
+        if NORM_BIAS:
             nb = tl.load(nb_ptr + cols).to(tl.float32)
         if PDL and PREFETCH:  # the parameters do not depend on the previous kernel: only x waits for it
             tl.extra.cuda.gdc_wait()
@@ -61,7 +61,9 @@ if triton is not None:
                 x = x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * nw
             if NORM == 2:
                 x = x - tl.sum(x, axis=0) / K
-                x = x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * nw + nb
+                x = x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * nw
+            if NORM_BIAS:
+                x += nb
             y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
             if HAS_BIAS:
                 y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
@@ -92,8 +94,9 @@ def gemv(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, residual: Optional
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, y, bias if bias is not None else w, residual.contiguous() if residual is not None else w,
         norm_weight if norm_weight is not None else w, norm_bias if norm_bias is not None else w, n, x.stride(0),
-        eps, K=k, B=b, BLOCK_N=block_n, PDL=pdl, PREFETCH=prefetch, NORM=NORMS[norm], HAS_BIAS=bias is not None,
-        ACT=ACTIVATIONS[activation], RESIDUAL=residual is not None, num_warps=num_warps, **extra)
+        eps, K=k, B=b, BLOCK_N=block_n, PDL=pdl, PREFETCH=prefetch, NORM=NORMS[norm], NORM_BIAS=norm_bias is not None,
+        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], RESIDUAL=residual is not None, num_warps=num_warps,
+        **extra)
     return y
 
 
