@@ -123,13 +123,14 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm: Optio
     """`model.linear` (norm, matmul, activation and residual add) with one-row half-precision steps in
     one kernel (call only where `available`). The checks read shapes, dtypes and module types only, so
     under torch.compile they resolve while tracing."""
-    k = x.shape[-1]
+    k, n = x.shape[-1], weight.shape[0] // (2 if activation == "swiglu" else 1)
     kind = type(norm).__name__ if norm is not None else None
     if (x.numel() != k or x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype
             or weight.dim() != 2 or not weight.is_contiguous() or k & (k - 1) or not 256 <= k <= 16384
-            or kind not in NORMS or (norm is not None and (norm.weight is None or norm.eps is None))):
+            or kind not in NORMS or (norm is not None and (norm.weight is None or norm.eps is None))
+            or any(t is not None and t.dtype != x.dtype for t in (bias, residual))
+            or (residual is not None and residual.shape != (*x.shape[:-1], n))):
         return reference_linear(x, weight, bias, norm, activation, residual)
-    n = weight.shape[0] // (2 if activation == "swiglu" else 1)
     y = torch.ops.megatron_stag.gemv(
         x.reshape(1, k), weight, bias, residual.reshape(1, n) if residual is not None else None,
         norm.weight if norm is not None else None, getattr(norm, "bias", None), float(getattr(norm, "eps", 0.0)),
