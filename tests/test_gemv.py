@@ -14,7 +14,6 @@ SCRIPT = textwrap.dedent("""
     import torch
     from torch import nn
     from megatron_stag.serving.gemv import gemv, linear as kernel_linear
-    from megatron_stag.serving import gemv as gemv_module
     from megatron_stag.serving.model import linear
     torch.manual_seed(0)
     for rows, n, k, tile in ((1, 48, 32, 256), (3, 17, 128, 256), (1, 5, 64, 64)):
@@ -26,7 +25,6 @@ SCRIPT = textwrap.dedent("""
         err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-2, (rows, n, k, err)
     # what the engine fuses around a matmul: the norm before it (RMS, layer), bias, activation, residual
-    gemv_module.available = lambda device: True
     k, n = 256, 40
     for norm in (None, nn.RMSNorm(k, eps=1e-5), nn.LayerNorm(k, eps=1e-5), nn.LayerNorm(k, eps=1e-5, bias=False)):
         if norm is not None:
@@ -74,18 +72,23 @@ ENGINE = textwrap.dedent("""
     initialize(tp=1, pp=1)
     calls = []
     kernel = gemv.gemv
-    gemv.gemv = lambda x, w, *a, **kw: calls.append(tuple(w.shape)) or kernel(x, w, *a, **kw)
+    def recording(x, w, bias=None, residual=None, nw=None, nb=None, eps=0.0, norm=None, activation=None, **kw):
+        calls.append((tuple(w.shape), norm, activation, residual is not None))
+        return kernel(x, w, bias, residual, nw, nb, eps, norm, activation, **kw)
+    gemv.gemv = recording
     gemv.available = lambda device: True  # CPU tensors run through the interpreter
     compiled = torch.compile(gemv.linear, dynamic=False)
     x, w, b = torch.randn(1, 1, 256).bfloat16(), (torch.randn(96, 256) / 16).bfloat16(), torch.randn(96).bfloat16()
     assert (compiled(x, w, b).float() - torch.nn.functional.linear(x, w, b).float()).abs().max() < 0.05
-    assert calls == [(96, 256)], calls  # the compiled function called the kernel
+    assert calls == [((96, 256), None, None, False)], calls  # the compiled function called the kernel
     plain = to_plain_model(tiny_model(num_layers=6, hidden_size=256, num_attention_heads=4,
                                       position_embedding_type="rope"), None, device="cpu").to(torch.bfloat16)
     params = SamplingParams(max_new_tokens=3)
     calls.clear()
     fast = StaggeredGenerator(plain, max_len=10, batch=1).generate([[5, 9, 2, 33, 7]], params, keep_logits=True)
-    shapes = set(calls)
+    shapes = {shape for shape, *_ in calls}
+    fused = {tuple(form) for _, *form in calls}  # the layer's norms, GELU and residual adds went into the kernel
+    assert {("LayerNorm", None, False), ("LayerNorm", "gelu", False), (None, None, True)} <= fused, fused
     slow = StaggeredGenerator(plain, max_len=10, batch=1, gemv=False).generate([[5, 9, 2, 33, 7]], params,
                                                                                keep_logits=True)
     assert fast.tokens == slow.tokens, (fast.tokens, slow.tokens)
@@ -97,7 +100,8 @@ ENGINE = textwrap.dedent("""
 def test_engine_routes_one_row_matmuls_to_the_kernel():
     """The engine's step with `gemv` on (forced onto CPU tensors through the interpreter): every
     projection kind (fused q/k/v, out, MLP, the fused cross-attention entry projection, the head) goes
-    through the kernel, under torch.compile too, and decoding gives the tokens of F.linear's step."""
+    through the kernel with the layer's norms, GELU and residual adds fused in, under torch.compile too,
+    and decoding gives the tokens of F.linear's step."""
     shapes = _interpret(ENGINE, timeout=600)
     # q/k/v fused, out, MLP up and down, section 2's 3 layers' cross k/v fused, the head
     for shape in ("(768, 256)", "(256, 256)", "(1024, 256)", "(256, 1024)", "(1536, 256)", "(64, 256)"):

@@ -10,8 +10,7 @@ overlaps the previous one's tail. On 24 layers' matmuls as a dependent chain (1x
 `benchmarks/gemv_chain.py`): cuBLAS 0.926 ms, this kernel 0.726 ms, floor 0.578 ms. The overlap needs
 GEMVs back to back, so the layer's other work moves into them: every program normalizes x itself (K
 values, read anyway), and the epilogue adds bias and residual and applies gelu or swiglu (gate and up
-rows in one program). A layer is then qkv, rope + cache write, attention (which triggers early too),
-out + residual, norm + up + activation, down + residual. At 8 rows it is 2x slower than cuBLAS (the
+rows in one program). A layer is then qkv, rope + cache write, attention, out + residual, norm + up + activation, down + residual. At 8 rows it is 2x slower than cuBLAS (the
 per-row loop), so only one-row matmuls use it."""
 
 from __future__ import annotations
@@ -33,6 +32,13 @@ TILE = 8192  # weight elements per program (the best of 2k..32k measured), 8 war
 WARPS = 8
 NORMS = {None: 0, "RMSNorm": 1, "LayerNorm": 2}
 ACTIVATIONS = {None: 0, "gelu": 1, "swiglu": 2}
+
+
+
+def _outputs(weight: Tensor, activation: Optional[str]) -> int:
+    """Output features of `weight`: its rows, or half of them for swiglu's [gate; up]."""
+    return weight.shape[0] // (2 if activation == "swiglu" else 1)
+
 
 if triton is not None:
     @triton.jit
@@ -85,11 +91,11 @@ def gemv(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, residual: Optional
          pdl: bool = True, prefetch: bool = True) -> Tensor:
     """activation(norm(x) @ w.T + bias) + residual for x [B, K] (rows may be strided), K a power of two:
     [B, N], N = w's rows (half of them with 'swiglu': [gate; up]). `pdl` needs Hopper or later."""
-    (b, k), n = x.shape, w.shape[0] // (2 if activation == "swiglu" else 1)
+    (b, k), n = x.shape, _outputs(w, activation)
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty(b, n, dtype=x.dtype, device=x.device)
-    block_n = max(1, tile // k // (2 if activation == "swiglu" else 1))
+    block_n = max(1, tile // k // (w.shape[0] // n))
     extra = dict(launch_pdl=True) if pdl else {}
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, y, bias if bias is not None else w, residual.contiguous() if residual is not None else w,
@@ -110,7 +116,7 @@ def _gemv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Option
 
 @_gemv_op.register_fake
 def _(x, weight, bias, residual, norm_weight, norm_bias, eps, norm, activation) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0] // (2 if activation == "swiglu" else 1))
+    return x.new_empty(x.shape[0], _outputs(weight, activation or None))
 
 
 def available(device: torch.device) -> bool:
@@ -123,7 +129,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm: Optio
     """`model.linear` (norm, matmul, activation and residual add) with one-row half-precision steps in
     one kernel (call only where `available`). The checks read shapes, dtypes and module types only, so
     under torch.compile they resolve while tracing."""
-    k, n = x.shape[-1], weight.shape[0] // (2 if activation == "swiglu" else 1)
+    k, n = x.shape[-1], _outputs(weight, activation)
     kind = type(norm).__name__ if norm is not None else None
     if (x.numel() != k or x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype
             or weight.dim() != 2 or not weight.is_contiguous() or k & (k - 1) or not 256 <= k <= 16384
