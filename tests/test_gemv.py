@@ -1,5 +1,5 @@
-"""The decode GEMV kernel's arithmetic on CPU, through Triton's interpreter (the GPU tests in
-test_gpu.py run it compiled, with programmatic dependent launch)."""
+"""The decode kernels' arithmetic (the GEMV, the attention) on CPU, through Triton's interpreter
+(the GPU tests in test_gpu.py run them compiled, with programmatic dependent launch)."""
 
 import os
 import subprocess
@@ -60,10 +60,38 @@ def test_gemv_matches_f_linear_in_the_interpreter():
     assert _interpret(SCRIPT) == "ok"
 
 
+ATTENTION = textwrap.dedent("""
+    import torch
+    from megatron_stag.serving import decode_attention
+    from megatron_stag.serving.model import attention
+    torch.manual_seed(0)
+    # GQA, slots not a multiple of the block, blocks with no kept slot, one split and several
+    for b, heads, kv_heads, slots, hd, programs in ((2, 4, 2, 100, 32, 256), (3, 2, 2, 130, 16, 1),
+                                                    (1, 4, 4, 200, 64, 8)):
+        decode_attention.PROGRAMS = programs
+        qkv = torch.randn(b, 1, (heads + 2 * kv_heads) * hd).to(torch.float16)
+        q = qkv[..., :heads * hd].view(b, 1, heads, hd).transpose(1, 2)  # strided, as a step's
+        kv = torch.randn(2, b, kv_heads, slots, hd).to(torch.float16)
+        keep = torch.rand(b, 1, 1, slots) < 0.3
+        keep[0, ..., 64:] = False
+        keep[..., 3] = True
+        out = decode_attention.decode_attention(q, kv[0], kv[1], keep, pdl=False)
+        ref = attention(q.float(), kv[0].float(), kv[1].float(), keep)
+        assert out.shape == ref.shape and out.dtype == torch.float16
+        err = (out.float() - ref).abs().max().item()
+        assert err < 2e-3, (b, heads, kv_heads, slots, hd, err)
+    print("ok")
+""")
+
+
+def test_decode_attention_matches_sdpa_in_the_interpreter():
+    assert _interpret(ATTENTION) == "ok"
+
+
 ENGINE = textwrap.dedent("""
     import torch
     from megatron_stag.platform.distributed import initialize
-    from megatron_stag.serving import gemv
+    from megatron_stag.serving import decode_attention, gemv
     from megatron_stag.serving.convert import to_plain_model
     from megatron_stag.serving.engine import StaggeredGenerator
     from megatron_stag.serving.sampling import SamplingParams
@@ -77,6 +105,12 @@ ENGINE = textwrap.dedent("""
         return kernel(x, w, bias, residual, nw, nb, eps, norm, activation, **kw)
     gemv.gemv = recording
     gemv.available = lambda device: True  # CPU tensors run through the interpreter
+    attended = []
+    attend = decode_attention.decode_attention
+    def recording_attention(q, keys, values, keep, **kw):
+        attended.append(keys.shape[2])
+        return attend(q, keys, values, keep, **kw)
+    decode_attention.decode_attention = recording_attention
     compiled = torch.compile(gemv.linear, dynamic=False)
     x, w, b = torch.randn(1, 1, 256).bfloat16(), (torch.randn(96, 256) / 16).bfloat16(), torch.randn(96).bfloat16()
     assert (compiled(x, w, b).float() - torch.nn.functional.linear(x, w, b).float()).abs().max() < 0.05
@@ -89,7 +123,8 @@ ENGINE = textwrap.dedent("""
     shapes = {shape for shape, *_ in calls}
     fused = {tuple(form) for _, *form in calls}  # the layer's norms, GELU and residual adds went into the kernel
     assert {("LayerNorm", None, False), ("LayerNorm", "gelu", False), (None, None, True)} <= fused, fused
-    slow = StaggeredGenerator(plain, max_len=10, batch=1, gemv=False).generate([[5, 9, 2, 33, 7]], params,
+    assert {10, 11} <= set(attended), attended  # self-attention's 10 slots and the cross cache's 11 on the kernel
+    slow = StaggeredGenerator(plain, max_len=10, batch=1, kernels=False).generate([[5, 9, 2, 33, 7]], params,
                                                                                keep_logits=True)
     assert fast.tokens == slow.tokens, (fast.tokens, slow.tokens)
     assert (fast.step_logits.float() - slow.step_logits.float()).abs().max() < 0.1
@@ -101,7 +136,8 @@ def test_engine_routes_one_row_matmuls_to_the_kernel():
     """The engine's step with `gemv` on (forced onto CPU tensors through the interpreter): every
     projection kind (fused q/k/v, out, MLP, the fused cross-attention entry projection, the head) goes
     through the kernel with the layer's norms, GELU and residual adds fused in, under torch.compile too,
-    and decoding gives the tokens of F.linear's step."""
+    self- and cross-attention through the decode attention kernel, and decoding gives the tokens of
+    F.linear's and SDPA's step."""
     shapes = _interpret(ENGINE, timeout=600)
     # q/k/v fused, out, MLP up and down, section 2's 3 layers' cross k/v fused, the head
     for shape in ("(768, 256)", "(256, 256)", "(1024, 256)", "(256, 1024)", "(1536, 256)", "(64, 256)"):

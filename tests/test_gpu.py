@@ -201,6 +201,53 @@ def test_gemv_kernel_equals_f_linear(dtype):
                                        atol=3e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_attention_kernel_equals_sdpa(dtype):
+    """The decode attention kernel (`serving.decode_attention`) against SDPA in fp32: a causal cache
+    with a different position per row, a cross-attention ring's scattered slots, GQA, slots not a
+    multiple of the block, one split and many, compiled and replayed from a CUDA graph; more than one
+    query per row, or more query heads per step than `ROWS`, stays SDPA's."""
+    from megatron_stag.serving import decode_attention, gemv
+    from megatron_stag.serving.model import attention as sdpa
+
+    if not gemv.available(torch.device("cuda")):
+        pytest.skip("the kernel needs Hopper or later")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    op = torch.compile(torch.ops.megatron_stag.decode_attention, dynamic=False)
+    for b, heads, kv_heads, slots, hd in ((1, 16, 16, 768, 128), (8, 16, 4, 769, 128), (64, 8, 8, 300, 64),
+                                          (3, 4, 2, 5, 256)):
+        qkv = torch.randn(b, 1, (heads + 2 * kv_heads) * hd, device="cuda", dtype=dtype, generator=g)
+        q = qkv[..., :heads * hd].view(b, 1, heads, hd).transpose(1, 2)  # a strided view, as a step has
+        kv = torch.randn(2, b, kv_heads, slots, hd, device="cuda", dtype=dtype, generator=g)
+        pos = torch.randint(0, slots, (b,), device="cuda", generator=g)
+        causal = (torch.arange(slots, device="cuda")[None] <= pos[:, None])[:, None, None]
+        ring = torch.rand(b, 1, 1, slots, device="cuda", generator=g) < 0.2
+        ring[..., 0] = True
+        for keep in (causal, ring):
+            ref = sdpa(q.float(), kv[0].float(), kv[1].float(), keep)
+            out = decode_attention.decode_attention(q, kv[0], kv[1], keep)
+            assert out.shape == ref.shape and out.dtype == dtype
+            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+            routed = decode_attention.attention(q, kv[0], kv[1], keep)
+            if b * heads > decode_attention.ROWS:
+                assert torch.equal(routed, sdpa(q, kv[0], kv[1], keep))
+            else:
+                assert torch.equal(routed, out)
+            static = op(q, kv[0], kv[1], keep)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = op(q, kv[0], kv[1], keep)
+            for _ in range(3):
+                kv.normal_(generator=g)
+                graph.replay()
+                torch.testing.assert_close(static.float(), sdpa(q.float(), kv[0].float(), kv[1].float(), keep),
+                                           atol=2e-2, rtol=2e-2)
+    two = torch.randn(1, 4, 2, 64, device="cuda", dtype=dtype)
+    keys = torch.randn(1, 4, 10, 64, device="cuda", dtype=dtype)
+    keep = torch.ones(1, 1, 2, 10, dtype=torch.bool, device="cuda")
+    assert torch.equal(decode_attention.attention(two, keys, keys, keep), sdpa(two, keys, keys, keep))
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_gemv_step_equals_cublas_step(batch):
     """Decoding (one-row matmuls with their norms, activations and residual adds on the GEMV kernel,
@@ -219,7 +266,7 @@ def test_gemv_step_equals_cublas_step(batch):
                            None, device="cuda").to(torch.bfloat16)
     params = SamplingParams(max_new_tokens=12)
     prompts = [[5, 9, 2, 33, 7], [1, 2, 3], [8, 8, 8, 8]][:batch]
-    runs = [StaggeredGenerator(plain, max_len=24, batch=batch, gemv=on).generate(prompts, params,
+    runs = [StaggeredGenerator(plain, max_len=24, batch=batch, kernels=on).generate(prompts, params,
                                                                                   keep_logits=True)
             for on in (True, False)]
     assert runs[0].tokens == runs[1].tokens

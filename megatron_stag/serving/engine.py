@@ -34,8 +34,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from megatron_stag.serving import decode_attention as _attention
 from megatron_stag.serving import gemv as _gemv
-from megatron_stag.serving.model import StagLM, linear, shared_passes_step
+from megatron_stag.serving.model import StagLM, attention, linear, shared_passes_step
 from megatron_stag.serving.sampling import SamplingParams, check_prompts, decode_loop, sample
 
 
@@ -97,14 +98,15 @@ class StaggeredGenerator:
 
     `placement` None: every section on this process (which may still be one of a TP group, with
     `comm` given to share the sampled tokens); otherwise this rank's section only. `cuda_graph`,
-    `compile` and `gemv` (one-row matmuls, with the norm before and the activation and residual add
-    after them, on `serving.gemv`'s kernel) are the defaults, the fastest configuration, and apply on
-    CUDA only (the kernel on Hopper and later); turn them off to debug or to compare.
+    `compile` and `kernels` (one-row matmuls, with the norm before and the activation and residual add
+    after them, on `serving.gemv`'s kernel; small-batch attention on `serving.decode_attention`'s) are
+    the defaults, the fastest configuration, and apply on CUDA only (the kernels on Hopper and later);
+    turn them off to debug or to compare.
     """
 
     def __init__(self, model: StagLM, max_len: int, batch: int, placement: Optional[SectionPlacement] = None,
                  comm=None, recurrent: bool = False, cuda_graph: bool = True, compile: bool = True,
-                 gemv: bool = True):
+                 kernels: bool = True):
         cfg = model.cfg
         if recurrent and not (cfg.shared_weights and cfg.sections == 2 and placement is None
                               and cfg.output == "last"):
@@ -121,8 +123,12 @@ class StaggeredGenerator:
         self.model, self.max_len, self.batch, self.recurrent = model.eval(), max_len, batch, recurrent
         model.fuse_projections()  # after DeepSpeed's sharding: each rank fuses its own shards
         # one-row matmuls, fused with their norm, activation and residual add, on the streaming GEMV
-        # kernel (Hopper+): GPT b=1 on an H200 1.54 -> 1.30 ms/token (benchmarks/decode_engine.py)
-        model.use_matmul(_gemv.linear if gemv and _gemv.available(next(model.parameters()).device) else linear)
+        # kernel (Hopper+): GPT b=1 on an H200 1.54 -> 1.30 ms/token (benchmarks/decode_engine.py);
+        # small-batch attention on the flash-decoding kernel: 1.25 -> 1.17 (decode_attention.py)
+        if kernels and _gemv.available(next(model.parameters()).device):
+            model.use_kernels(_gemv.linear, _attention.attention)
+        else:
+            model.use_kernels(linear, attention)
         self.place, self.comm = placement, comm
         self.p = cfg.sections
         self.mine = list(range(self.p)) if placement is None else [placement.section]
@@ -139,7 +145,9 @@ class StaggeredGenerator:
         self._streams = [torch.cuda.Stream() for _ in self.mine] if self.cuda_graph and len(self.mine) > 1 else []
         # programmatic dependent launch lets each compiled kernel start while the previous one drains
         # (Hopper and later; measured on H200: StagFormer p=2 1.44 -> 1.38 ms/token at batch 1)
-        options = {"triton.enable_pdl": True} if compile and self.device.type == "cuda" else {}
+        # and combo kernels put independent pointwise kernels of a step into one launch (GPT b=1 1.308 ->
+        # 1.255 ms/token; results/decode_combo_kernels_h200.json)
+        options = {"triton.enable_pdl": True, "combo_kernels": True} if compile and self.device.type == "cuda" else {}
         wrap = (lambda fn: torch.compile(fn, dynamic=False, options=options)) if options else (lambda fn: fn)
         # the section and its cache are arguments, not attributes of this generator: compiled code is
         # guarded on their shapes, so a later generator of the same model and shapes reuses it
@@ -358,6 +366,7 @@ class StaggeredGenerator:
         sampled = sample(logits, params, self._gen) if self._sampler else torch.zeros_like(tokens)
         return self._broadcast(sampled), positions + 1, logits if self._sampler else None
 
+    @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, keep_logits: bool = False,
                  progress: bool = False) -> GenerationResult:
         """Collective when distributed: every rank calls it with the same prompts."""

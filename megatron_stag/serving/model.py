@@ -127,7 +127,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm: Optio
            activation: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
     """activation(norm(x) @ weight.T + bias) + residual, activation None, 'gelu' or 'swiglu' (weight
     [gate; up]): a decode step's matmul with what surrounds it, in one call that a serving engine may
-    run as one kernel (`StagLM.use_matmul`)."""
+    run as one kernel (`StagLM.use_kernels`)."""
     return _around(F.linear(x if norm is None else norm(x), weight, bias), activation, residual)
 
 
@@ -150,7 +150,7 @@ def apply(proj: nn.Module, x: Tensor, norm: Optional[nn.Module] = None, activati
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose matmul a serving engine may replace (`StagLM.use_matmul`: a faster one-row kernel
+    """nn.Linear whose matmul a serving engine may replace (`StagLM.use_kernels`: a faster one-row kernel
     at decode time); DeepSpeed's AutoTP still sees, and shards, an nn.Linear."""
 
     matmul = staticmethod(linear)
@@ -160,10 +160,18 @@ class Linear(nn.Linear):
         return self.matmul(x, self.weight, self.bias, norm, activation, residual)
 
 
+def attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
+    """[b, heads, n, hd] queries over [b, kv heads, slots, hd] keys and values, the slots where keep
+    [b, 1, n, slots] -> [b, n, heads * hd] (before the output projection)."""
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, enable_gqa=keys.shape[1] != q.shape[1])
+    return out.transpose(1, 2).flatten(2)
+
+
 class Attention(nn.Module):
     """Multi-head (grouped-query for self-attention) attention over a cache given by the caller."""
 
     matmul = staticmethod(linear)  # of the fused q/k/v (see Linear)
+    attention = staticmethod(attention)  # a serving engine may replace it (`StagLM.use_kernels`)
 
     def __init__(self, cfg: PlainConfig, kv_heads: int):
         super().__init__()
@@ -205,9 +213,7 @@ class Attention(nn.Module):
 
     def core(self, q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
         """Attention before the output projection: [b, heads, n, hd] queries -> [b, n, heads * hd]."""
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep,
-                                             enable_gqa=keys.shape[1] != q.shape[1])
-        return out.transpose(1, 2).flatten(2)
+        return self.attention(q, keys, values, keep)
 
 
 def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Optional[Tensor]]:
@@ -742,13 +748,15 @@ class StagLM(nn.Module):
         if self.next_entries is not None:
             self.next_entries.fuse()
 
-    def use_matmul(self, matmul=linear) -> None:
+    def use_kernels(self, matmul=linear, attention=attention) -> None:
         """Every projection's matmul (`linear`'s signature: norm before, activation and residual after)
-        becomes `matmul`: how the serving engine puts its decode kernel in without this file depending
-        on it. Layers DeepSpeed replaced keep theirs."""
+        becomes `matmul`, every attention `attention`: how the serving engine puts its decode kernels
+        in without this file depending on them. Layers DeepSpeed replaced keep theirs."""
         for m in self.modules():
             if hasattr(type(m), "matmul"):
                 m.matmul = matmul
+            if isinstance(m, Attention):
+                m.attention = attention
 
     def entries_made_upstream(self) -> bool:
         """With one section per rank, whether section k-1's rank sends section k its entries' keys and

@@ -1,0 +1,140 @@
+"""The decode step's attention (one query per row) as a Triton flash-decoding kernel that reads only
+the cache slots the step attends to.
+
+A decode cache holds `max_len` slots and a step at position p reads p + 1 of them (or a window's).
+SDPA with a boolean mask (cuDNN on an H200) streams every slot and, around each layer's call, runs
+kernels of its own that convert the mask and lay out the query. Here each program takes one query head
+and a split of the slots (enough splits that a batch-1 step fills the GPU), loads the mask's bytes
+for a block of 64 slots and the keys and values of the kept slots only (a block with none kept costs
+its mask bytes), and keeps a running softmax in fp32; a second small kernel combines the splits.
+Both launch with programmatic dependent launch, like the GEMV (`serving/gemv.py`). The mask is any
+boolean [b, 1, 1, slots], so causal caches, cross-attention rings and windows all take this path.
+On an H200 it halves a b=1 step's attention (24 layers: 0.150 against SDPA's 0.331 ms; GPT 1.254 ->
+1.165 ms/token), but at b=8 and 32 the engine's step is faster with SDPA, so steps of more than ROWS
+query heads stay there (docs/decode-engine.md)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from megatron_stag.serving.model import attention as reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch: attention stays on SDPA
+    triton = None
+
+BLOCK = 64  # slots per loop iteration
+PROGRAMS = 256  # query heads x splits a step aims for (about two per SM on an H200)
+WARPS = 4
+ROWS = 64  # at most this many query heads per step (batch x heads): where SDPA leaves the GPU idle
+
+
+if triton is not None:
+    @triton.jit
+    def _split_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, part_ptr, S, scale, q_sb, q_sh, k_sb, k_sh, k_ss,
+                      v_sb, v_sh, v_ss, keep_sb, keep_ss, H: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
+                      BLOCK: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        d = tl.arange(0, HD)
+        if PDL:  # q and this step's own cache slot come from the previous kernel
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        q = tl.load(q_ptr + b * q_sb + h * q_sh + d).to(tl.float32) * scale
+        k_base = k_ptr + b * k_sb + (h // G) * k_sh
+        v_base = v_ptr + b * v_sb + (h // G) * v_sh
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+        total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        acc = tl.zeros([HD], tl.float32)
+        for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
+            s = start + tl.arange(0, BLOCK)
+            keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
+            if tl.max(keep.to(tl.int32), 0) > 0:  # a block past the filled slots costs its mask bytes only
+                k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
+                scores = tl.where(keep, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, 0))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(scores - m_new)
+                v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
+                total = total * alpha + tl.sum(p, 0)
+                acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+                m = m_new
+        if SPLITS == 1:
+            tl.store(o_ptr + b * H * HD + h * HD + d, (acc / total).to(o_ptr.dtype.element_ty))
+        else:  # [acc, max, sum] per split; a split with no kept slot leaves max -inf, sum 0
+            base = part_ptr + (bh * SPLITS + split) * (HD + 2)
+            tl.store(base + d, acc)
+            tl.store(base + HD, m)
+            tl.store(base + HD + 1, total)
+
+    @triton.jit
+    def _combine_kernel(part_ptr, o_ptr, HD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                        PDL: tl.constexpr):
+        bh = tl.program_id(0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        sp = tl.arange(0, SPLITS_P2)
+        d = tl.arange(0, HD)
+        base = part_ptr + bh * SPLITS * (HD + 2) + sp * (HD + 2)
+        ms = tl.load(base + HD, mask=sp < SPLITS, other=float("-inf"))
+        weights = tl.exp(ms - tl.max(ms, 0))
+        total = tl.sum(weights * tl.load(base + HD + 1, mask=sp < SPLITS, other=0.0), 0)
+        acc = tl.load(base[:, None] + d[None, :], mask=(sp < SPLITS)[:, None], other=0.0)
+        tl.store(o_ptr + bh * HD + d, (tl.sum(weights[:, None] * acc, 0) / total).to(o_ptr.dtype.element_ty))
+
+
+def _splits(rows: int, slots: int) -> tuple[int, int]:
+    """(slots per split, splits): splits of whole blocks, enough that rows x splits ~ PROGRAMS."""
+    blocks = triton.cdiv(slots, BLOCK)
+    per = triton.cdiv(blocks, min(blocks, max(1, PROGRAMS // rows)))
+    return per * BLOCK, triton.cdiv(blocks, per)
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, pdl: bool = True) -> Tensor:
+    """Attention of one query per row, q [b, heads, 1, hd], over keys and values [b, kv heads, slots, hd]
+    (any strides with the last one 1), slots where keep [b, 1, 1, slots] (bool): [b, 1, heads * hd].
+    `pdl` needs Hopper or later."""
+    b, heads, _, hd = q.shape
+    kv_heads, slots = keys.shape[1], keys.shape[2]
+    split, splits = _splits(b * heads, slots)
+    out = torch.empty(b, 1, heads * hd, dtype=q.dtype, device=q.device)
+    part = torch.empty(b * heads * splits * (hd + 2), dtype=torch.float32, device=q.device) if splits > 1 else out
+    extra = dict(launch_pdl=True) if pdl else {}
+    _split_kernel[(b * heads, splits)](
+        q, keys, values, keep, out, part, slots, hd ** -0.5, q.stride(0), q.stride(1), keys.stride(0),
+        keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2), keep.stride(0),
+        keep.stride(3), H=heads, G=heads // kv_heads, HD=hd, BLOCK=BLOCK, SPLIT=split, SPLITS=splits, PDL=pdl,
+        num_warps=WARPS, **extra)
+    if splits > 1:
+        _combine_kernel[(b * heads,)](part, out, HD=hd, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
+                                      PDL=pdl, num_warps=WARPS, **extra)
+    return out
+
+
+@torch.library.custom_op("megatron_stag::decode_attention", mutates_args=())
+def _attention_op(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
+    return decode_attention(q, keys, values, keep, pdl=q.is_cuda)  # not on CPU tensors (the interpreter)
+
+
+@_attention_op.register_fake
+def _(q, keys, values, keep) -> Tensor:
+    return q.new_empty(q.shape[0], 1, q.shape[1] * q.shape[3])
+
+
+def attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
+    """`reference`'s signature, with one-query half-precision steps on the kernel (call only where
+    `gemv.available`). The checks read shapes, dtypes and strides only: under torch.compile they
+    resolve while tracing."""
+    b, heads, n, hd = q.shape
+    if (n != 1 or b * heads > ROWS or q.dtype not in (torch.bfloat16, torch.float16) or keys.dtype != q.dtype
+            or values.dtype != q.dtype or hd & (hd - 1) or not 16 <= hd <= 256 or heads % keys.shape[1]
+            or values.shape != keys.shape or keep.dtype != torch.bool
+            or keep.shape != (b, 1, 1, keys.shape[2]) or q.stride(3) != 1 or keys.stride(3) != 1 or values.stride(3) != 1):
+        return reference(q, keys, values, keep)
+    return torch.ops.megatron_stag.decode_attention(q, keys, values, keep)
