@@ -103,7 +103,8 @@ def step_bytes(plain, batch: int, position: float, sections, recurrent: bool) ->
 
 def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=None, kernels: bool = True) -> dict:
     """ms per token of `generate`'s decode loop with the engine's defaults (greedy, sampled inside the
-    graphed step, no host sync until the end; `kernels=False`: cuBLAS for every matmul, SDPA for attention), median of ns.rounds."""
+    graphed step, no host sync until the end; `kernels=False`: cuBLAS for every matmul, SDPA for
+    attention), median of ns.rounds."""
     from megatron_stag.serving.engine import StaggeredGenerator
     from megatron_stag.serving.sampling import SamplingParams, decode_loop
 

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from megatron_stag.serving import decode_attention as _attention
 from megatron_stag.serving import gemv as _gemv
-from megatron_stag.serving.model import StagLM, attention, linear, shared_passes_step
+from megatron_stag.serving.model import StagLM, shared_passes_step
 from megatron_stag.serving.sampling import SamplingParams, check_prompts, decode_loop, sample
 
 
@@ -128,7 +128,7 @@ class StaggeredGenerator:
         if kernels and _gemv.available(next(model.parameters()).device):
             model.use_kernels(_gemv.linear, _attention.attention)
         else:
-            model.use_kernels(linear, attention)
+            model.use_kernels()
         self.place, self.comm = placement, comm
         self.p = cfg.sections
         self.mine = list(range(self.p)) if placement is None else [placement.section]

@@ -209,11 +209,7 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, residual: Optional[Tensor] = None
                ) -> Tensor:
         """residual + the output projection of the attention of q over keys and values."""
-        return apply(self.o_proj, self.core(q, keys, values, keep), residual=residual)
-
-    def core(self, q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
-        """Attention before the output projection: [b, heads, n, hd] queries -> [b, n, heads * hd]."""
-        return self.attention(q, keys, values, keep)
+        return apply(self.o_proj, self.attention(q, keys, values, keep), residual=residual)
 
 
 def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Optional[Tensor]]:
@@ -570,7 +566,7 @@ def shared_passes_step(sections: list[Section], caches: list[SectionCache], h: T
             rows = slice(p * b, (p + 1) * b)
             kv = cache.kv[i]
             kv[:, r, :, positions] = torch.stack((k[rows], v[rows]), dim=2).transpose(1, 3)
-            cores.append(attn.core(q[rows], kv[0], kv[1], keep))
+            cores.append(attn.attention(q[rows], kv[0], kv[1], keep))
         x = apply(attn.o_proj, torch.cat(cores), residual=x)
         passes_x = list(x.split(b))
         for p in range(1, passes):
