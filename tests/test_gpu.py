@@ -1,6 +1,8 @@
 """GPU-only checks (skipped on CPU machines; run on the device machines): the CPU adapter stays
 inert, and CUDA-graph decode steps stay exact."""
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -228,9 +230,11 @@ def test_decode_attention_kernel_equals_sdpa(dtype):
             out = decode_attention.decode_attention(q, kv[0], kv[1], keep)
             assert out.shape == ref.shape and out.dtype == dtype
             torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-            routed = decode_attention.attention(q, kv[0], kv[1], keep)
+            # the routing rule, without relying on two SDPA calls being bitwise equal (not guaranteed)
+            with mock.patch.object(decode_attention, "reference", lambda *a: "sdpa"):
+                routed = decode_attention.attention(q, kv[0], kv[1], keep)
             if b * heads > decode_attention.ROWS:
-                assert torch.equal(routed, sdpa(q, kv[0], kv[1], keep))
+                assert isinstance(routed, str)
             else:
                 assert torch.equal(routed, out)
             static = op(q, kv[0], kv[1], keep)
