@@ -1,60 +1,146 @@
-"""Where a decode step's GPU time goes: kernels per step and the top kernels by GPU time.
+"""Where `generate`'s decode step spends its time: each kernel's share of the graphed step's span.
 
-    python -m megatron_stag.benchmarks.decode_profile --models gpt,stag --batch 1
+    python -m megatron_stag.benchmarks.decode_profile --models gpt,stag --batches 1,8 \
+        --out results/decode_step_profile_h200.json
 
-The engine's compiled step (as `generate` runs it) without the CUDA graph, so torch.profiler
-attributes every kernel; the same 24-layer, hidden-2048 models as `decode_engine`.
+The step is the one `generate` replays (compiled sections, one CUDA graph per token step, sampling
+inside, the engine's kernels), on the same 24-layer, hidden-2048 models as `decode_engine`, under
+torch.profiler. With programmatic dependent launch a kernel starts while its predecessor drains and
+then waits inside, so its own duration overstates what it costs. Each kernel is charged instead with
+how far it moves the step's end: its end minus the latest end of the kernels before it
+(`critical_path`). On one stream the charges add up to the step's span; with sections on parallel
+streams a kernel hidden under another stream's is charged nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import tempfile
+from collections import defaultdict
 from dataclasses import replace
+from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from megatron_stag.benchmarks.decode_engine import serving_model
+from megatron_stag.benchmarks.decode_engine import _free, serving_model
+from megatron_stag.benchmarks.hardware import write_result
 from megatron_stag.models.model_args import ModelArgs
+
+KINDS = (  # (substring of the kernel's name, kind), first match wins
+    ("_gemv_kernel", "GEMV (fused one-row matmul)"),
+    ("_split_kernel", "attention kernel"),
+    ("_combine_kernel", "attention kernel: combine"),
+    ("splitKreduce", "cuBLAS matmul: split-K reduction"),
+    ("fmha", "SDPA"), ("cudnn", "SDPA"), ("flash", "SDPA"),
+    ("gemm", "cuBLAS matmul"), ("gemv", "cuBLAS matmul"), ("sm90_", "cuBLAS matmul"), ("cutlass", "cuBLAS matmul"),
+    ("triton_", "compiled (inductor) kernels"),
+)
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    return next((k for sub, k in KINDS if sub.lower() in low), "other (eager torch kernels)")
+
+
+def critical_path(kernels: list[dict]) -> list[tuple[str, float, float]]:
+    """(name, duration, charge) per kernel of one step, in start order; kernels are trace events with
+    'name', 'ts' and 'dur' (µs). A kernel's charge is its end minus the latest end before it (zero when
+    it ends under an earlier kernel), so the charges add up to the span from the first start to the
+    last end."""
+    kernels = sorted(kernels, key=lambda e: e["ts"])
+    if not kernels:
+        return []
+    out, latest = [], kernels[0]["ts"]
+    for e in kernels:
+        end = e["ts"] + e["dur"]
+        out.append((e["name"], e["dur"], max(0.0, end - latest)))
+        latest = max(latest, end)
+    return out
+
+
+def attribute(events: list[dict], steps: int) -> dict:
+    """Per-kind charges (µs per step, kernels per step) over `steps` identical graph replays' kernels;
+    the first replay is left out (its start may overlap the profiler's own start-up)."""
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    per = len(kernels) // steps
+    if per == 0 or per * steps != len(kernels):
+        raise RuntimeError(f"{len(kernels)} kernels over {steps} replays: the replays are not identical")
+    charged, count, spans = defaultdict(float), defaultdict(int), []
+    for s in range(1, steps):
+        path = critical_path(kernels[s * per:(s + 1) * per])
+        spans.append(sum(c for _, _, c in path))
+        for name, _, charge in path:
+            charged[kind(name)] += charge / (steps - 1)
+            count[kind(name)] += 1
+    first = critical_path(kernels[per:2 * per])
+    return dict(kernels_per_step=per, span_us=sorted(spans)[len(spans) // 2],
+                kinds={k: dict(us=round(charged[k], 2), kernels=count[k] // (steps - 1))
+                       for k in sorted(charged, key=lambda k: -charged[k])},
+                sequence=[[name[:80], round(dur, 2), round(charge, 2)] for name, dur, charge in first])
+
+
+def profile_step(plain, batch: int, prompt: int, steps: int) -> dict:
+    """`attribute` over `steps` replays of the engine's graphed token step at position `prompt`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.sampling import SamplingParams
+
+    gen = StaggeredGenerator(plain, prompt + 64, batch)
+    prompts = torch.randint(0, plain.cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = torch.stack([gen.prefill(r, p) for r, p in enumerate(prompts.tolist())]).argmax(-1)
+    positions = torch.full((batch,), prompt, device="cuda")
+    step = functools.partial(gen.step, params=SamplingParams(max_new_tokens=64))
+    for _ in range(3):  # compile, capture, warm up (every replay rewrites the same cache slots)
+        step(tokens, positions)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(tokens, positions)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return attribute(events, steps)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="gpt,stag", help="gpt, stag, shared")
-    ap.add_argument("--batch", type=int, default=1)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="gpt,stag", help="comma-separated: gpt, stag, shared")
+    ap.add_argument("--batches", default="1")
     ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=6, help="graph replays profiled")
+    ap.add_argument("--top", type=int, default=12, help="kinds printed per step")
+    ap.add_argument("--out", default=None, help="JSON of every profiled step (kinds and one step's kernels)")
     ns = ap.parse_args(argv)
-    from megatron_stag.serving.engine import StaggeredGenerator
-
+    if ns.steps < 2:
+        ap.error("--steps: at least 2 (the first replay is left out)")
     base = ModelArgs(vocab_size=32768, max_sequence_length=ns.prompt + 64, num_layers=24, hidden_size=2048,
                      num_attention_heads=16, position_embedding_type="rope")
     variants = {"gpt": base, "stag": replace(base, stag_sections=2),
                 "shared": replace(base, num_layers=12, stag_sections=2, stag_shared_weights=True)}
+    unknown = [m for m in ns.models.split(",") if m not in variants]
+    if unknown:
+        ap.error(f"--models: unknown {unknown}; choose from {sorted(variants)}")
+    rows = []
     for name in ns.models.split(","):
         plain = serving_model(variants[name])
-        gen = StaggeredGenerator(plain, ns.prompt + 64, ns.batch, cuda_graph=False)
-        prompts = torch.randint(0, base.vocab_size, (ns.batch, ns.prompt)).tolist()
-        with torch.no_grad():
-            tokens = torch.stack([gen.prefill(r, p) for r, p in enumerate(prompts)]).argmax(-1)
-        pos = torch.full((ns.batch,), ns.prompt, device="cuda")
-        for _ in range(3):  # compile and warm up
-            gen.step(tokens, pos)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(ns.steps):
-                gen.step(tokens, pos)
-            torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-        total = sum(e.self_device_time_total for e in events) / ns.steps
-        kernels = sum(e.count for e in events) / ns.steps
-        print(f"\n== {name}, batch {ns.batch}: {kernels:.0f} kernels per step, {total / 1e3:.3f} ms GPU time per step")
-        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:ns.top]:
-            print(f"{e.self_device_time_total / ns.steps / 1e3:8.3f} ms {e.count / ns.steps:6.1f}x  {e.key[:110]}")
-        del gen, plain
-        torch.compiler.reset()
-        torch.cuda.empty_cache()
+        for batch in (int(b) for b in ns.batches.split(",")):
+            r = dict(model=name, batch=batch, **profile_step(plain, batch, ns.prompt, ns.steps))
+            rows.append(r)
+            print(f"\n== {name}, batch {batch}: {r['kernels_per_step']} kernels, span {r['span_us']:.1f} µs per step")
+            for k, v in list(r["kinds"].items())[:ns.top]:
+                print(f"{v['us']:9.1f} µs {v['kernels']:5d}x  {k}")
+            torch.compiler.reset()
+            _free()
+        del plain
+        _free()
+    if ns.out:
+        write_result(ns.out, dict(config=vars(ns), rows=rows))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,32 @@
+"""The decode profiler's accounting (`benchmarks/decode_profile`): with programmatic dependent launch
+kernels overlap, so each is charged with how far it moves the step's end, and the charges add up."""
+
+import pytest
+
+from megatron_stag.benchmarks.decode_profile import attribute, critical_path, kind
+
+
+def _k(name, ts, dur):
+    return dict(cat="kernel", name=name, ts=ts, dur=dur)
+
+
+def test_overlapping_kernels_are_charged_their_share_of_the_span():
+    # b starts while a drains (PDL) and ends 3 µs after it; c ends under b (another stream): charged 0
+    path = critical_path([_k("b", 8.0, 5.0), _k("a", 0.0, 10.0), _k("c", 9.0, 2.0), _k("d", 14.0, 1.0)])
+    assert [(n, c) for n, _, c in path] == [("a", 10.0), ("b", 3.0), ("c", 0.0), ("d", 2.0)]
+    assert sum(c for _, _, c in path) == 15.0  # first start to last end
+
+
+def test_attribute_groups_replays_and_kinds():
+    step = [_k("_gemv_kernel", 0, 10), _k("_split_kernel", 9, 4), _k("triton_poi_fused_0", 12, 2),
+            _k("void cutlass::Kernel2<sm90_xmma_gemm>", 13, 5)]
+    events = [dict(e, ts=e["ts"] + 100 * r) for r in range(3) for e in step] + [dict(cat="cpu_op", name="x", ts=1)]
+    r = attribute(events, 3)
+    assert r["kernels_per_step"] == 4 and r["span_us"] == 18
+    assert r["kinds"] == {"GEMV (fused one-row matmul)": dict(us=10.0, kernels=1),
+                          "cuBLAS matmul": dict(us=4.0, kernels=1),
+                          "attention kernel": dict(us=3.0, kernels=1),
+                          "compiled (inductor) kernels": dict(us=1.0, kernels=1)}
+    assert kind("cudnn_generated_fmha_kernel") == "SDPA" and kind("indexSelectSmallIndex") == "other (eager torch kernels)"
+    with pytest.raises(RuntimeError, match="not identical"):
+        attribute(events[:-2], 3)
