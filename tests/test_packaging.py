@@ -3,6 +3,7 @@ shipped neither, so `pretrain tiny-cpu-stag` said the recipe was not found). Bui
 source, installed into a fresh environment whose only other path is this one's dependencies, and run
 from outside the checkout."""
 
+import importlib.metadata
 import shutil
 import site
 import subprocess
@@ -10,6 +11,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _installed_here():
+    """This environment's own megatron-stag installations (site-packages only: the checkout's egg-info
+    on sys.path would answer for them): what the test must not touch."""
+    return sorted((d.version, sorted(str(f) for f in d.files or []))
+                  for d in importlib.metadata.distributions(path=site.getsitepackages())
+                  if d.metadata["Name"] == "megatron-stag")
 
 
 def test_installed_wheel_finds_its_recipes_and_batch_scripts(tmp_path):
@@ -25,9 +34,13 @@ def test_installed_wheel_finds_its_recipes_and_batch_scripts(tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     env = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, **run)
-    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", str(env),
-                                *map(str, (tmp_path / "dist").glob("*.whl"))], **run)
+    before = _installed_here()
+    # --ignore-installed: with --prefix alone pip first uninstalls the running environment's own
+    # megatron-stag (the editable install `make` made), and `make quickstart` after `make test` failed
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
+                                "--prefix", str(env), *map(str, (tmp_path / "dist").glob("*.whl"))], **run)
     assert installed.returncode == 0, installed.stderr[-2000:]
+    assert _installed_here() == before, "installing into the new environment changed this one's megatron-stag"
     env_site = next(env.glob("lib/python3*/site-packages"))
     (env_site / "deps.pth").write_text(site.getsitepackages()[0] + "\n")  # dependencies, not the checkout
     python = str(env / "bin" / "python")
