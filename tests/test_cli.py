@@ -29,6 +29,8 @@ def test_quickstart_trains_and_decodes_exactly(quickstart_run):
     assert re.search(r"iteration\s+100/\s+100 \|", proc.stdout)  # Megatron's own iteration line
     assert "tokens/s" in proc.stdout and "ETA" in proc.stdout
     assert "validation loss at iteration" in proc.stdout
+    for noise in ("No CUDA runtime is found", "one_logger", "UserWarning", "FutureWarning"):  # nothing to act on
+        assert noise not in proc.stdout + proc.stderr, noise
     assert (out / "data" / "stdlib_text_document.bin").is_file()
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "100"
 

@@ -78,7 +78,10 @@ _TOKENIZER = None
 
 
 def _init_worker(model_path: str) -> None:
+    from megatron_stag.platform import quiet
+
     global _TOKENIZER
+    quiet.install()  # a spawned worker starts afresh: the parent's log filters are not inherited
     _TOKENIZER = load_tokenizer(Path(model_path))
 
 

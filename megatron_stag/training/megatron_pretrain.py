@@ -17,6 +17,7 @@ machines without CUDA it trains on CPU with gloo through `platform/cpu.py`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -160,11 +161,14 @@ def _run_logged(cmd: list[str], log_file: Path | None) -> int:
 
 def platform_flags() -> list[str]:
     """Flags this machine needs: megatron's fused rope, grad-accumulation and persistent layer norm
-    are TE/apex kernels; gloo where there is no CUDA."""
+    are TE/apex kernels; gloo where there is no CUDA; no one_logger metrics where its (NVIDIA-internal)
+    package is absent (megatron would print that it is missing at every start)."""
     from megatron.core.extensions.transformer_engine import HAVE_TE
 
     flags = [] if HAVE_TE else ["--no-rope-fusion", "--no-gradient-accumulation-fusion",
                                 "--no-persist-layer-norm"]
+    if importlib.util.find_spec("one_logger") is None:
+        flags.append("--no-one-logger")
     return flags + ([] if torch.cuda.is_available() else ["--distributed-backend", "gloo"])
 
 
