@@ -103,8 +103,9 @@ def test_export_and_generate_with_deepspeed(quickstart_run, tmp_path):
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     cli("generate", str(out / "checkpoints"), *args, "--output", str(tmp_path / "megatron.jsonl"))
-    cli("generate", str(package), "--engine", "deepspeed", *args, "--output", str(tmp_path / "ds.jsonl"))
+    ds = cli("generate", str(package), "--engine", "deepspeed", *args, "--output", str(tmp_path / "ds.jsonl"))
     assert records(tmp_path / "ds.jsonl") == records(tmp_path / "megatron.jsonl")
+    assert "Setting accelerator" not in ds.stdout + ds.stderr  # DeepSpeed's CPU notice: nothing to act on
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                 str(free_port()), "--module", "megatron_stag.cli"]
     proc = subprocess.run(launcher + ["generate", str(package), "--engine", "deepspeed", *args,

@@ -29,6 +29,7 @@ KNOWN_LOG_LINES = [  # (logger, start of the message)
     ("megatron.core.rerun_state_machine", "RerunStateMachine initialized in mode"),
     ("megatron.core.rerun_state_machine", "Result validation enabled"),
     ("torch.utils.cpp_extension", "No CUDA runtime is found"),  # megatron.training imports it; CPU runs
+    ("DeepSpeed", "Setting accelerator to CPU"),  # `--engine deepspeed` where torch sees no GPU either
 ]
 
 
