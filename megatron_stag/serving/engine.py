@@ -40,6 +40,24 @@ from megatron_stag.serving.model import StagLM, shared_passes_step
 from megatron_stag.serving.sampling import SamplingParams, check_prompts, decode_loop, sample
 
 
+def _inputs(model, tokens: Tensor, positions: Tensor):
+    """A step's section input, positions [b, 1], rope tables and next entries' positions (compiled
+    into a kernel or two: eager, the embedding and rope tables are ~10 launches per step)."""
+    pos = positions[:, None]
+    return model.embed(tokens[:, None], pos), pos, model.rope(pos), positions + 1
+
+
+def _logits(model, outs: list[Tensor]) -> Tensor:
+    return model.logits(outs)[:, 0]
+
+
+def _advance_greedy(logits: Tensor, tokens: Tensor, positions: Tensor) -> None:
+    """Greedy sampling and the step's advance in place, compiled: inductor splits the argmax over the
+    vocabulary across blocks (eager, a one-row argmax over 32k logits is one 12 µs kernel)."""
+    tokens.copy_(sample(logits, SamplingParams(), None))
+    positions.add_(1)
+
+
 def _run_section(section, cache, e: Tensor, pos: Tensor, rope) -> Tensor:
     """One section's decode step over every cache row (what each section compiles to)."""
     return section(e, pos, None, cache, rope)
@@ -156,6 +174,9 @@ class StaggeredGenerator:
         self._write = {k: functools.partial(wrap(_write_entries), *sections[k]) for k in self.mine if k}
         self._store = {k: functools.partial(wrap(_store_entries), *sections[k])
                        for k in self.mine if k and self._upstream}
+        self._inputs = functools.partial(wrap(_inputs), model)
+        self._logits = functools.partial(wrap(_logits), model)
+        self._advance_greedy = wrap(_advance_greedy)
         self._project = wrap(model.next_entries) if self._upstream and model.next_entries is not None else None
         # shared weights, every pass here: a step runs all passes as one batch over the shared weights
         self._shared = None
@@ -248,21 +269,19 @@ class StaggeredGenerator:
     # ------------------------------------------------------------------ steps
     def _compute(self, tokens: Tensor, positions: Tensor) -> tuple[list[Tensor], Optional[Tensor]]:
         """This process's sections on tokens [b] at positions [b]: (outputs, logits or None)."""
-        m = self.model
-        pos = positions[:, None]
-        e, rope = m.embed(tokens[:, None], pos), m.rope(pos)
+        e, pos, rope, entry = self._inputs(tokens, positions)
         if self._shared is not None:
             outs = self._shared(e, pos, rope)
             for k in range(1, self.p):  # section k-1's output becomes section k's entry at position + 1
-                self._write[k](outs[k - 1], positions + 1)
-            return outs, m.logits(outs)[:, 0]
+                self._write[k](outs[k - 1], entry)
+            return outs, self._logits(outs)
         active = [1] if self.recurrent else self.mine
-        outs = self._run_sections(active, e, pos, rope, positions + 1)
+        outs = self._run_sections(active, e, pos, rope, entry)
         if self.place is None:
-            return outs, m.logits(outs)[:, 0]
+            return outs, self._logits(outs)
         if self._project is not None:  # what this rank hands on: the next section's entry keys and values
             return [self._project(outs[0])], None
-        return outs, (m.logits(outs)[:, 0] if self._last and not self.combine else None)
+        return outs, (self._logits(outs) if self._last and not self.combine else None)
 
     def _run_and_pass_on(self, k: int, e: Tensor, pos: Tensor, rope, entry: Tensor) -> Tensor:
         """Section k's step, then (all sections here) its output becomes the next section's entry
@@ -293,8 +312,11 @@ class StaggeredGenerator:
         """Every section here on tokens [b], then sampling: tokens and positions advance in place
         (what one CUDA graph replays per token). Returns the logits."""
         logits = self._compute(tokens, positions)[1]
-        tokens.copy_(sample(logits, params, self._gen))
-        positions.add_(1)
+        if params.temperature == 0:
+            self._advance_greedy(logits, tokens, positions)
+        else:
+            tokens.copy_(sample(logits, params, self._gen))
+            positions.add_(1)
         return logits
 
     def _capture(self, fn, tokens: Tensor, positions: Tensor, key) -> None:

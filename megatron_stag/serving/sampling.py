@@ -35,9 +35,9 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
     """logits [b, v] -> token ids [b] on the logits' device, without a host sync, so a CUDA graph can
     hold it. A sampled token is the argmax of p / E with E ~ Exp(1) drawn from `generator` (the
     exponential race: distributed as multinomial(p), but one kernel chain with no host round trip)."""
-    logits = logits.float()
-    if params.temperature == 0:
+    if params.temperature == 0:  # widening to fp32 is exact: the same argmax, one kernel fewer
         return logits.argmax(dim=-1)
+    logits = logits.float()
     logits = logits / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
