@@ -45,6 +45,32 @@ SCRIPT = textwrap.dedent("""
                 assert out.shape == ref.shape and out.dtype == torch.bfloat16
                 err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
                 assert err < 1e-2, (type(norm).__name__, activation, bias, residual, err)
+    # the streaming form (a fixed grid, each program several row blocks): one-row tiles, 40 blocks over
+    # 8 programs per SM (2 SMs in the interpreter), and over 16 // 3 when three streams share the GPU
+    import megatron_stag.serving.gemv as G
+    grids = []
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+    G._gemv_stream_kernel = Spy(G._gemv_stream_kernel)
+    for norm, streams in ((None, 1), (nn.RMSNorm(k, eps=1e-5), 3), (nn.LayerNorm(k, eps=1e-5), 1)):
+        for activation in (None, "gelu", "swiglu"):
+            rows = 2 * n if activation == "swiglu" else n
+            x = (3 * torch.randn(1, k)).to(torch.bfloat16)
+            w = (torch.randn(rows, k) / k ** 0.5).to(torch.bfloat16)
+            b, res = torch.randn(rows).to(torch.bfloat16), torch.randn(1, n).to(torch.bfloat16)
+            half = norm.to(torch.bfloat16) if norm is not None else None
+            with G.concurrent_streams(streams):
+                out = gemv(x, w, b, res, getattr(half, "weight", None), getattr(half, "bias", None), 1e-5,
+                           type(norm).__name__ if norm is not None else None, activation, tile=k, pdl=False)
+            ref = linear(x.float(), w.float(), b.float(), norm.float() if norm is not None else None, activation,
+                         res.float())
+            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-2, ("streaming", type(norm).__name__, activation, err)
+    assert grids == [(16,)] * 3 + [(5,)] * 3 + [(16,)] * 3, grids
     print("ok")
 """)
 

@@ -296,13 +296,14 @@ class StaggeredGenerator:
         return out
 
     def _run_sections(self, active: list[int], e: Tensor, pos: Tensor, rope, entry: Tensor) -> list[Tensor]:
-        """The sections of a step are independent: on their own CUDA streams when graphed."""
+        """The sections of a step are independent: on their own CUDA streams when graphed (sharing the
+        streaming GEMV's grid)."""
         if len(active) == 1 or not self._streams:
             return [self._run_and_pass_on(k, e, pos, rope, entry) for k in active]
         main, outs = torch.cuda.current_stream(), []
         for k, stream in zip(active, self._streams):
             stream.wait_stream(main)
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), _gemv.concurrent_streams(len(active)):
                 outs.append(self._run_and_pass_on(k, e, pos, rope, entry))
         for stream in self._streams[:len(active)]:
             main.wait_stream(stream)

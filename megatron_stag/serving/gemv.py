@@ -10,12 +10,19 @@ overlaps the previous one's tail. On 24 layers' matmuls as a dependent chain (1x
 `benchmarks/gemv_chain.py`): cuBLAS 0.926 ms, this kernel 0.726 ms, floor 0.578 ms. The overlap needs
 GEMVs back to back, so the layer's other work moves into them: every program normalizes x itself (K
 values, read anyway), and the epilogue adds bias and residual and applies gelu or swiglu (gate and up
-rows in one program). A layer is then qkv, rope + cache write, attention, out + residual, norm + up + activation, down + residual. At 8 rows it is 2x slower than cuBLAS (the
-per-row loop), and at 2 rows it slowed the shared model's batched step (0.752 against 0.691 ms/token),
-so only one-row matmuls use it."""
+rows in one program). A layer is then qkv, rope + cache write, attention, out + residual, norm + up +
+activation, down + residual. Matrices of more row blocks than `STREAM_PER_SM` programs per SM (qkv, the
+MLP, the head) use a streaming form: a fixed grid whose programs each take every grid-th block with the
+next block's weights in flight while they reduce the current one (later waves of one-block programs
+start cold) and normalize x once, not per block. Fused layers' chain 0.809 -> 0.731 ms (floor 0.569),
+GPT b=1 1.095 -> 1.022 ms/token, StagFormer p=2 1.091 -> 1.037 (results/decode_step_ablations_h200.json).
+At 8 rows it is 2x slower than cuBLAS (the per-row loop), and at 2 rows it slowed the shared model's
+batched step (0.752 against 0.691 ms/token), so only one-row matmuls use it."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -31,9 +38,31 @@ except ImportError:  # CPU-only torch: every matmul stays F.linear
 
 TILE = 8192  # weight elements per program (the best of 2k..32k measured)
 WARPS = 4  # 8 tie on a bare chain of matmuls; 4 keep the fused norm off the step (GPT b=1 1.164 -> 1.127 ms)
+STREAM_PER_SM = 8  # programs per SM of the streaming form (4: 0.759, 8: 0.731, 12+: per-block again; ms, chain)
 NORMS = {None: 0, "RMSNorm": 1, "LayerNorm": 2}
 ACTIVATIONS = {None: 0, "gelu": 1, "swiglu": 2}
+_STREAMS = 1  # streams whose one-row matmuls run at once (`concurrent_streams`)
 
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    """Streaming multiprocessors (CPU tensors, in Triton's interpreter: 2, so tests take several blocks)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+@contextlib.contextmanager
+def concurrent_streams(streams: int):
+    """One-row matmuls launched inside run on one of `streams` streams at once (the engine's sections on
+    one GPU): the streaming form's grid is split between them and launched without PDL. With a whole grid
+    per stream, or split with PDL, some CUDA-graph captures ran 20-35% slower than others (StagFormer
+    p=2, window 1: 1.27 against 1.00 ms/token; 5 of 55); split without PDL, none of 19 (window 1 0.986,
+    every window 1.040), the single-stream step none."""
+    global _STREAMS
+    old, _STREAMS = _STREAMS, streams
+    try:
+        yield
+    finally:
+        _STREAMS = old
 
 
 def _outputs(weight: Tensor, activation: Optional[str]) -> int:
@@ -43,47 +72,93 @@ def _outputs(weight: Tensor, activation: Optional[str]) -> int:
 
 if triton is not None:
     @triton.jit
+    def _norm_params(nw_ptr, nb_ptr, K: tl.constexpr, NORM: tl.constexpr, NORM_BIAS: tl.constexpr):
+        """The norm's weight and bias (fp32); they do not depend on the previous kernel."""
+        cols = tl.arange(0, K)
+        nw = tl.load(nw_ptr + cols).to(tl.float32) if NORM else tl.zeros([K], tl.float32)
+        nb = tl.load(nb_ptr + cols).to(tl.float32) if NORM_BIAS else tl.zeros([K], tl.float32)
+        return nw, nb
+
+    @triton.jit
+    def _normalized(x_ptr, nw, nb, eps, K: tl.constexpr, NORM: tl.constexpr, NORM_BIAS: tl.constexpr):
+        """One row of x (fp32), RMS- or layer-normalized when NORM."""
+        x = tl.load(x_ptr + tl.arange(0, K)).to(tl.float32)
+        if NORM == 1:
+            x = x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * nw
+        if NORM == 2:
+            x = x - tl.sum(x, axis=0) / K
+            x = x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * nw
+        if NORM_BIAS:
+            x += nb
+        return x
+
+    @triton.jit
+    def _store_rows(w, w_up, x, rows, y_ptr, bias_ptr, res_ptr, N, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                    RESIDUAL: tl.constexpr):
+        """y[rows] = activation(w @ x + bias) + residual; with swiglu, w_up holds the up rows."""
+        y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        if ACT == 1:
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        if ACT == 2:
+            up = tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
+            if HAS_BIAS:
+                up += tl.load(bias_ptr + N + rows, mask=rows < N, other=0.0).to(tl.float32)
+            y = y / (1.0 + tl.exp(-y)) * up
+        if RESIDUAL:
+            y += tl.load(res_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+    @triton.jit
+    def _weights(w_ptr, rows, N, K: tl.constexpr, ACT: tl.constexpr):
+        """A block's weight rows and, with swiglu (rows N.. are the up projection's), its up rows."""
+        cols = tl.arange(0, K)
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=rows[:, None] < N, other=0.0)
+        w_up = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=rows[:, None] < N,
+                       other=0.0) if ACT == 2 else w
+        return w, w_up
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, nw_ptr, nb_ptr, N, x_stride, eps,
                      K: tl.constexpr, B: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
                      PREFETCH: tl.constexpr, NORM: tl.constexpr, NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      ACT: tl.constexpr, RESIDUAL: tl.constexpr):
+        """One program per row block, for every row of x."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, K)
         if PDL and not PREFETCH:
             tl.extra.cuda.gdc_wait()
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=rows[:, None] < N, other=0.0)
-        if ACT == 2:  # swiglu: rows N.. of the weight are the up projection's
-            w_up = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=rows[:, None] < N, other=0.0)
-        if NORM:
-            nw = tl.load(nw_ptr + cols).to(tl.float32)
-        if NORM_BIAS:
-            nb = tl.load(nb_ptr + cols).to(tl.float32)
+        w, w_up = _weights(w_ptr, rows, N, K, ACT)
+        nw, nb = _norm_params(nw_ptr, nb_ptr, K, NORM, NORM_BIAS)
         if PDL and PREFETCH:  # the parameters do not depend on the previous kernel: only x waits for it
             tl.extra.cuda.gdc_wait()
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         for b in tl.static_range(B):
-            x = tl.load(x_ptr + b * x_stride + cols).to(tl.float32)
-            if NORM == 1:
-                x = x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * nw
-            if NORM == 2:
-                x = x - tl.sum(x, axis=0) / K
-                x = x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * nw
-            if NORM_BIAS:
-                x += nb
-            y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-            if HAS_BIAS:
-                y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-            if ACT == 1:
-                y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-            if ACT == 2:
-                up = tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
-                if HAS_BIAS:
-                    up += tl.load(bias_ptr + N + rows, mask=rows < N, other=0.0).to(tl.float32)
-                y = y / (1.0 + tl.exp(-y)) * up
-            if RESIDUAL:
-                y += tl.load(res_ptr + b * N + rows, mask=rows < N, other=0.0).to(tl.float32)
-            tl.store(y_ptr + b * N + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+            x = _normalized(x_ptr + b * x_stride, nw, nb, eps, K, NORM, NORM_BIAS)
+            _store_rows(w, w_up, x, rows, y_ptr + b * N, bias_ptr, res_ptr + b * N, N, HAS_BIAS, ACT, RESIDUAL)
+
+    @triton.jit
+    def _gemv_stream_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, nw_ptr, nb_ptr, N, BLOCKS, eps,
+                            K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr,
+                            NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                            RESIDUAL: tl.constexpr):
+        """One row, a fixed grid: program p takes row blocks p, p + grid, ...; the next block's weight
+        loads are issued before this block's reduction, so each program keeps a tile in flight all along
+        (the per-block kernel's later waves start cold), and the norm runs once per program."""
+        pid = tl.program_id(0)
+        grid = tl.num_programs(0)
+        r = tl.arange(0, BLOCK_N)
+        w, w_up = _weights(w_ptr, pid * BLOCK_N + r, N, K, ACT)
+        nw, nb = _norm_params(nw_ptr, nb_ptr, K, NORM, NORM_BIAS)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        x = _normalized(x_ptr, nw, nb, eps, K, NORM, NORM_BIAS)
+        for blk in range(pid, BLOCKS, grid):
+            w_next, up_next = _weights(w_ptr, (blk + grid) * BLOCK_N + r, N, K, ACT)
+            _store_rows(w, w_up, x, blk * BLOCK_N + r, y_ptr, bias_ptr, res_ptr, N, HAS_BIAS, ACT, RESIDUAL)
+            w, w_up = w_next, up_next
 
 
 def gemv(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
@@ -97,8 +172,19 @@ def gemv(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, residual: Optional
         x = x.contiguous()
     y = torch.empty(b, n, dtype=x.dtype, device=x.device)
     block_n = max(1, tile // k // (w.shape[0] // n))
+    blocks, grid = triton.cdiv(n, block_n), max(1, STREAM_PER_SM * _sms(x.device) // _STREAMS)
+    if b == 1 and STREAM_PER_SM and blocks > grid:
+        pdl = pdl and _STREAMS == 1
+        extra = dict(launch_pdl=True) if pdl else {}
+        _gemv_stream_kernel[(grid,)](
+            x, w, y, bias if bias is not None else w, residual.contiguous() if residual is not None else w,
+            norm_weight if norm_weight is not None else w, norm_bias if norm_bias is not None else w, n, blocks,
+            eps, K=k, BLOCK_N=block_n, PDL=pdl, NORM=NORMS[norm], NORM_BIAS=norm_bias is not None,
+            HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], RESIDUAL=residual is not None,
+            num_warps=num_warps, **extra)
+        return y
     extra = dict(launch_pdl=True) if pdl else {}
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    _gemv_kernel[(blocks,)](
         x, w, y, bias if bias is not None else w, residual.contiguous() if residual is not None else w,
         norm_weight if norm_weight is not None else w, norm_bias if norm_bias is not None else w, n, x.stride(0),
         eps, K=k, B=b, BLOCK_N=block_n, PDL=pdl, PREFETCH=prefetch, NORM=NORMS[norm], NORM_BIAS=norm_bias is not None,
