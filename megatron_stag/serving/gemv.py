@@ -16,8 +16,9 @@ MLP, the head) use a streaming form: a fixed grid whose programs each take every
 next block's weights in flight while they reduce the current one (later waves of one-block programs
 start cold) and normalize x once, not per block. Fused layers' chain 0.809 -> 0.731 ms (floor 0.569),
 GPT b=1 1.095 -> 1.022 ms/token, StagFormer p=2 1.091 -> 1.040-1.042
-(results/decode_step_ablations_h200.json). At 8 rows it is 2x slower than cuBLAS (the per-row loop), and at 2 rows it slowed the shared model's
-batched step (0.752 against 0.691 ms/token), so only one-row matmuls use it."""
+(results/decode_step_ablations_h200.json). At 8 rows it is 2x slower than cuBLAS (the per-row loop),
+and at 2 rows it slowed the shared model's batched step (0.752 against 0.691 ms/token), so only one-row
+matmuls use it."""
 
 from __future__ import annotations
 
