@@ -27,6 +27,7 @@ def test_attribute_groups_replays_and_kinds():
                           "cuBLAS matmul": dict(us=4.0, kernels=1),
                           "attention kernel": dict(us=3.0, kernels=1),
                           "compiled (inductor) kernels": dict(us=1.0, kernels=1)}
+    assert kind("_gemv_stream_kernel") == "GEMV (fused one-row matmul)"  # not cuBLAS's "gemv"
     assert kind("cudnn_generated_fmha_kernel") == "SDPA" and kind("indexSelectSmallIndex") == "other (eager torch kernels)"
     with pytest.raises(RuntimeError, match="not identical"):
         attribute(events[:-2], 3)

@@ -29,7 +29,7 @@ from megatron_stag.benchmarks.hardware import write_result
 from megatron_stag.models.model_args import ModelArgs
 
 KINDS = (  # (substring of the kernel's name, kind), first match wins
-    ("_gemv_kernel", "GEMV (fused one-row matmul)"),
+    ("_gemv_", "GEMV (fused one-row matmul)"),  # _gemv_kernel and _gemv_stream_kernel
     ("_split_kernel", "attention kernel"),
     ("_combine_kernel", "attention kernel: combine"),
     ("splitKreduce", "cuBLAS matmul: split-K reduction"),
