@@ -207,10 +207,12 @@ def test_gemv_kernel_equals_f_linear(dtype):
 def test_decode_attention_kernel_equals_sdpa(dtype):
     """The decode attention kernel (`serving.decode_attention`) against SDPA in fp32: a causal cache
     with a different position per row, a cross-attention ring's scattered slots, GQA, slots not a
-    multiple of the block, one split and many, compiled and replayed from a CUDA graph; more than one
+    multiple of the block, one split and many, compiled and replayed from a CUDA graph; a step's
+    self-attention with its rotary embedding and cache write in the kernel; more than one
     query per row, or more query heads per step than `ROWS`, stays SDPA's."""
     from megatron_stag.serving import decode_attention, gemv
     from megatron_stag.serving.model import attention as sdpa
+    from megatron_stag.serving.model import cached_attention as reference_cached
 
     if not gemv.available(torch.device("cuda")):
         pytest.skip("the kernel needs Hopper or later")
@@ -225,6 +227,16 @@ def test_decode_attention_kernel_equals_sdpa(dtype):
         causal = (torch.arange(slots, device="cuda")[None] <= pos[:, None])[:, None, None]
         ring = torch.rand(b, 1, 1, slots, device="cuda", generator=g) < 0.2
         ring[..., 0] = True
+        if b * heads <= decode_attention.ROWS:  # a step's self-attention: rope and the cache write in the kernel
+            k, v = (qkv[..., (heads + i * kv_heads) * hd:(heads + (i + 1) * kv_heads) * hd]
+                    .view(b, 1, kv_heads, hd).transpose(1, 2) for i in (0, 1))
+            angles = pos.float()[:, None] * torch.rand(hd // 4, device="cuda", generator=g)
+            rope = tuple(f(torch.cat((angles, angles), -1))[:, None, None] for f in (torch.cos, torch.sin))
+            ref_kv = kv.float()
+            ref = reference_cached(q.float(), k.float(), v.float(), rope, ref_kv, None, pos[:, None], causal)
+            out = decode_attention.cached_attention(q, k, v, rope, kv, None, pos[:, None], causal)
+            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(kv.float(), ref_kv, atol=2e-2, rtol=2e-2)
         for keep in (causal, ring):
             ref = sdpa(q.float(), kv[0].float(), kv[1].float(), keep)
             out = decode_attention.decode_attention(q, kv[0], kv[1], keep)

@@ -11,14 +11,24 @@ Both launch with programmatic dependent launch, like the GEMV (`serving/gemv.py`
 boolean [b, 1, 1, slots], so causal caches, cross-attention rings and windows all take this path.
 On an H200 it halves a b=1 step's attention (24 layers: 0.150 against SDPA's 0.331 ms; GPT 1.254 ->
 1.165 ms/token), but at b=8 and 32 the engine's step is faster with SDPA, so steps of more than ROWS
-query heads stay there (docs/decode-engine.md)."""
+query heads stay there (docs/decode-engine.md).
+
+A step's self-attention (`cached_attention`) also applies the rotary embedding and writes the new key
+and value into the cache, so no kernel sits between it and the q/k/v GEMV: each program loads its first
+block of cached keys and values (slots <= the row's position, written by earlier steps) before it waits
+for the GEMV, and uses the new key and value for the row's own slot. GPT b=1 1.019 -> 0.999 ms/token,
+StagFormer p=2 1.041 -> 1.033, window 1 0.982 -> 0.950, AltUp 1.077 -> 1.057; at 4 rows even
+(results/decode_step_ablations_h200.json)."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from megatron_stag.serving.model import attention as reference
+from megatron_stag.serving.model import cached_attention as reference_cached
 
 try:
     import triton
@@ -34,33 +44,77 @@ ROWS = 64  # at most this many query heads per step (batch x heads): where SDPA 
 
 if triton is not None:
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, part_ptr, S, scale, q_sb, q_sh, k_sb, k_sh, k_ss,
-                      v_sb, v_sh, v_ss, keep_sb, keep_ss, H: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
-                      BLOCK: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+    def _rotated(ptr, cos_ptr, sin_ptr, d, ROT: tl.constexpr):
+        """A head vector (fp32) with megatron's non-interleaved rotary embedding on its first ROT dims."""
+        x = tl.load(ptr + d).to(tl.float32)
+        if ROT:
+            half: tl.constexpr = ROT // 2
+            rot = d < ROT
+            partner = tl.load(ptr + tl.where(d < half, d + half, d - half), mask=rot, other=0.0).to(tl.float32)
+            cos = tl.load(cos_ptr + d, mask=rot, other=1.0)
+            sin = tl.load(sin_ptr + d, mask=rot, other=0.0)
+            x = x * cos + tl.where(d < half, -partner, partner) * sin
+        return x
+
+    @triton.jit
+    def _split_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, part_ptr, nk_ptr, nv_ptr, pos_ptr, cos_ptr, sin_ptr,
+                      S, scale, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, keep_sb, keep_ss, nk_sb, nk_sh,
+                      nv_sb, nv_sh, rope_sb, H: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
+                      BLOCK: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
+                      WRITE: tl.constexpr, ROT: tl.constexpr):
+        """Program (row-head, split). With WRITE, q and this step's key and value come unrotated (nk,
+        nv): the program rotates them, the split holding the row's position stores them in the cache
+        (one program per kv head), and every program uses them for that slot whatever the cache held."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // H
         h = bh % H
         d = tl.arange(0, HD)
-        if PDL:  # q and this step's own cache slot come from the previous kernel
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        q = tl.load(q_ptr + b * q_sb + h * q_sh + d).to(tl.float32) * scale
+        first = split * SPLIT
         k_base = k_ptr + b * k_sb + (h // G) * k_sh
         v_base = v_ptr + b * v_sb + (h // G) * v_sh
+        if WRITE:  # before the wait: earlier steps wrote positions and the cache's slots
+            pos = tl.load(pos_ptr + b)
+            s = first + tl.arange(0, BLOCK)
+            near = (s <= pos) & (s < S)
+            k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=near[:, None], other=0.0)
+            v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=near[:, None], other=0.0)
+        if PDL:  # q (and this step's key and value, or slot) come from the previous kernel
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        if WRITE:
+            q = _rotated(q_ptr + b * q_sb + h * q_sh, cos_ptr + b * rope_sb, sin_ptr + b * rope_sb, d, ROT) * scale
+            new_k = _rotated(nk_ptr + b * nk_sb + (h // G) * nk_sh, cos_ptr + b * rope_sb, sin_ptr + b * rope_sb, d, ROT)
+            new_v = tl.load(nv_ptr + b * nv_sb + (h // G) * nv_sh + d).to(tl.float32)
+            if (h % G == 0) & (pos >= first) & (pos < first + SPLIT):
+                tl.store(k_base + pos * k_ss + d, new_k.to(k_ptr.dtype.element_ty))
+                tl.store(v_base + pos * v_ss + d, new_v.to(v_ptr.dtype.element_ty))
+            new_k, new_v = new_k.to(k_ptr.dtype.element_ty), new_v.to(v_ptr.dtype.element_ty)
+        else:
+            q = tl.load(q_ptr + b * q_sb + h * q_sh + d).to(tl.float32) * scale
         m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
         total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
         acc = tl.zeros([HD], tl.float32)
-        for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
+        for start in range(first, first + SPLIT, BLOCK):
             s = start + tl.arange(0, BLOCK)
             keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
+            if WRITE:
+                if start > first:  # the first block was loaded before the wait
+                    near = (s <= pos) & (s < S)
+                    k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=near[:, None], other=0.0)
+                    v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=near[:, None], other=0.0)
+                own = (s == pos)[:, None]
+                k = tl.where(own, new_k[None, :], k)
+                v = tl.where(own, new_v[None, :], v)
             if tl.max(keep.to(tl.int32), 0) > 0:  # a block past the filled slots costs its mask bytes only
-                k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
+                if not WRITE:
+                    k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
                 scores = tl.where(keep, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, 0))
                 alpha = tl.exp(m - m_new)
                 p = tl.exp(scores - m_new)
-                v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
+                if not WRITE:
+                    v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
                 total = total * alpha + tl.sum(p, 0)
                 acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
                 m = m_new
@@ -76,11 +130,11 @@ if triton is not None:
     def _combine_kernel(part_ptr, o_ptr, HD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
                         PDL: tl.constexpr):
         bh = tl.program_id(0)
+        sp = tl.arange(0, SPLITS_P2)
+        d = tl.arange(0, HD)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        sp = tl.arange(0, SPLITS_P2)
-        d = tl.arange(0, HD)
         base = part_ptr + bh * SPLITS * (HD + 2) + sp * (HD + 2)
         ms = tl.load(base + HD, mask=sp < SPLITS, other=float("-inf"))
         weights = tl.exp(ms - tl.max(ms, 0))
@@ -96,21 +150,28 @@ def _splits(rows: int, slots: int) -> tuple[int, int]:
     return per * BLOCK, triton.cdiv(blocks, per)
 
 
-def decode_attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, pdl: bool = True) -> Tensor:
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, pdl: bool = True,
+                     new: Optional[tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]] = None
+                     ) -> Tensor:
     """Attention of one query per row, q [b, heads, 1, hd], over keys and values [b, kv heads, slots, hd]
     (any strides with the last one 1), slots where keep [b, 1, 1, slots] (bool): [b, 1, heads * hd].
-    `pdl` needs Hopper or later."""
+    With `new` = (k, v [b, kv heads, 1, hd], positions [b], cos, sin [b, rot] or None), q and k come
+    unrotated: the step's rotary embedding is applied here and k, v are written into the cache at
+    `positions` (< slots) first. `pdl` needs Hopper or later."""
     b, heads, _, hd = q.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
     split, splits = _splits(b * heads, slots)
     out = torch.empty(b, 1, heads * hd, dtype=q.dtype, device=q.device)
     part = torch.empty(b * heads * splits * (hd + 2), dtype=torch.float32, device=q.device) if splits > 1 else out
     extra = dict(launch_pdl=True) if pdl else {}
+    nk, nv, pos, cos, sin = new if new is not None else (q, q, q, None, None)
+    rot = cos.shape[-1] if cos is not None else 0
     _split_kernel[(b * heads, splits)](
-        q, keys, values, keep, out, part, slots, hd ** -0.5, q.stride(0), q.stride(1), keys.stride(0),
-        keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2), keep.stride(0),
-        keep.stride(3), H=heads, G=heads // kv_heads, HD=hd, BLOCK=BLOCK, SPLIT=split, SPLITS=splits, PDL=pdl,
-        num_warps=WARPS, **extra)
+        q, keys, values, keep, out, part, nk, nv, pos, cos if rot else q, sin if rot else q, slots, hd ** -0.5,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
+        values.stride(1), values.stride(2), keep.stride(0), keep.stride(3), nk.stride(0), nk.stride(1),
+        nv.stride(0), nv.stride(1), cos.stride(0) if rot else 0, H=heads, G=heads // kv_heads, HD=hd, BLOCK=BLOCK,
+        SPLIT=split, SPLITS=splits, PDL=pdl, WRITE=new is not None, ROT=rot, num_warps=WARPS, **extra)
     if splits > 1:
         _combine_kernel[(b * heads,)](part, out, HD=hd, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
                                       PDL=pdl, num_warps=WARPS, **extra)
@@ -127,14 +188,49 @@ def _(q, keys, values, keep) -> Tensor:
     return q.new_empty(q.shape[0], 1, q.shape[1] * q.shape[3])
 
 
+@torch.library.custom_op("megatron_stag::cached_attention", mutates_args=("kv",))
+def _cached_op(q: Tensor, k: Tensor, v: Tensor, kv: Tensor, positions: Tensor, cos: Optional[Tensor],
+               sin: Optional[Tensor], keep: Tensor) -> Tensor:
+    return decode_attention(q, kv[0], kv[1], keep, pdl=q.is_cuda, new=(k, v, positions, cos, sin))
+
+
+@_cached_op.register_fake
+def _(q, k, v, kv, positions, cos, sin, keep) -> Tensor:
+    return q.new_empty(q.shape[0], 1, q.shape[1] * q.shape[3])
+
+
+def _fits(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> bool:
+    """Whether the kernel takes this attention: one half-precision query per row, at most ROWS query
+    heads. The checks read shapes, dtypes and strides only: under torch.compile they resolve while
+    tracing."""
+    b, heads, n, hd = q.shape
+    return not (n != 1 or b * heads > ROWS or q.dtype not in (torch.bfloat16, torch.float16)
+                or keys.dtype != q.dtype or values.dtype != q.dtype or hd & (hd - 1) or not 16 <= hd <= 256
+                or heads % keys.shape[1] or values.shape != keys.shape or keep.dtype != torch.bool
+                or keep.shape != (b, 1, 1, keys.shape[2]) or q.stride(3) != 1 or keys.stride(3) != 1
+                or values.stride(3) != 1)
+
+
 def attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
     """`reference`'s signature, with one-query half-precision steps on the kernel (call only where
-    `gemv.available`). The checks read shapes, dtypes and strides only: under torch.compile they
-    resolve while tracing."""
-    b, heads, n, hd = q.shape
-    if (n != 1 or b * heads > ROWS or q.dtype not in (torch.bfloat16, torch.float16) or keys.dtype != q.dtype
-            or values.dtype != q.dtype or hd & (hd - 1) or not 16 <= hd <= 256 or heads % keys.shape[1]
-            or values.shape != keys.shape or keep.dtype != torch.bool
-            or keep.shape != (b, 1, 1, keys.shape[2]) or q.stride(3) != 1 or keys.stride(3) != 1 or values.stride(3) != 1):
+    `gemv.available`)."""
+    if not _fits(q, keys, values, keep):
         return reference(q, keys, values, keep)
     return torch.ops.megatron_stag.decode_attention(q, keys, values, keep)
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, rope: Optional[tuple[Tensor, Tensor]], kv: Tensor,
+                     rows: Optional[Tensor], positions: Tensor, keep: Tensor, attention=attention) -> Tensor:
+    """`reference_cached`'s signature: a step of every row (one query each) in one kernel, rotary
+    embedding and cache write included, so the kernel follows the q/k/v matmul directly and loads its
+    cache slots before waiting for it (programmatic dependent launch). Other calls take the reference
+    around `attention`."""
+    b, heads, n, hd = q.shape
+    if (rows is not None or not _fits(q, kv[0], kv[1], keep) or k.shape != (b, kv.shape[2], 1, hd)
+            or v.shape != k.shape or k.dtype != q.dtype or v.dtype != q.dtype or k.stride(3) != 1
+            or v.stride(3) != 1 or positions.shape != (b, 1) or positions.dtype != torch.long
+            or (rope is not None and (rope[0].shape != (b, 1, 1, rope[0].shape[-1]) or rope[0].shape[-1] % 2
+                                      or rope[0].shape[-1] > hd or rope[0].dtype != torch.float32))):
+        return reference_cached(q, k, v, rope, kv, rows, positions, keep, attention)
+    cos, sin = (t.reshape(b, -1) for t in rope) if rope is not None else (None, None)
+    return torch.ops.megatron_stag.cached_attention(q, k, v, kv, positions.reshape(b), cos, sin, keep)

@@ -144,7 +144,7 @@ class StaggeredGenerator:
         # kernel (Hopper+): GPT b=1 on an H200 1.54 -> 1.30 ms/token (benchmarks/decode_engine.py);
         # small-batch attention on the flash-decoding kernel: 1.25 -> 1.17 (decode_attention.py)
         if kernels and _gemv.available(next(model.parameters()).device):
-            model.use_kernels(_gemv.linear, _attention.attention)
+            model.use_kernels(_gemv.linear, _attention.attention, _attention.cached_attention)
         else:
             model.use_kernels()
         self.place, self.comm = placement, comm

@@ -167,11 +167,27 @@ def attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
     return out.transpose(1, 2).flatten(2)
 
 
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, rope: Optional[tuple[Tensor, Tensor]], kv: Tensor,
+                     rows: Optional[Tensor], positions: Tensor, keep: Tensor, attention=attention) -> Tensor:
+    """Self-attention of new positions [b', n] of cache rows `rows` (None: every row): the rotary
+    embedding on q and k [b', heads, n, hd], k and v written into the cache kv [2, b, kv heads, slots,
+    hd] at their positions, then `attention` of q over the rows' cache -> [b', n, heads * hd]."""
+    if rope is not None:
+        q, k = _rotate(q, *rope), _rotate(k, *rope)
+    r = (rows if rows is not None else torch.arange(positions.shape[0], device=q.device))[:, None]
+    kv[:, r.expand_as(positions), :, positions] = torch.stack((k, v), dim=2).transpose(1, 3)  # [b', n, 2, heads, hd]
+    if rows is not None:
+        kv = kv[:, rows]
+    return attention(q, kv[0], kv[1], keep)
+
+
 class Attention(nn.Module):
     """Multi-head (grouped-query for self-attention) attention over a cache given by the caller."""
 
     matmul = staticmethod(linear)  # of the fused q/k/v (see Linear)
-    attention = staticmethod(attention)  # a serving engine may replace it (`StagLM.use_kernels`)
+    # a serving engine may replace them (`StagLM.use_kernels`)
+    attention = staticmethod(attention)
+    cached_attention = staticmethod(cached_attention)
 
     def __init__(self, cfg: PlainConfig, kv_heads: int):
         super().__init__()
@@ -205,6 +221,13 @@ class Attention(nn.Module):
 
     def project_q(self, x: Tensor, norm: nn.Module) -> Tensor:
         return self._split_heads(apply(self.q_proj, x, norm))
+
+    def attend_cached(self, q: Tensor, k: Tensor, v: Tensor, rope: Optional[tuple[Tensor, Tensor]], kv: Tensor,
+                      rows: Optional[Tensor], positions: Tensor, keep: Tensor, residual: Optional[Tensor] = None
+                      ) -> Tensor:
+        """residual + the output projection of `cached_attention` (self-attention over its cache)."""
+        core = self.cached_attention(q, k, v, rope, kv, rows, positions, keep, self.attention)
+        return apply(self.o_proj, core, residual=residual)
 
     def attend(self, q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, residual: Optional[Tensor] = None
                ) -> Tensor:
@@ -505,25 +528,15 @@ class Section(nn.Module):
                 ring = cross_kv.shape[4]
                 entry_valid = torch.cat([valid, valid.new_ones(valid.shape[0], ring - valid.shape[1])], 1)
                 cross_keep = cross_keep & entry_valid[:, None, None, :] | _own_slot(positions, ring)
-        whole = rows is None
-        if whole:
-            rows = torch.arange(positions.shape[0], device=h.device)
-        r = rows[:, None].expand_as(positions)
         for i, layer in enumerate(self.layers):
             x, prediction = layer.altup.predict(h) if hasattr(layer, "altup") else (h, None)
             attn = layer.self_attn
             q, k, v = attn.project_qkv(x, layer.input_layernorm)
-            if rope is not None:
-                q, k = _rotate(q, *rope), _rotate(k, *rope)
-            kv = cache.kv[i]
-            kv[:, r, :, positions] = torch.stack((k, v), dim=2).transpose(1, 3)  # [b', n, 2, heads, hd]
-            if not whole:
-                kv = kv[:, rows]
-            x = attn.attend(q, kv[0], kv[1], keep, residual=x)
+            x = attn.attend_cached(q, k, v, rope, cache.kv[i], rows, positions, keep, residual=x)
             if self.index:
                 cross = layer.cross_attn
                 q = cross.project_q(x, layer.cross_attn_layernorm)
-                ckv = cross_kv[i] if whole or entries is not None else cross_kv[i][:, rows]
+                ckv = cross_kv[i] if rows is None or entries is not None else cross_kv[i][:, rows]
                 x = cross.attend(q, ckv[0], ckv[1], cross_keep, residual=x)
             x = layer.mlp(x, layer.post_attention_layernorm, residual=x)
             h = layer.altup.correct(prediction, x) if prediction is not None else x
@@ -551,22 +564,16 @@ def shared_passes_step(sections: list[Section], caches: list[SectionCache], h: T
     b, passes = h.shape[0], len(sections)
     keep = _causal_keep(positions, caches[0].kv[0].shape[3])
     cross_keep = [s._cross_keep(positions, c.cross.shape[4]) if s.index else None for s, c in zip(sections, caches)]
-    r = torch.arange(b, device=h.device)[:, None].expand_as(positions)
-    if rope is not None:
-        rope = tuple(t.repeat(passes, 1, 1, 1) for t in rope)
     h = h.repeat(passes, 1, 1)
     for i, layer in enumerate(sections[-1].layers):  # the shared modules, and the last pass's cross ones
         x, prediction = layer.altup.predict(h) if hasattr(layer, "altup") else (h, None)
         attn = layer.self_attn
         q, k, v = attn.project_qkv(x, layer.input_layernorm)
-        if rope is not None:
-            q, k = _rotate(q, *rope), _rotate(k, *rope)
         cores = []
-        for p, cache in enumerate(caches):
+        for p, cache in enumerate(caches):  # each pass's rows: the same positions, its own cache
             rows = slice(p * b, (p + 1) * b)
-            kv = cache.kv[i]
-            kv[:, r, :, positions] = torch.stack((k[rows], v[rows]), dim=2).transpose(1, 3)
-            cores.append(attn.attention(q[rows], kv[0], kv[1], keep))
+            cores.append(attn.cached_attention(q[rows], k[rows], v[rows], rope, cache.kv[i], None, positions, keep,
+                                               attn.attention))
         x = apply(attn.o_proj, torch.cat(cores), residual=x)
         passes_x = list(x.split(b))
         for p in range(1, passes):
@@ -744,15 +751,16 @@ class StagLM(nn.Module):
         if self.next_entries is not None:
             self.next_entries.fuse()
 
-    def use_kernels(self, matmul=linear, attention=attention) -> None:
+    def use_kernels(self, matmul=linear, attention=attention, cached=cached_attention) -> None:
         """Every projection's matmul (`linear`'s signature: norm before, activation and residual after)
-        becomes `matmul`, every attention `attention`: how the serving engine puts its decode kernels
-        in without this file depending on them. Layers DeepSpeed replaced keep theirs."""
+        becomes `matmul`, every attention `attention`, every self-attention step with its cache write
+        `cached`: how the serving engine puts its decode kernels in without this file depending on
+        them. Layers DeepSpeed replaced keep theirs."""
         for m in self.modules():
             if hasattr(type(m), "matmul"):
                 m.matmul = matmul
             if isinstance(m, Attention):
-                m.attention = attention
+                m.attention, m.cached_attention = attention, cached
 
     def entries_made_upstream(self) -> bool:
         """With one section per rank, whether section k-1's rank sends section k its entries' keys and
