@@ -10,7 +10,7 @@ overlaps the previous one's tail. On 24 layers' matmuls as a dependent chain (1x
 `benchmarks/gemv_chain.py`): cuBLAS 0.926 ms, this kernel 0.726 ms, floor 0.578 ms. The overlap needs
 GEMVs back to back, so the layer's other work moves into them: every program normalizes x itself (K
 values, read anyway), and the epilogue adds bias and residual and applies gelu or swiglu (gate and up
-rows in one program). A layer is then qkv, rope + cache write, attention, out + residual, norm + up +
+rows in one program). A layer is then qkv, attention (rope and cache write inside), out + residual, norm + up +
 activation, down + residual. Matrices of more row blocks than `STREAM_PER_SM` programs per SM (qkv, the
 MLP, the head) use a streaming form: a fixed grid whose programs each take every grid-th block with the
 next block's weights in flight while they reduce the current one (later waves of one-block programs
