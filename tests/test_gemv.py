@@ -71,6 +71,21 @@ SCRIPT = textwrap.dedent("""
             err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
             assert err < 1e-2, ("streaming", type(norm).__name__, activation, err)
     assert grids == [(16,)] * 3 + [(5,)] * 3 + [(16,)] * 3, grids
+    # the default row block: TILE weight elements on one stream, STREAMS_TILE when streams share the GPU
+    block_rows = []
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                block_rows.append(kwargs["BLOCK_N"])
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+    G._gemv_kernel = Recorder(G._gemv_kernel)
+    for streams in (1, 3):
+        with G.concurrent_streams(streams):
+            gemv(torch.randn(1, k).to(torch.bfloat16), torch.randn(n, k).to(torch.bfloat16), pdl=False)
+    assert block_rows == [G.TILE // k, G.STREAMS_TILE // k] == [16, 32], block_rows
     print("ok")
 """)
 

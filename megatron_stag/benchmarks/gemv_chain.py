@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ffn", type=int, default=8192)
     parser.add_argument("--batches", default="1,2,4,8", help="rows per matmul (where the kernel stops paying)")
     parser.add_argument("--replays", type=int, default=30)
-    parser.add_argument("--configs", default="8192:4,8192:8,4096:4,16384:8,32768:8",
+    parser.add_argument("--configs", default="4096:4,8192:4,8192:8,16384:8,32768:8",
                         help="Triton GEMV forms: weight elements per program : warps, comma-separated (the "
                              "first, also timed waiting before its loads, is the engine's: gemv.TILE, gemv.WARPS)")
     parser.add_argument("--out", default="results/gemv_chain.json")
