@@ -73,7 +73,9 @@ if triton is not None:
         first = split * SPLIT
         k_base = k_ptr + b * k_sb + (h // G) * k_sh
         v_base = v_ptr + b * v_sb + (h // G) * v_sh
-        if WRITE:  # before the wait: earlier steps wrote positions and the cache's slots
+        if WRITE:  # before the wait: earlier steps wrote positions and the cache's slots (a PDL kernel,
+            # ours or inductor's, lets its dependents start only after its own wait, so every kernel two back
+            # has ended here)
             pos = tl.load(pos_ptr + b)
             s = first + tl.arange(0, BLOCK)
             near = (s <= pos) & (s < S)
@@ -86,7 +88,7 @@ if triton is not None:
             q = _rotated(q_ptr + b * q_sb + h * q_sh, cos_ptr + b * rope_sb, sin_ptr + b * rope_sb, d, ROT) * scale
             new_k = _rotated(nk_ptr + b * nk_sb + (h // G) * nk_sh, cos_ptr + b * rope_sb, sin_ptr + b * rope_sb, d, ROT)
             new_v = tl.load(nv_ptr + b * nv_sb + (h // G) * nv_sh + d).to(tl.float32)
-            if (h % G == 0) & (pos >= first) & (pos < first + SPLIT):
+            if (h % G == 0) & (pos >= first) & (pos < first + SPLIT) & (pos < S):  # never past the cache
                 tl.store(k_base + pos * k_ss + d, new_k.to(k_ptr.dtype.element_ty))
                 tl.store(v_base + pos * v_ss + d, new_v.to(v_ptr.dtype.element_ty))
             new_k, new_v = new_k.to(k_ptr.dtype.element_ty), new_v.to(v_ptr.dtype.element_ty)
