@@ -208,3 +208,35 @@ def test_engine_routes_one_row_matmuls_to_the_kernel():
     # q/k/v fused, out, MLP up and down, section 2's 3 layers' cross k/v fused, the head
     for shape in ("(768, 256)", "(256, 256)", "(1024, 256)", "(256, 1024)", "(1536, 256)", "(64, 256)"):
         assert shape in shapes, (shape, shapes)
+
+
+def test_streaming_grid_holds_only_resident_programs(monkeypatch):
+    """The streaming GEMV's programs per SM follow CUDA's occupancy rules for the compiled kernel: the
+    down-projection's 140 registers a thread leave room for 3 programs of 4 warps on an H200's SM
+    (65536 registers), so a grid of 8 per SM would run in cold later waves; 64 registers fit 8;
+    shared memory or threads can bind instead. Under concurrent streams the grid is not capped."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_stag.serving import gemv as G
+
+    h200 = SimpleNamespace(warp_size=32, regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                           shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h200)
+
+    class Compiled:  # what `_fit` reads of a Triton CompiledKernel
+        def __init__(self, regs, shared, warps):
+            self.n_regs, self.metadata = regs, SimpleNamespace(num_warps=warps, shared=shared)
+
+        def _init_handles(self):
+            pass
+
+    def fit(regs, shared=0, warps=4):
+        return G._fit(Compiled(regs, shared, warps), torch.device("cuda", 0))
+
+    assert [fit(64), fit(65), fit(96), fit(100), fit(140), fit(214)] == [8, 7, 5, 4, 3, 2]
+    assert fit(32) == 16  # threads: 16 programs of 128
+    assert fit(32, shared=100_000) == 2
+    with G.concurrent_streams(2):  # sections sharing the GPU keep the full split grid (measured faster)
+        assert G._resident(None, (), {}, torch.device("cuda", 0)) == G.STREAM_PER_SM

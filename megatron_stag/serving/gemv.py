@@ -14,7 +14,8 @@ rows in one program). A layer is then qkv, attention (rope and cache write insid
 activation, down + residual. Matrices of more row blocks than `STREAM_PER_SM` programs per SM (qkv, the
 MLP, the head) use a streaming form: a fixed grid whose programs each take every grid-th block with the
 next block's weights in flight while they reduce the current one (later waves of one-block programs
-start cold) and normalize x once, not per block. Fused layers' chain 0.809 -> 0.731 ms (floor 0.569),
+start cold) and normalize x once, not per block; its grid holds no more programs than the SMs keep
+resident at once (`_resident`: the K=8192 down-projection's 3 per SM). Fused layers' chain 0.809 -> 0.731 ms (floor 0.569),
 GPT b=1 1.095 -> 1.022 ms/token, StagFormer p=2 1.091 -> 1.040-1.042
 (results/decode_step_ablations_h200.json). At 8 rows it is 2x slower than cuBLAS (the per-row loop),
 and at 2 rows it slowed the shared model's batched step (0.752 against 0.691 ms/token), so only one-row
@@ -40,7 +41,7 @@ except ImportError:  # CPU-only torch: every matmul stays F.linear
 TILE = 4096  # weight elements per row block (engine b=1, 4k against 8k: GPT 0.977 / 1.006, AltUp 1.025 / 1.053 ms)
 STREAMS_TILE = 8192  # the same, under `concurrent_streams` (StagFormer p=2 1.042 / 1.033, window 1 0.986 / 0.949)
 WARPS = 4  # 8 tie on a bare chain of matmuls; 4 keep the fused norm off the step (GPT b=1 1.164 -> 1.127 ms)
-STREAM_PER_SM = 8  # programs per SM of the streaming form (4: 0.759, 8: 0.731, 12+: per-block again; ms, chain)
+STREAM_PER_SM = 8  # programs per SM of the streaming form, at most (4: 0.759, 8: 0.731, 12+: per-block again; ms, chain)
 NORMS = {None: 0, "RMSNorm": 1, "LayerNorm": 2}
 ACTIVATIONS = {None: 0, "gelu": 1, "swiglu": 2}
 _STREAMS = 1  # streams whose one-row matmuls run at once (`concurrent_streams`)
@@ -50,6 +51,32 @@ _STREAMS = 1  # streams whose one-row matmuls run at once (`concurrent_streams`)
 def _sms(device: torch.device) -> int:
     """Streaming multiprocessors (CPU tensors, in Triton's interpreter: 2, so tests take several blocks)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+def _resident(kernel, args: tuple, meta: dict, device: torch.device) -> int:
+    """Programs per SM of the streaming grid: STREAM_PER_SM, or fewer where the compiled kernel's
+    registers (or threads, or shared memory) let fewer be resident at once, since programs beyond that
+    start in a later, cold wave. The down-projection's one-row blocks of K=8192 need 140 registers a
+    thread: 3 programs fit on an SM, and 8 per SM ran in three waves (engine b=1, one process: GPT 0.976-0.981
+    -> 0.948 ms/token, AltUp 1.026 -> 1.002, shared recurrent 0.409 -> 0.402). Under `concurrent_streams`
+    the grid stays STREAM_PER_SM per SM split between the streams: capped, StagFormer p=2 was slower
+    (1.034 -> 1.049, window 1 0.951 -> 0.987)."""
+    if device.type != "cuda" or _STREAMS > 1:  # (Triton's interpreter has no compiled kernel)
+        return STREAM_PER_SM
+    return min(STREAM_PER_SM, _fit(kernel.warmup(*args, grid=(1,), **meta), device))
+
+
+@functools.lru_cache(maxsize=None)
+def _fit(compiled, device: torch.device) -> int:
+    """How many programs of a compiled Triton kernel an SM holds at once (CUDA's occupancy rules:
+    registers allocated per warp in units of 256, the SM's threads, its shared memory)."""
+    compiled._init_handles()  # loads the binary, which is when Triton learns its register count
+    props = torch.cuda.get_device_properties(device)
+    warps = compiled.metadata.num_warps
+    regs = -(-compiled.n_regs * props.warp_size // 256) * 256 * warps
+    return max(1, min(getattr(props, "regs_per_multiprocessor", 65536) // max(regs, 1),
+                      props.max_threads_per_multi_processor // (warps * props.warp_size),
+                      props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)))
 
 
 @contextlib.contextmanager
@@ -176,16 +203,17 @@ def gemv(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, residual: Optional
         x = x.contiguous()
     y = torch.empty(b, n, dtype=x.dtype, device=x.device)
     block_n = max(1, tile // k // (w.shape[0] // n))
-    blocks, grid = triton.cdiv(n, block_n), max(1, STREAM_PER_SM * _sms(x.device) // _STREAMS)
-    if b == 1 and STREAM_PER_SM and blocks > grid:
-        pdl = pdl and _STREAMS == 1
-        extra = dict(launch_pdl=True) if pdl else {}
-        _gemv_stream_kernel[(grid,)](
-            x, w, y, bias if bias is not None else w, residual.contiguous() if residual is not None else w,
-            norm_weight if norm_weight is not None else w, norm_bias if norm_bias is not None else w, n, blocks,
-            eps, K=k, BLOCK_N=block_n, PDL=pdl, NORM=NORMS[norm], NORM_BIAS=norm_bias is not None,
-            HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], RESIDUAL=residual is not None,
-            num_warps=num_warps, **extra)
+    blocks = triton.cdiv(n, block_n)
+    if b == 1 and STREAM_PER_SM and blocks > STREAM_PER_SM * _sms(x.device) // _STREAMS:
+        stream_pdl = pdl and _STREAMS == 1
+        args = (x, w, y, bias if bias is not None else w, residual.contiguous() if residual is not None else w,
+                norm_weight if norm_weight is not None else w, norm_bias if norm_bias is not None else w, n, blocks,
+                eps)
+        meta = dict(K=k, BLOCK_N=block_n, PDL=stream_pdl, NORM=NORMS[norm], NORM_BIAS=norm_bias is not None,
+                    HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], RESIDUAL=residual is not None,
+                    num_warps=num_warps, **(dict(launch_pdl=True) if stream_pdl else {}))
+        grid = max(1, _resident(_gemv_stream_kernel, args, meta, x.device) * _sms(x.device) // _STREAMS)
+        _gemv_stream_kernel[(grid,)](*args, **meta)
         return y
     extra = dict(launch_pdl=True) if pdl else {}
     _gemv_kernel[(blocks,)](
