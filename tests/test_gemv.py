@@ -240,3 +240,19 @@ def test_streaming_grid_holds_only_resident_programs(monkeypatch):
     assert fit(32, shared=100_000) == 2
     with G.concurrent_streams(2):  # sections sharing the GPU keep the full split grid (measured faster)
         assert G._resident(None, (), {}, torch.device("cuda", 0)) == G.STREAM_PER_SM
+
+    class Kernel:  # a Triton kernel whose every form compiles to `regs` registers a thread
+        def __init__(self, regs):
+            self.regs, self.compiles = regs, 0
+
+        def warmup(self, *args, grid, num_warps, **meta):
+            self.compiles += 1
+            return Compiled(self.regs, 0, num_warps)
+
+    monkeypatch.setattr(G, "_FITS", {})
+    x = torch.zeros(1, dtype=torch.bfloat16)
+    down, qkv = Kernel(140), Kernel(40)
+    for _ in range(3):  # the compiled form is looked up once per form, not per launch
+        assert G._resident(down, (x,), dict(K=8192, num_warps=4), torch.device("cuda", 0)) == 3
+        assert G._resident(qkv, (x,), dict(K=2048, num_warps=4), torch.device("cuda", 0)) == G.STREAM_PER_SM
+    assert (down.compiles, qkv.compiles) == (1, 1)

@@ -63,10 +63,15 @@ def _resident(kernel, args: tuple, meta: dict, device: torch.device) -> int:
     (1.034 -> 1.049, window 1 0.951 -> 0.987)."""
     if device.type != "cuda" or _STREAMS > 1:  # (Triton's interpreter has no compiled kernel)
         return STREAM_PER_SM
-    return min(STREAM_PER_SM, _fit(kernel.warmup(*args, grid=(1,), **meta), device))
+    key = (kernel, args[0].dtype, device, *sorted(meta.items()))
+    if key not in _FITS:  # compile (or find) the kernel once per form, not on every launch
+        _FITS[key] = _fit(kernel.warmup(*args, grid=(1,), **meta), device)
+    return min(STREAM_PER_SM, _FITS[key])
 
 
-@functools.lru_cache(maxsize=None)
+_FITS: dict = {}  # (kernel, dtype, device, constexprs) -> programs an SM holds at once
+
+
 def _fit(compiled, device: torch.device) -> int:
     """How many programs of a compiled Triton kernel an SM holds at once (CUDA's occupancy rules:
     registers allocated per warp in units of 256, the SM's threads, its shared memory)."""
