@@ -226,3 +226,28 @@ def test_quickstart_logs_to_tensorboard(quickstart_run):
     assert len(loss) == 100 and loss[-1] < loss[0] - 1.0
     speed = events.Scalars("tokens-per-second")
     assert [e.step for e in speed] == list(range(10, 101, 10)) and all(e.value > 0 for e in speed)
+
+
+def test_benchmark_entry_point_is_quiet_and_shuts_down():
+    """`python -m megatron_stag.benchmarks.X` runs through `hardware.run`: the known library warnings
+    are off as in `megatron-stag`'s commands, others stay, and the process group the benchmark started
+    is shut down (no NCCL "destroy_process_group() was not called" at exit). In a child process: this
+    one's session world must survive."""
+    script = (
+        "import warnings\n"
+        "import torch.distributed as dist\n"
+        "from megatron_stag.benchmarks.hardware import run\n"
+        "from megatron_stag.platform.distributed import free_port\n"
+        "def main():\n"
+        "    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)\n"
+        "    warnings.warn('full scope is deprecated. Use empty cuda_graph_modules', UserWarning)\n"
+        "    warnings.warn('a warning the user should see', UserWarning)\n"
+        "run(main)\n"
+        "print('initialized after:', dist.is_initialized())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "initialized after: False" in proc.stdout
+    assert "a warning the user should see" in proc.stderr
+    assert "full scope is deprecated" not in proc.stderr

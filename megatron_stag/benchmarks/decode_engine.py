@@ -31,7 +31,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from megatron_stag.benchmarks.hardware import copy_bandwidth_gbs, write_result
+from megatron_stag.benchmarks.hardware import copy_bandwidth_gbs, run, write_result
 from megatron_stag.models.model_args import ModelArgs
 
 
@@ -205,4 +205,4 @@ def _write(ns, bandwidth: float, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

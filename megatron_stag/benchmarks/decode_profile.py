@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from megatron_stag.benchmarks.decode_engine import _free, serving_model
-from megatron_stag.benchmarks.hardware import write_result
+from megatron_stag.benchmarks.hardware import run, write_result
 from megatron_stag.models.model_args import ModelArgs
 
 KINDS = (  # (substring of the kernel's name, kind), first match wins
@@ -144,4 +144,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

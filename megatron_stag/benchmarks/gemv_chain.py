@@ -26,7 +26,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from megatron_stag.benchmarks.hardware import copy_bandwidth_gbs, write_result
+from megatron_stag.benchmarks.hardware import copy_bandwidth_gbs, run, write_result
 from megatron_stag.benchmarks.matmul_bandwidth import graphed_seconds
 from megatron_stag.serving.gemv import gemv
 
@@ -88,4 +88,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -69,3 +69,17 @@ def write_result(path: Path, record: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def run(main) -> None:
+    """A benchmark's entry point: the known library warnings off (as `megatron-stag`'s commands have
+    them), and the process group, where the benchmark started one, shut down at the end."""
+    from megatron_stag.platform import quiet
+    from megatron_stag.platform.distributed import shutdown
+
+    quiet.install()
+    try:
+        main()
+    finally:
+        if torch.distributed.is_initialized():
+            shutdown()

@@ -19,7 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from megatron_stag.benchmarks.hardware import capture_cuda_graph, copy_bandwidth_gbs, write_result
+from megatron_stag.benchmarks.hardware import capture_cuda_graph, copy_bandwidth_gbs, run, write_result
 
 # name -> (out, in): the ~1B model's matrices (24 layers, hidden 2048, p = 2 sections of 12)
 SHAPES = {
@@ -100,4 +100,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

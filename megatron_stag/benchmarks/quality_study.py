@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_stag.benchmarks.hardware import run
+
 RUNS = {
     "baseline L=12": [],
     "baseline L=6": ["model.num_layers=6"],
@@ -414,4 +416,4 @@ def _report(results: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from megatron_stag.benchmarks.hardware import peak_tflops, write_result
+from megatron_stag.benchmarks.hardware import peak_tflops, run, write_result
 from megatron_stag.models.model_args import ModelArgs
 
 
@@ -141,4 +141,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -32,14 +32,15 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, ep: int = 1) -> None:
     leaving the environment untouched for child processes) and megatron's parallel groups."""
     cpu.activate()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
+        backend, bound = "gloo", {}
+        if torch.cuda.is_available():  # NCCL bound to this rank's GPU (its barriers then name no guess)
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend, bound = "nccl", dict(device_id=torch.device("cuda", torch.cuda.current_device()))
         if launched():
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, **bound)
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
-                                    rank=0, world_size=1)
+                                    rank=0, world_size=1, **bound)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
