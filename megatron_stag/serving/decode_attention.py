@@ -11,8 +11,9 @@ Both launch with programmatic dependent launch, like the GEMV (`serving/gemv.py`
 the next kernel (the out-projection's GEMV) launch before it waits, so that kernel's weight loads are
 in flight while the attention finishes (GPT b=1 0.942 -> 0.907 ms/token; letting every GEMV or the
 split kernel do the same moved nothing, an L2 prefetch of the next weights from the split kernel
-lost: 0.943 -> 0.979 for the out-projection's alone, as its bytes queued ahead of the cache reads). The mask is any
-boolean [b, 1, 1, slots], so causal caches, cross-attention rings and windows all take this path.
+lost: 0.943 -> 0.979 for the out-projection's alone, as its bytes queued ahead of the cache reads).
+The mask is any boolean [b, 1, 1, slots], so causal caches, cross-attention rings and windows all take
+this path.
 On an H200 it halves a b=1 step's attention (24 layers: 0.150 against SDPA's 0.331 ms; GPT 1.254 ->
 1.165 ms/token), but at b=8 and 32 the engine's step is faster with SDPA, so steps of more than ROWS
 query heads stay there (docs/decode-engine.md).
@@ -78,8 +79,8 @@ if triton is not None:
         k_base = k_ptr + b * k_sb + (h // G) * k_sh
         v_base = v_ptr + b * v_sb + (h // G) * v_sh
         if WRITE:  # before the wait: earlier steps wrote positions and the cache's slots (a PDL kernel,
-            # ours or inductor's, lets its dependents start only after its own wait, the combine only after
-            # this kernel's wait: every kernel three back has ended here)
+            # ours or inductor's, lets its dependents start only after its own wait, and the combine, which
+            # does so before its wait, starts only after this kernel's: every kernel three back has ended here)
             pos = tl.load(pos_ptr + b)
             s = first + tl.arange(0, BLOCK)
             near = (s <= pos) & (s < S)
