@@ -53,6 +53,9 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
+_FITS: dict = {}  # (kernel, dtype, device, constexprs) -> programs an SM holds at once
+
+
 def _resident(kernel, args: tuple, meta: dict, device: torch.device) -> int:
     """Programs per SM of the streaming grid: STREAM_PER_SM, or fewer where the compiled kernel's
     registers (or threads, or shared memory) let fewer be resident at once, since programs beyond that
@@ -67,9 +70,6 @@ def _resident(kernel, args: tuple, meta: dict, device: torch.device) -> int:
     if key not in _FITS:  # compile (or find) the kernel once per form, not on every launch
         _FITS[key] = _fit(kernel.warmup(*args, grid=(1,), **meta), device)
     return min(STREAM_PER_SM, _FITS[key])
-
-
-_FITS: dict = {}  # (kernel, dtype, device, constexprs) -> programs an SM holds at once
 
 
 def _fit(compiled, device: torch.device) -> int:
