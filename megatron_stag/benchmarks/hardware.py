@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +66,8 @@ def machine() -> dict:
 
 
 def write_result(path: Path, record: dict) -> None:
-    record = dict(command=" ".join(sys.argv), machine=machine(), **record)
+    command = shlex.join(["python", *sys.orig_argv[1:]])  # `-m module` kept, where sys.argv has a file path
+    record = dict(command=command, machine=machine(), **record)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
