@@ -153,6 +153,23 @@ def test_sampling_follows_the_distribution():
                                atol=0.01, rtol=0)
 
 
+@pytest.mark.parametrize("vocab", [32768, 50304, 1000, 50257])
+def test_greedy_is_torch_argmax(vocab):
+    """The two-stage greedy argmax picks torch.argmax's token, the first of tied maxima included,
+    eager and compiled, and where the vocabulary has no factor in common with the groups (50257)."""
+    from megatron_stag.serving.sampling import greedy
+
+    gen = torch.Generator().manual_seed(vocab)
+    ties = torch.randint(0, 3, (8, vocab), generator=gen).float()  # every row has many tied maxima
+    late = torch.zeros(2, vocab)
+    late[:, -1] = 1.0  # the maximum in the last group, at its last index
+    cases = [torch.randn(8, vocab, generator=gen).bfloat16(), ties, late]
+    compiled = torch.compile(greedy, backend="aot_eager")
+    for x in cases:
+        assert torch.equal(greedy(x), x.argmax(-1))
+        assert torch.equal(compiled(x), x.argmax(-1))
+
+
 def test_decode_loop_reads_back_only_to_stop():
     """The loop keeps tokens on the device: a stop rule is checked every `check_every` steps (rows
     run on meanwhile and are cut at their stop), and without one nothing is read until the end."""

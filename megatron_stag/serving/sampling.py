@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -31,12 +32,28 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p}: choose a probability in (0, 1].")
 
 
+ARGMAX_GROUPS = 256  # greedy over 32k logits, graphed step, H200: GPT b=1 0.909 -> 0.906 ms/token (1024 ties)
+
+
+def greedy(logits: Tensor) -> Tensor:
+    """argmax over the last dim of [b, v] in two reductions, the vocabulary's groups and then the
+    groups: inductor reduces an argmax row on one program (7.5 µs over 32k logits at b=1), and split
+    it runs on many. The first index of the maximum, as `torch.argmax`."""
+    v = logits.shape[-1]
+    groups = math.gcd(v, ARGMAX_GROUPS)
+    if groups < 2:
+        return logits.argmax(dim=-1)
+    best, where = logits.unflatten(-1, (groups, v // groups)).max(dim=-1)
+    group = best.argmax(dim=-1, keepdim=True)
+    return (group * (v // groups) + where.gather(-1, group)).squeeze(-1)
+
+
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
     """logits [b, v] -> token ids [b] on the logits' device, without a host sync, so a CUDA graph can
     hold it. A sampled token is the argmax of p / E with E ~ Exp(1) drawn from `generator` (the
     exponential race: distributed as multinomial(p), but one kernel chain with no host round trip)."""
     if params.temperature == 0:  # widening to fp32 is exact: the same argmax, one kernel fewer
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = logits.float()
     logits = logits / params.temperature
     if params.top_k:
@@ -50,7 +67,7 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(dim=-1)
+    return (probs / race).argmax(dim=-1)  # split as `greedy`, this chain is slower (0.937 -> 0.939 ms)
 
 
 def _append(out: list[list[int]], done: list[bool], tokens: list[list[int]], stop) -> None:
