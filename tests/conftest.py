@@ -26,11 +26,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def megatron_world():
-    """A single-process (TP=1, PP=1) megatron world on gloo for in-process model tests."""
-    from megatron_stag.platform.distributed import initialize
+    """A single-process (TP=1, PP=1) megatron world on gloo for in-process model tests, shut down at
+    the end of the session (else NCCL warns at exit that the group leaked)."""
+    from megatron_stag.platform.distributed import initialize, shutdown
 
     initialize(tp=1, pp=1, seed=1234)
     yield
+    shutdown()
 
 
 @pytest.fixture(scope="session")
