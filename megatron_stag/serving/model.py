@@ -508,16 +508,20 @@ class Section(nn.Module):
 
     def forward(self, h: Tensor, positions: Tensor, rows: Optional[Tensor], cache: SectionCache,
                 rope: Optional[tuple[Tensor, Tensor]] = None, entries: Optional[Tensor] = None,
-                valid: Optional[Tensor] = None) -> Tensor:
+                valid: Optional[Tensor] = None, keep: Optional[Tensor] = None, normed: bool = True) -> Tensor:
         """Run new positions [b', n] of cache rows `rows` (None: every row) from the input h [b', n, D].
 
         Writes their self-attention K/V; cross-attention reads entries <= position (and > position -
         window), which the caller stored beforehand in the cache, or passes as `entries` (`all_entries`
         of these rows). `valid` [b', slots] (every row, whole caches): which slots hold tokens, not
         padding; a padded slot is read by no other position (each still reads its own slot, so no
-        softmax is empty). Returns the section's normed output [b', n, d].
+        softmax is empty). `keep`: `causal_keep(positions, slots)`, where the caller made it already (a
+        decode step makes it once, with its embedding, for every section). Returns the section's normed
+        output [b', n, d]; `normed` False: the output before the final norm, which the caller then folds
+        into the head's matmul (`StagLM.logits`), one kernel fewer per decode step.
         """
-        keep = _causal_keep(positions, cache.kv[0].shape[3])
+        if keep is None:
+            keep = causal_keep(positions, cache.kv[0].shape[3])
         if valid is not None:
             keep = keep & valid[:, None, None, :] | _own_slot(positions, valid.shape[1])
         if self.index:
@@ -540,7 +544,7 @@ class Section(nn.Module):
                 x = cross.attend(q, ckv[0], ckv[1], cross_keep, residual=x)
             x = layer.mlp(x, layer.post_attention_layernorm, residual=x)
             h = layer.altup.correct(prediction, x) if prediction is not None else x
-        return self.norm(self._collapse(h))
+        return self.norm(self._collapse(h)) if normed else self._collapse(h)
 
 
 def _own_slot(positions: Tensor, slots: int) -> Tensor:
@@ -548,21 +552,22 @@ def _own_slot(positions: Tensor, slots: int) -> Tensor:
     return (torch.arange(slots, device=positions.device)[None, None, :] == positions[:, :, None])[:, None]
 
 
-def _causal_keep(positions: Tensor, slots: int) -> Tensor:
+def causal_keep(positions: Tensor, slots: int) -> Tensor:
     """[b', 1, n, slots]: self-attention cache slots (= positions) each new position reads."""
     slot = torch.arange(slots, device=positions.device)
     return (slot[None, None, :] <= positions[:, :, None])[:, None]
 
 
 def shared_passes_step(sections: list[Section], caches: list[SectionCache], h: Tensor, positions: Tensor,
-                       rope: Optional[tuple[Tensor, Tensor]] = None) -> list[Tensor]:
+                       rope: Optional[tuple[Tensor, Tensor]] = None, keep: Optional[Tensor] = None) -> list[Tensor]:
     """Every pass of a shared-weight model on the same new positions [b, n] of every cache row, in one
     pass over the shared weights: the rows of all passes [P * b] go through each norm, projection and
     MLP together; self-attention reads each pass's own cache, cross-attention (passes >= 1, their own
     weights) its cross cache. Returns each pass's normed output [b, n, d], equal to running
-    `sections[k](h, positions, None, caches[k], rope)` one after another."""
+    `sections[k](h, positions, None, caches[k], rope, keep=keep)` one after another."""
     b, passes = h.shape[0], len(sections)
-    keep = _causal_keep(positions, caches[0].kv[0].shape[3])
+    if keep is None:
+        keep = causal_keep(positions, caches[0].kv[0].shape[3])
     cross_keep = [s._cross_keep(positions, c.cross.shape[4]) if s.index else None for s, c in zip(sections, caches)]
     h = h.repeat(passes, 1, 1)
     for i, layer in enumerate(sections[-1].layers):  # the shared modules, and the last pass's cross ones
@@ -703,11 +708,12 @@ class StagLM(nn.Module):
         """The cross-attention's entry 0 (no previous position): a zero vector, like megatron's shift."""
         return torch.zeros_like(like[:, :1])
 
-    def logits(self, outputs: list[Tensor]) -> Tensor:
-        """Section outputs (all of them, or just the last) -> logits."""
+    def logits(self, outputs: list[Tensor], norm: Optional[nn.Module] = None) -> Tensor:
+        """Section outputs (all of them, or just the last) -> logits. `norm`: the last section's final
+        norm, where its output came unnormed (`Section.forward(normed=False)`; output 'last' only)."""
         if self.cfg.output == "combine":
             return self.lm_head(sum(w * t for w, t in zip(self.section_mix, outputs)))
-        return self.lm_head(outputs[-1])
+        return self.lm_head(outputs[-1]) if norm is None else self.lm_head(outputs[-1], norm=norm)
 
     def forward(self, ids: Tensor) -> Tensor:
         """Teacher-forced logits [b, s, V] of ids [b, s]."""
