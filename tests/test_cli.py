@@ -48,6 +48,35 @@ def test_generate_from_checkpoint(quickstart_run, tmp_path):
     assert "tokens/s" in proc.stderr
 
 
+def test_generate_sizes_the_cache_to_its_prompts(quickstart_run, monkeypatch):
+    """`generate` makes the engine's caches as long as its longest prompt plus the new tokens, not the
+    model's context: above a few rows a step's attention reads every slot of the cache."""
+    from pathlib import Path
+
+    from megatron_stag.cli import build_parser
+    from megatron_stag.data.tokenizer import load_tokenizer
+    from megatron_stag.serving import engine
+    from megatron_stag.serving.convert import describe
+    from megatron_stag.serving.generate_cli import generate_from_checkpoint
+
+    made = []
+
+    class Recorded(engine.StaggeredGenerator):
+        def __init__(self, model, max_len, *args, **kwargs):
+            made.append(max_len)
+            super().__init__(model, max_len, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "StaggeredGenerator", Recorded)
+    ckpt = quickstart_run[0] / "checkpoints"
+    prompts = ["def f(x):", "import os\nimport sys\n"]
+    ns = build_parser().parse_args(["generate", str(ckpt), "--prompt", prompts[0], "--max-new-tokens", "5"])
+    assert generate_from_checkpoint(ns, prompts) == 0
+    cfg, tok_dir = describe(Path(ckpt))
+    tok = load_tokenizer(tok_dir / "tokenizer.model")
+    assert made == [max(len(tok.tokenize(p)) for p in prompts) + 5]
+    assert made[0] < cfg.max_sequence_length
+
+
 def test_generate_errors(quickstart_run, tmp_path):
     out, _ = quickstart_run
     missing = cli("generate", str(tmp_path / "nope"), "--prompt", "x", check=False)

@@ -122,6 +122,7 @@ def generate_from_checkpoint(ns, prompts: list[str]) -> int:
     from megatron_stag.serving.convert import ExportError, describe, load_serving_model
     from megatron_stag.serving.deepspeed import check_tensor_parallel
     from megatron_stag.serving.engine import SectionPlacement, StaggeredGenerator
+    from megatron_stag.serving.sampling import cache_slots
 
     deepspeed = ns.engine == "deepspeed"
     check_options(ns)
@@ -152,7 +153,7 @@ def generate_from_checkpoint(ns, prompts: list[str]) -> int:
         if ns.tp > 1:
             group = section_groups(cfg.sections if layout else 1, ns.tp)
         model = init_deepspeed_engine(model, dtype=dtype, tp=ns.tp, group=group).module
-    gen = StaggeredGenerator(model, max_len=cfg.max_sequence_length, batch=len(ids), placement=placement,
+    gen = StaggeredGenerator(model, max_len=cache_slots(ids, params), batch=len(ids), placement=placement,
                              comm=comm, recurrent=ns.recurrent, cuda_graph=not ns.eager, compile=not ns.eager)
     result = gen.generate(ids, params, progress=world == 1)
     if comm is not None and comm.get_rank() != (placement.sampler if placement else 0):

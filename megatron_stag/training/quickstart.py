@@ -45,7 +45,7 @@ def _data(out: Path, corpus_mb: float) -> tuple[Path, Path]:
 def run_quickstart(out: Path, iterations: int = 500, corpus_mb: float = 4.0, seed: int = 1234) -> dict:
     from megatron_stag.checkpointing.checkpoint_io import load_model_weights, resolve_checkpoint
     from megatron_stag.data.tokenizer import load_tokenizer
-    from megatron_stag.serving.sampling import SamplingParams
+    from megatron_stag.serving.sampling import SamplingParams, cache_slots
     from megatron_stag.serving.convert import to_plain_model
     from megatron_stag.serving.engine import StaggeredGenerator
     from megatron_stag.models.model_args import ModelArgs
@@ -78,7 +78,7 @@ def run_quickstart(out: Path, iterations: int = 500, corpus_mb: float = 4.0, see
     prompts = [tok.tokenize(p) for p in prompts_text]
     params = SamplingParams(max_new_tokens=48, temperature=0.7, top_p=0.95, seed=seed)
     serving = to_plain_model(model, args)  # what `megatron-stag generate` decodes
-    result = StaggeredGenerator(serving, max_len=args.max_sequence_length, batch=len(prompts)).generate(
+    result = StaggeredGenerator(serving, max_len=cache_slots(prompts, params), batch=len(prompts)).generate(
         prompts, params, keep_logits=True, progress=True)
     worst = 0.0
     for r, prompt in enumerate(prompts):
