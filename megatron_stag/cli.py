@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompt-file", help="one prompt per line, or JSONL with a 'prompt' field")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="prompts decoded at once; more are decoded in groups of this many")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")

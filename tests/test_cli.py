@@ -48,9 +48,10 @@ def test_generate_from_checkpoint(quickstart_run, tmp_path):
     assert "tokens/s" in proc.stderr
 
 
-def test_generate_sizes_the_cache_to_its_prompts(quickstart_run, monkeypatch):
+def test_generate_sizes_the_cache_and_groups_the_prompts(quickstart_run, monkeypatch, tmp_path):
     """`generate` makes the engine's caches as long as its longest prompt plus the new tokens, not the
-    model's context: above a few rows a step's attention reads every slot of the cache."""
+    model's context (above a few rows a step's attention reads every slot of the cache), and decodes
+    more prompts than --batch-size in groups, with the completions of one batch."""
     from pathlib import Path
 
     from megatron_stag.cli import build_parser
@@ -62,19 +63,25 @@ def test_generate_sizes_the_cache_to_its_prompts(quickstart_run, monkeypatch):
     made = []
 
     class Recorded(engine.StaggeredGenerator):
-        def __init__(self, model, max_len, *args, **kwargs):
-            made.append(max_len)
-            super().__init__(model, max_len, *args, **kwargs)
+        def __init__(self, model, max_len, batch, **kwargs):
+            made.append((max_len, batch))
+            super().__init__(model, max_len, batch, **kwargs)
 
     monkeypatch.setattr(engine, "StaggeredGenerator", Recorded)
     ckpt = quickstart_run[0] / "checkpoints"
-    prompts = ["def f(x):", "import os\nimport sys\n"]
-    ns = build_parser().parse_args(["generate", str(ckpt), "--prompt", prompts[0], "--max-new-tokens", "5"])
-    assert generate_from_checkpoint(ns, prompts) == 0
+    prompts = ["def f(x):", "import os\nimport sys\n", "class A:", "x = [", "for i in"]
+    completions = {}
+    for size in ("64", "2"):
+        out = tmp_path / f"{size}.jsonl"
+        ns = build_parser().parse_args(["generate", str(ckpt), "--prompt", "x", "--max-new-tokens", "5",
+                                        "--batch-size", size, "--output", str(out)])
+        assert generate_from_checkpoint(ns, prompts) == 0
+        completions[size] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert completions["2"] == completions["64"] and [r["prompt"] for r in completions["2"]] == prompts
     cfg, tok_dir = describe(Path(ckpt))
     tok = load_tokenizer(tok_dir / "tokenizer.model")
-    assert made == [max(len(tok.tokenize(p)) for p in prompts) + 5]
-    assert made[0] < cfg.max_sequence_length
+    slots = max(len(tok.tokenize(p)) for p in prompts) + 5
+    assert made == [(slots, 5), (slots, 2)] and slots < cfg.max_sequence_length
 
 
 def test_generate_errors(quickstart_run, tmp_path):
@@ -161,6 +168,7 @@ def test_generate_checks_its_options_before_loading(quickstart_run, tmp_path):
         "prompt 2 is empty": ["--prompt", "x", "--prompt", ""],
         "--top-p: top_p=0.0": ["--prompt", "x", "--top-p", "0"],
         "--temperature": ["--prompt", "x", "--temperature", "-1"],
+        "--batch-size 0": ["--prompt", "x", "--batch-size", "0"],
     }
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\nnot json\n')
@@ -280,3 +288,4 @@ def test_benchmark_entry_point_is_quiet_and_shuts_down():
     assert "initialized after: False" in proc.stdout
     assert "a warning the user should see" in proc.stderr
     assert "full scope is deprecated" not in proc.stderr
+

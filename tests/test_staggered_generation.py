@@ -189,6 +189,40 @@ def test_decode_loop_reads_back_only_to_stop():
     assert out == [[0, 1, 2, 3]] and len(calls) == 39 + 7  # checked once 8 tokens were out
 
 
+def test_more_prompts_than_the_batch_decode_in_groups():
+    """Prompts decode `batch` at a time, a group of fewer filled up with copies: each prompt's tokens
+    are its tokens in a batch of its own (greedy and sampled from the same seed, rows being
+    independent), and fewer prompts than the batch decode too; kept logits need one group."""
+    model = tiny_model(position_embedding_type="rope")
+    prompts = [[7, 3, 9, 1, 4], [2, 8], [5, 5, 6], [1], [9, 4, 4, 2]]
+    gen = generator(model, 32, batch=2)
+    for params in (SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, temperature=0.8, seed=3)):
+        grouped = gen.generate(prompts, params).tokens
+        alone = [generator(model, 32, batch=2).generate(prompts[i:i + 2], params).tokens for i in (0, 2)]
+        assert grouped[:4] == alone[0] + alone[1]
+        if params.temperature == 0:
+            assert grouped[4] == gen.generate([prompts[4]], params).tokens[0]
+            ref = _teacher_forced(model, prompts[4] + grouped[4])
+            assert grouped[4][1:] == ref[len(prompts[4]): -1].argmax(-1).tolist()
+            kept = gen.generate([prompts[4]], params, keep_logits=True)
+            assert kept.step_logits.shape[1] == 1 and len(kept.prompt_logits) == 1
+            assert torch.allclose(kept.step_logits[:, 0], ref[len(prompts[4]): -1], atol=1e-4)
+    with pytest.raises(ValueError, match="at most 2 prompts"):
+        gen.generate(prompts, SamplingParams(max_new_tokens=2), keep_logits=True)
+
+
+def test_caches_larger_than_free_memory_fail_first(monkeypatch):
+    """A generator whose caches cannot fit in the device's free memory says so, with their size, before
+    allocating them."""
+    from megatron_stag.serving import engine
+
+    monkeypatch.setattr(engine, "_free_memory", lambda device: 1000)
+    with pytest.raises(engine.CacheMemoryError, match=r"batch=3 rows of max_len=16 slots need .* GiB"):
+        generator(tiny_model(), 16, batch=3)
+    monkeypatch.setattr(engine, "_free_memory", lambda device: 10 ** 9)
+    generator(tiny_model(), 16, batch=3)
+
+
 def test_learned_positions_bound_the_context():
     with pytest.raises(ValueError, match=f"exceeds the model's {MAX_LEN} positions"):
         generator(tiny_model(), MAX_LEN + 1)

@@ -86,6 +86,33 @@ def _progress(done: int, total: int, batch: int, start: float) -> None:
     print(f"\rgenerating [{bar:<30}] {done}/{total} tokens, {rate:.1f} tok/s", end="", file=sys.stderr)
 
 
+def _free_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on a CUDA device (None elsewhere: host memory is not checked)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+class CacheMemoryError(ValueError):
+    """The caches a generator was asked for do not fit in the device's free memory."""
+
+
+def _check_cache_memory(model: StagLM, batch: int, max_len: int, sections: list[int]) -> None:
+    """Caches larger than the device's free memory fail here, with their size and the knobs that set
+    it, instead of as an allocator error inside the first section's cache."""
+    param = next(model.parameters())
+    free = _free_memory(param.device)
+    if free is None:
+        return
+    meta = torch.device("meta")
+    need = 0
+    for s in sections:
+        cache = model.sections[s].new_cache(batch, max_len, param.dtype, meta, bounded=True)
+        need += sum(t.nbytes for t in cache.kv) + (cache.cross.nbytes if cache.cross is not None else 0)
+    if need > free:
+        raise CacheMemoryError(f"caches for batch={batch} rows of max_len={max_len} slots need "
+                               f"{need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB are free on {param.device}: "
+                               f"decode fewer rows at once, or fewer new tokens.")
+
+
 @dataclass(frozen=True)
 class SectionPlacement:
     """Where sections run: rank = section * tp + tensor-parallel rank."""
@@ -151,6 +178,7 @@ class StaggeredGenerator:
         self.place, self.comm = placement, comm
         self.p = cfg.sections
         self.mine = list(range(self.p)) if placement is None else [placement.section]
+        _check_cache_memory(model, batch, max_len, self.mine)
         self.caches = model.new_caches(batch, max_len, self.mine, bounded=True)
         param = next(model.parameters())
         self.device, self.dtype, self.hidden = param.device, param.dtype, cfg.hidden_size
@@ -401,8 +429,32 @@ class StaggeredGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, keep_logits: bool = False,
                  progress: bool = False) -> GenerationResult:
-        """Collective when distributed: every rank calls it with the same prompts."""
-        check_prompts(prompts, params, self.max_len, self.batch)
+        """Collective when distributed: every rank calls it with the same prompts.
+
+        Prompts decode `batch` at a time, and a group of fewer is filled up with copies of its last
+        prompt: the step runs over every cache row, and a full group replays the same compiled step and
+        graph. Rows are independent, so the copies change no row's tokens; theirs are dropped. Kept
+        logits need at most one batch of prompts."""
+        check_prompts(prompts, params, self.max_len)
+        n = len(prompts)
+        if keep_logits and n > self.batch:
+            raise ValueError(f"keep_logits=True keeps one batch's logits: give at most {self.batch} prompts, "
+                             f"not {n}.")
+        tokens, seconds = [], 0.0
+        for first in range(0, n, self.batch):
+            group = prompts[first:first + self.batch]
+            if progress and n > self.batch:
+                print(f"prompts {first + 1}-{first + len(group)} of {n}", file=sys.stderr)
+            result = self._generate(group + group[-1:] * (self.batch - len(group)), params, keep_logits, progress)
+            tokens += result.tokens[:len(group)]
+            seconds += result.seconds
+        if result.step_logits is None:
+            return GenerationResult(tokens, result.prompt_logits and result.prompt_logits[:n], None, seconds)
+        return GenerationResult(tokens, result.prompt_logits[:n], result.step_logits[:, :n], seconds)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, keep_logits: bool,
+                  progress: bool) -> GenerationResult:
+        """One group of `batch` prompts."""
         start = time.perf_counter()
         last = [self.prefill(r, p) for r, p in enumerate(prompts)]
         positions = torch.tensor([len(p) for p in prompts], device=self.device)

@@ -72,6 +72,8 @@ def check_options(ns) -> None:
     except ValueError as err:
         flag = str(err).split("=")[0].replace("_", "-")
         raise SystemExit(f"--{flag}: {err}") from None
+    if ns.batch_size < 1:
+        raise SystemExit(f"--batch-size {ns.batch_size}: give at least 1.")
     if any(not s for s in ns.stop):
         raise SystemExit("--stop '': give a non-empty stop string.")
     if ns.output and not Path(ns.output).parent.is_dir():
@@ -121,7 +123,7 @@ def _until_stop(text: str, stops: list[str]) -> str:
 def generate_from_checkpoint(ns, prompts: list[str]) -> int:
     from megatron_stag.serving.convert import ExportError, describe, load_serving_model
     from megatron_stag.serving.deepspeed import check_tensor_parallel
-    from megatron_stag.serving.engine import SectionPlacement, StaggeredGenerator
+    from megatron_stag.serving.engine import CacheMemoryError, SectionPlacement, StaggeredGenerator
     from megatron_stag.serving.sampling import cache_slots
 
     deepspeed = ns.engine == "deepspeed"
@@ -153,8 +155,12 @@ def generate_from_checkpoint(ns, prompts: list[str]) -> int:
         if ns.tp > 1:
             group = section_groups(cfg.sections if layout else 1, ns.tp)
         model = init_deepspeed_engine(model, dtype=dtype, tp=ns.tp, group=group).module
-    gen = StaggeredGenerator(model, max_len=cache_slots(ids, params), batch=len(ids), placement=placement,
-                             comm=comm, recurrent=ns.recurrent, cuda_graph=not ns.eager, compile=not ns.eager)
+    rows = min(len(ids), ns.batch_size)
+    try:
+        gen = StaggeredGenerator(model, max_len=cache_slots(ids, params), batch=rows, placement=placement,
+                                 comm=comm, recurrent=ns.recurrent, cuda_graph=not ns.eager, compile=not ns.eager)
+    except CacheMemoryError as err:
+        raise SystemExit(f"--batch-size {rows}, --max-new-tokens {ns.max_new_tokens}: {err}") from None
     result = gen.generate(ids, params, progress=world == 1)
     if comm is not None and comm.get_rank() != (placement.sampler if placement else 0):
         return 0  # the sampling rank reports

@@ -80,12 +80,10 @@ def _append(out: list[list[int]], done: list[bool], tokens: list[list[int]], sto
                 done[r] = stop is not None and stop(out[r])
 
 
-def check_prompts(prompts: list[list[int]], params: SamplingParams, max_len: int, batch: int) -> None:
-    """Prompts fit the generator: non-empty, at most `batch` rows, prompt + new tokens <= max_len."""
+def check_prompts(prompts: list[list[int]], params: SamplingParams, max_len: int) -> None:
+    """Prompts fit the generator: some, non-empty, prompt + new tokens <= max_len."""
     if not prompts or min(len(p) for p in prompts) < 1:
         raise ValueError("every prompt needs at least one token.")
-    if len(prompts) > batch:
-        raise ValueError(f"{len(prompts)} prompts exceed the generator's batch of {batch}.")
     longest = max(len(p) for p in prompts)
     if longest + params.max_new_tokens > max_len:
         raise ValueError(
