@@ -289,3 +289,20 @@ def test_benchmark_entry_point_is_quiet_and_shuts_down():
     assert "a warning the user should see" in proc.stderr
     assert "full scope is deprecated" not in proc.stderr
 
+
+def test_outputs_are_complete_or_absent(tmp_path):
+    """`generate --output` and `eval --output` write through `write_atomic`: a write that fails part way
+    (here: text that cannot be encoded, after a first part could be) leaves the file as it was and no
+    temporary file; a finished one has a plain file's permissions."""
+    from megatron_stag.platform.files import write_atomic
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    with pytest.raises(UnicodeEncodeError):
+        write_atomic(out, "x" * 100_000 + "\ud800")
+    assert out.read_text() == "old\n" and list(tmp_path.iterdir()) == [out]
+    write_atomic(out, "new\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.read_text() == "new\n" and out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert list(tmp_path.iterdir()) == [out]

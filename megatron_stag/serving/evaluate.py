@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from megatron_stag.platform.files import write_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,13 +98,6 @@ def run(ns) -> int:
                       configs=results.get("configs"), versions=results.get("versions"),
                       n_samples=results.get("n-samples"))
         out = Path(ns.output)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2, default=str)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
+        write_atomic(out, json.dumps(record, indent=2, default=str) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_stag.platform.files import write_atomic
 from megatron_stag.serving.convert import DTYPES
 
 
@@ -89,7 +90,7 @@ def report(ns, tok, prompts: list[str], result) -> int:
     records = [dict(prompt=p, completion=_until_stop(tok.detokenize(t), ns.stop), tokens=t)
                for p, t in zip(prompts, result.tokens)]
     if ns.output:
-        Path(ns.output).write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_atomic(Path(ns.output), "".join(json.dumps(r) + "\n" for r in records))
     else:
         for r in records:
             print(r["prompt"] + r["completion"])
