@@ -132,6 +132,8 @@ def test_sampling_controls():
         gen.generate([[1] * 30], SamplingParams(max_new_tokens=5))
     with pytest.raises(ValueError, match="at least one token"):
         gen.generate([[1], []], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="no prompts"):
+        gen.generate([], SamplingParams(max_new_tokens=2))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
 

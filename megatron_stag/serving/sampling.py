@@ -82,7 +82,9 @@ def _append(out: list[list[int]], done: list[bool], tokens: list[list[int]], sto
 
 def check_prompts(prompts: list[list[int]], params: SamplingParams, max_len: int) -> None:
     """Prompts fit the generator: some, non-empty, prompt + new tokens <= max_len."""
-    if not prompts or min(len(p) for p in prompts) < 1:
+    if not prompts:
+        raise ValueError("no prompts: give at least one.")
+    if min(len(p) for p in prompts) < 1:
         raise ValueError("every prompt needs at least one token.")
     longest = max(len(p) for p in prompts)
     if longest + params.max_new_tokens > max_len:
