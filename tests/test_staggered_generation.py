@@ -189,12 +189,14 @@ def test_decode_loop_reads_back_only_to_stop():
     assert len(calls) == 39
     out, _ = decode_loop(torch.tensor([0]), step, torch.tensor([5]), params, check_every=8)
     assert out == [[0, 1, 2, 3]] and len(calls) == 39 + 7  # checked once 8 tokens were out
+    out, _ = decode_loop(torch.tensor([0, 10]), step, torch.tensor([5, 5]), params, check_every=8, live=1)
+    assert out == [[0, 1, 2, 3], []] and len(calls) == 39 + 7 + 7  # a spare row (`live`) holds nothing up
 
 
 def test_more_prompts_than_the_batch_decode_in_groups():
-    """Prompts decode `batch` at a time, a group of fewer filled up with copies: each prompt's tokens
-    are its tokens in a batch of its own (greedy and sampled from the same seed, rows being
-    independent), and fewer prompts than the batch decode too; kept logits need one group."""
+    """Prompts decode `batch` at a time, the spare rows of a group of fewer running unprefilled: each
+    prompt's tokens are its tokens in a batch of its own (greedy and sampled from the same seed, rows
+    being independent), and fewer prompts than the batch decode too; kept logits need one group."""
     model = tiny_model(position_embedding_type="rope")
     prompts = [[7, 3, 9, 1, 4], [2, 8], [5, 5, 6], [1], [9, 4, 4, 2]]
     gen = generator(model, 32, batch=2)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -429,46 +429,43 @@ class StaggeredGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, keep_logits: bool = False,
                  progress: bool = False) -> GenerationResult:
-        """Collective when distributed: every rank calls it with the same prompts.
-
-        Prompts decode `batch` at a time, and a group of fewer is filled up with copies of its last
-        prompt: the step runs over every cache row, and a full group replays the same compiled step and
-        graph. Rows are independent, so the copies change no row's tokens; theirs are dropped. Kept
-        logits need at most one batch of prompts."""
+        """Collective when distributed: every rank calls it with the same prompts, which decode `batch`
+        at a time. Kept logits need at most one batch of prompts."""
         check_prompts(prompts, params, self.max_len)
-        n = len(prompts)
-        if keep_logits and n > self.batch:
+        if keep_logits and len(prompts) > self.batch:
             raise ValueError(f"keep_logits=True keeps one batch's logits: give at most {self.batch} prompts, "
-                             f"not {n}.")
+                             f"not {len(prompts)}.")
         tokens, seconds = [], 0.0
-        for first in range(0, n, self.batch):
+        for first in range(0, len(prompts), self.batch):
             group = prompts[first:first + self.batch]
-            if progress and n > self.batch:
-                print(f"prompts {first + 1}-{first + len(group)} of {n}", file=sys.stderr)
-            result = self._generate(group + group[-1:] * (self.batch - len(group)), params, keep_logits, progress)
-            tokens += result.tokens[:len(group)]
+            if progress and len(prompts) > self.batch:
+                print(f"prompts {first + 1}-{first + len(group)} of {len(prompts)}", file=sys.stderr)
+            result = self._generate(group, params, keep_logits, progress)
+            tokens += result.tokens
             seconds += result.seconds
-        if result.step_logits is None:
-            return GenerationResult(tokens, result.prompt_logits and result.prompt_logits[:n], None, seconds)
-        return GenerationResult(tokens, result.prompt_logits[:n], result.step_logits[:, :n], seconds)
+        return replace(result, tokens=tokens, seconds=seconds)
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, keep_logits: bool,
                   progress: bool) -> GenerationResult:
-        """One group of `batch` prompts."""
+        """At most `batch` prompts. The step runs over every cache row, so a full batch replays one
+        compiled step and graph: the rows past the prompts run too, from position 0 of whatever their
+        caches hold, without a prefill. Rows are independent, so they change no prompt's tokens; they
+        count as stopped, and their tokens and logits are dropped."""
         start = time.perf_counter()
+        n, rows = len(prompts), self.batch
         last = [self.prefill(r, p) for r, p in enumerate(prompts)]
-        positions = torch.tensor([len(p) for p in prompts], device=self.device)
-        rows = len(prompts)
+        positions = torch.tensor([len(p) for p in prompts] + [0] * (rows - n), device=self.device)
         if self.cuda_graph and self.place is None:  # capture first: its warm-ups draw no numbers later
             self._capture(functools.partial(self._token_step, params=params),
                           torch.zeros(rows, dtype=torch.long, device=self.device), positions, self._rule(params))
         self._gen.manual_seed(params.seed)
-        first = sample(torch.stack(last), params, self._gen) if self._sampler else torch.zeros(
-            rows, dtype=torch.long, device=self.device)
-        report = (lambda n: _progress(n, params.max_new_tokens, rows, start)) if progress else None
+        first = torch.zeros(rows, dtype=torch.long, device=self.device)
+        if self._sampler:
+            first[:n] = sample(torch.stack(last), params, self._gen)
+        report = (lambda done: _progress(done, params.max_new_tokens, n, start)) if progress else None
         out, kept = decode_loop(self._broadcast(first), functools.partial(self.step, params=params), positions,
-                                params, keep_logits=keep_logits and self._sampler, on_token=report)
+                                params, keep_logits=keep_logits and self._sampler, on_token=report, live=n)
         if progress:
             print(file=sys.stderr)
-        return GenerationResult(out, last if keep_logits and self._sampler else None,
-                                torch.stack(kept) if kept else None, time.perf_counter() - start)
+        return GenerationResult(out[:n], last if keep_logits and self._sampler else None,
+                                torch.stack(kept)[:, :n] if kept else None, time.perf_counter() - start)

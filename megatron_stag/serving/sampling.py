@@ -102,19 +102,20 @@ def cache_slots(prompts: list[list[int]], params: SamplingParams) -> int:
 
 
 def decode_loop(first: Tensor, step, positions: Tensor, params: SamplingParams, keep_logits: bool = False,
-                on_token=None, check_every: int = 16):
+                on_token=None, check_every: int = 16, live: Optional[int] = None):
     """The token loop of every generator: step, record, and read tokens back to the host only where
     a stop rule needs them (every `check_every` steps) and at the end, so the GPU never waits on Python.
 
     `first` [rows]: the tokens sampled from the prompts' logits (on every rank). `step(tokens,
     positions)` runs one token step, sampling included, and returns (next tokens, next positions,
     logits or None). Rows run on after they stop (rows are independent, so this changes no row's
-    tokens) until every row has stopped or the budget is spent. Returns (tokens per row, kept logits).
+    tokens) until every row has stopped or the budget is spent; rows from `live` on count as stopped
+    from the start (rows that only fill a batch). Returns (tokens per row, kept logits).
     """
     rows = first.shape[0]
     history = torch.empty(params.max_new_tokens, rows, dtype=torch.long, device=first.device)
     history[0].copy_(first)
-    out, done, read, n, kept = [[] for _ in range(rows)], [False] * rows, 0, 1, []
+    out, done, read, n, kept = [[] for _ in range(rows)], [r >= (live or rows) for r in range(rows)], 0, 1, []
     tokens = first
     while n < params.max_new_tokens:
         if params.stop is not None and n - read >= check_every:
