@@ -144,6 +144,41 @@ def test_default_step_equals_eager_step(dtype, tol):
     assert (fast.step_logits.float() - eager.step_logits.float()).abs().max() <= tol
 
 
+def test_bucketed_steps_equal_full_width_steps(monkeypatch):
+    """Steps on SDPA read the caches in buckets (`engine.SLOT_BUCKET`), each its own CUDA graph over
+    one compiled step per section (marked dynamic in the slots; the full width traces apart): the same
+    tokens and logits as steps reading every slot, sampled and with a second generate replaying the
+    graphs."""
+    from megatron_stag.serving import decode_attention, engine
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.sampling import SamplingParams
+    from tests.model_factory import tiny_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(engine, "SLOT_BUCKET", 8)
+    monkeypatch.setattr(decode_attention, "ROWS", 0)  # SDPA for every step of this small batch
+    plain = to_plain_model(tiny_model(position_embedding_type="rope"), None, device="cuda")
+    prompts = [[5, 9, 2, 33, 7], [1, 2, 3]]
+    params = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=30, seed=4)
+
+    def run(bucket):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        gen = engine.StaggeredGenerator(plain, max_len=24, batch=2)
+        gen.bucket = bucket
+        first = gen.generate(prompts, params, keep_logits=True)
+        again = gen.generate(prompts, params, keep_logits=True)
+        assert again.tokens == first.tokens and torch.equal(again.step_logits, first.step_logits)
+        return first, sorted(gen._graphs), torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    full, full_graphs, full_traces = run(None)
+    bucketed, graphs, traces = run(8)
+    assert full_graphs == [24] and graphs == [8, 16, 24]
+    assert traces <= full_traces + plain.cfg.sections  # one more trace per section: the dynamic one
+    assert bucketed.tokens == full.tokens
+    torch.testing.assert_close(bucketed.step_logits, full.step_logits, atol=1e-4, rtol=0)
+
+
 def test_sampling_inside_the_graph_equals_eager_sampling():
     """Sampling runs inside the graphed step with the engine's seeded CUDA generator: the same tokens
     as the eager step (fp32), and again on a second generate that replays the same graph."""

@@ -58,7 +58,11 @@ def _teacher_forced(model, sequence):
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_decode_logits_equal_megatron_forward(name):
+def test_decode_logits_equal_megatron_forward(name, monkeypatch):
+    """Steps read the caches in buckets of 4 slots (`engine.SLOT_BUCKET`): 8, 12 and then all 16."""
+    from megatron_stag.serving import engine
+
+    monkeypatch.setattr(engine, "SLOT_BUCKET", 4)
     model = tiny_model(**VARIANTS[name])
     prompts = [[5, 9, 2, 33, 7], [1, 2, 3], [60, 61, 62, 63, 0, 1, 2]]  # mixed lengths in one batch
     params = SamplingParams(max_new_tokens=9, temperature=0.8, top_k=20, seed=3)
@@ -213,6 +217,38 @@ def test_more_prompts_than_the_batch_decode_in_groups():
             assert torch.allclose(kept.step_logits[:, 0], ref[len(prompts[4]): -1], atol=1e-4)
     with pytest.raises(ValueError, match="at most 2 prompts"):
         gen.generate(prompts, SamplingParams(max_new_tokens=2), keep_logits=True)
+
+
+def test_steps_read_the_slots_their_rows_fill(monkeypatch):
+    """SDPA steps read the caches' first slots in whole buckets, enough for every row's position (the
+    cross cache as many; a window's ring all of it); steps on the flash-decoding kernel (at most
+    `decode_attention.ROWS` query heads) read every slot."""
+    from megatron_stag.serving import decode_attention, engine
+    from megatron_stag.serving.model import Attention
+
+    monkeypatch.setattr(engine, "SLOT_BUCKET", 4)
+    params = SamplingParams(max_new_tokens=9)
+    steps = [8, 12, 12, 12, 12, 16, 16, 16]  # positions 7..14 (filled 8..15) of the longer prompt
+    for window, cross_slots in ((None, steps), (3, [4] * 8)):
+        gen = generator(tiny_model(stag_cross_window=window), 16, batch=2)
+        assert gen.widths(params, 7) == [8, 12, 16]
+        read = {0: [], 1: []}  # per section, the slots each step's attention got
+        for k, section in enumerate(gen.model.sections):
+            for m in section.layers[0].modules():
+                if isinstance(m, Attention):
+                    m.attention = lambda q, keys, values, keep, inner=m.attention, k=k: (
+                        read[k].append(keys.shape[2]), inner(q, keys, values, keep))[1]
+        gen.generate([[5, 9, 2, 33, 7, 1, 1], [1, 2, 3]], params)
+        assert read[0][-8:] == steps
+        assert read[1][-16::2] == steps and read[1][-15::2] == cross_slots
+    q_heads = tiny_model().config.num_attention_heads
+    assert engine.SLOT_BUCKET and decode_attention.ROWS >= q_heads
+    cpu = generator(tiny_model(), 16, batch=1)
+    assert cpu.bucket == 4  # no kernels on CPU: SDPA for every step
+    monkeypatch.setattr(engine._gemv, "available", lambda device: True)
+    monkeypatch.setattr(engine.StagLM, "use_kernels", lambda self, *fns: None)
+    assert generator(tiny_model(), 16, batch=1).bucket is None
+    assert generator(tiny_model(), 16, batch=decode_attention.ROWS // q_heads + 1).bucket == 4
 
 
 def test_caches_larger_than_free_memory_fail_first(monkeypatch):

@@ -8,7 +8,8 @@ earlier steps; after the step, section k-1's output becomes section k's entry i+
 the teacher-forced forward's (tested against megatron's model) and the sections of a step are
 independent: on one GPU they run on parallel CUDA streams, one section per rank they run at once.
 On CUDA the step is compiled (torch.compile, one function per section so the streams stay parallel)
-and replayed from one CUDA graph by default. Sampling is `sampling.decode_loop`.
+and replayed from one CUDA graph by default; steps whose attention is SDPA's read the caches' filled
+slots in buckets (`SLOT_BUCKET`), a graph per bucket. Sampling is `sampling.decode_loop`.
 
 Several ranks: rank r runs section r // tp as tensor-parallel rank r % tp of its section (the
 sections' TP groups are what `deepspeed.init_deepspeed_engine` shards with). Rank (k, t) sends its
@@ -26,6 +27,7 @@ outputs become its cross-attention entries.
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -38,6 +40,12 @@ from megatron_stag.serving import decode_attention as _attention
 from megatron_stag.serving import gemv as _gemv
 from megatron_stag.serving.model import Linear, StagLM, causal_keep, shared_passes_step
 from megatron_stag.serving.sampling import SamplingParams, check_prompts, decode_loop, sample
+
+
+# SDPA reads every cache slot it is given, kept or not: its steps take the caches' first slots in whole
+# buckets of this many, enough to hold every row's positions (one compiled step and one CUDA graph per
+# bucket; the flash-decoding kernel reads only the kept slots and takes the whole caches)
+SLOT_BUCKET = 64
 
 
 def _inputs(model, tokens: Tensor, positions: Tensor, slots: int):
@@ -171,20 +179,25 @@ class StaggeredGenerator:
         # one-row matmuls, fused with their norm, activation and residual add, on the streaming GEMV
         # kernel (Hopper+): GPT b=1 on an H200 1.54 -> 1.30 ms/token (benchmarks/decode_engine.py);
         # small-batch attention on the flash-decoding kernel: 1.25 -> 1.17 (decode_attention.py)
-        if kernels and _gemv.available(next(model.parameters()).device):
+        kernels = kernels and _gemv.available(next(model.parameters()).device)
+        if kernels:
             model.use_kernels(_gemv.linear, _attention.attention, _attention.cached_attention)
         else:
             model.use_kernels()
         self.place, self.comm = placement, comm
         self.p = cfg.sections
         self.mine = list(range(self.p)) if placement is None else [placement.section]
+        attn = model.sections[self.mine[0]].layers[0].self_attn
+        q_heads = attn.q_proj.weight.shape[0] // attn.head_dim  # this rank's, under tensor parallelism
+        self.bucket = None if kernels and batch * q_heads <= _attention.ROWS else SLOT_BUCKET
         _check_cache_memory(model, batch, max_len, self.mine)
         self.caches = model.new_caches(batch, max_len, self.mine, bounded=True)
         param = next(model.parameters())
         self.device, self.dtype, self.hidden = param.device, param.dtype, cfg.hidden_size
         self.combine = cfg.output == "combine"
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
-        self._graph, self._graph_key = None, None
+        self._graphs, self._graph_key = {}, None  # the step's CUDA graph per bucket of slots read
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None  # shared by the graphs
         self._gen = torch.Generator(device=self.device)  # sampling's random numbers, seeded per generate
         # graphed steps run the sections of a step on parallel streams (branches of the graph);
         # `compile` fuses each section's step and cross-entry write (norms, rope, cache writes, bias
@@ -221,6 +234,12 @@ class StaggeredGenerator:
                                              [self.caches[k] for k in range(self.p)])
 
     # ------------------------------------------------------------------ helpers
+    def slots(self, filled: Optional[int] = None) -> int:
+        """The cache slots a step reads when no row has filled more than `filled` (None: any number)."""
+        if self.bucket is None or filled is None:
+            return self.max_len
+        return min(self.max_len, -(-filled // self.bucket) * self.bucket)
+
     @property
     def _last(self) -> bool:
         return self.place is None or self.place.section == self.p - 1
@@ -303,9 +322,13 @@ class StaggeredGenerator:
         return section.all_entries(kv)
 
     # ------------------------------------------------------------------ steps
-    def _compute(self, tokens: Tensor, positions: Tensor) -> tuple[list[Tensor], Optional[Tensor]]:
-        """This process's sections on tokens [b] at positions [b]: (outputs, logits or None)."""
+    def _compute(self, tokens: Tensor, positions: Tensor, slots: int) -> tuple[list[Tensor], Optional[Tensor]]:
+        """This process's sections on tokens [b] at positions [b] reading the caches' first `slots`:
+        (outputs, logits or None)."""
         e, pos, rope, keep, entry = self._inputs(tokens, positions)
+        if slots < self.max_len:
+            keep = keep[..., :slots]  # the sections read as many cache slots as the mask covers
+            torch._dynamo.maybe_mark_dynamic(keep, 3)  # one compiled section step for every bucket
         if self._shared is not None:
             outs = self._shared(e, pos, rope, keep)
             for k in range(1, self.p):  # section k-1's output becomes section k's entry at position + 1
@@ -346,10 +369,10 @@ class StaggeredGenerator:
             main.wait_stream(stream)
         return outs
 
-    def _token_step(self, tokens: Tensor, positions: Tensor, params: SamplingParams) -> Optional[Tensor]:
+    def _token_step(self, tokens: Tensor, positions: Tensor, slots: int, params: SamplingParams) -> Optional[Tensor]:
         """Every section here on tokens [b], then sampling: tokens and positions advance in place
         (what one CUDA graph replays per token). Returns the logits."""
-        logits = self._compute(tokens, positions)[1]
+        logits = self._compute(tokens, positions, slots)[1]
         if params.temperature == 0:
             self._advance_greedy(logits, tokens, positions)
         else:
@@ -357,62 +380,68 @@ class StaggeredGenerator:
             positions.add_(1)
         return logits
 
-    def _capture(self, fn, tokens: Tensor, positions: Tensor, key) -> None:
-        """Capture fn(tokens, positions) as the step's CUDA graph over static inputs, unless the graph
-        for this batch and `key` (the sampling rule it holds) exists already."""
-        if self._graph is not None and self._graph_key == (tokens.shape, key):
-            return
-        static = (tokens.clone(), positions.clone())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            # warm-ups compile and initialise lazily; they write only cache slots that the step
-            # writes again before it reads them (its own position, the next cross entry)
-            for _ in range(2):
-                fn(static[0].clone(), static[1].clone())
-        torch.cuda.current_stream().wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        self._graph.register_generator_state(self._gen)
-        with torch.cuda.graph(self._graph):
-            result = fn(*static)
-        self._static, self._graph_key = (*static, result), (tokens.shape, key)
+    def _capture(self, fn, tokens: Tensor, positions: Tensor, key, widths) -> None:
+        """Capture fn(tokens, positions, slots) for each of `widths` (slots read) as a CUDA graph over
+        static inputs, unless the graph for this batch, `key` (the sampling rule it holds) and width
+        exists. The graphs share their inputs and memory pool: at most one replays at a time."""
+        if self._graph_key != (tokens.shape, key):
+            self._graphs, self._graph_key = {}, (tokens.shape, key)
+            self._static = (tokens.clone(), positions.clone())
+        for buf, given in zip(self._static, (tokens, positions)):
+            if given is not buf:  # a graph captured now warms up on these inputs
+                buf.copy_(given)
+        for slots in widths:
+            if slots in self._graphs:
+                continue
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                # warm-ups compile and initialise lazily; they write only cache slots that the step
+                # writes again before it reads them (its own position, the next cross entry)
+                for _ in range(2):
+                    fn(self._static[0].clone(), self._static[1].clone(), slots)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self._gen)
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._graphs[slots] = graph, fn(*self._static, slots)
 
-    def _graphed(self, fn, tokens: Tensor, positions: Tensor, key):
-        """fn(tokens, positions) replayed from the CUDA graph; passing the graph's own input buffers
-        back in (what a graphed step returns) copies nothing."""
-        self._capture(fn, tokens, positions, key)
-        if tokens is not self._static[0]:
-            self._static[0].copy_(tokens)
-        if positions is not self._static[1]:
-            self._static[1].copy_(positions)
-        self._graph.replay()
-        return self._static[2]
+    def _graphed(self, fn, tokens: Tensor, positions: Tensor, key, slots: int):
+        """fn(tokens, positions, slots) replayed from its CUDA graph; passing the graphs' own input
+        buffers back in (what a graphed step returns) copies nothing."""
+        self._capture(fn, tokens, positions, key, [slots])
+        graph, result = self._graphs[slots]
+        graph.replay()
+        return result
 
     @staticmethod
     def _rule(params: SamplingParams) -> tuple:
         return (params.temperature, params.top_k, params.top_p)
 
     @torch.no_grad()
-    def step(self, tokens: Tensor, positions: Tensor, params: SamplingParams = SamplingParams()
-             ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    def step(self, tokens: Tensor, positions: Tensor, params: SamplingParams = SamplingParams(),
+             filled: Optional[int] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """One token step, sampling included: tokens [b] at positions [b] -> (next tokens, next
-        positions, logits where this rank samples, else None), with no host sync. Graphed, the
-        returned tensors are the graph's buffers, which the next step overwrites: pass them back in."""
+        positions, logits where this rank samples, else None), with no host sync. `filled`: a bound on
+        every row's position + 1, where the caller knows one (`stepper`), so that the step reads only
+        the cache slots that can hold them. Graphed, the returned tensors are the graph's buffers,
+        which the next step overwrites: pass them back in."""
+        slots = self.slots(filled)
         if self.place is None:
             if self.cuda_graph:
                 logits = self._graphed(functools.partial(self._token_step, params=params), tokens, positions,
-                                       self._rule(params))
+                                       self._rule(params), slots)
                 tokens, positions = self._static[0], self._static[1]
             else:
                 tokens, positions = tokens.clone(), positions.clone()
-                logits = self._token_step(tokens, positions, params)
+                logits = self._token_step(tokens, positions, slots, params)
             return self._broadcast(tokens), positions, logits
         k, b = self.place.section, tokens.shape[0]
         prev, req = self._recv((b, 1, self._handed_on_width(k)), k - 1) if k else (None, None)
         if self.cuda_graph:
-            outs, logits = self._graphed(self._compute, tokens, positions, None)
+            outs, logits = self._graphed(self._compute, tokens, positions, None, slots)
         else:
-            outs, logits = self._compute(tokens, positions)
+            outs, logits = self._compute(tokens, positions, slots)
         out = outs[0]
         send = self._send(out, k + 1) if not self._last else None
         self._send_for_logits(out, k)
@@ -425,6 +454,16 @@ class StaggeredGenerator:
             logits = self.model.logits(self._outputs_for_logits(out, prev))[:, 0]
         sampled = sample(logits, params, self._gen) if self._sampler else torch.zeros_like(tokens)
         return self._broadcast(sampled), positions + 1, logits if self._sampler else None
+
+    def stepper(self, params: SamplingParams, longest: int):
+        """`step` as `decode_loop` calls it, from prompts of at most `longest` tokens: the n-th call's
+        rows are at positions <= longest + n."""
+        calls = itertools.count()
+        return lambda tokens, positions: self.step(tokens, positions, params, filled=longest + next(calls) + 1)
+
+    def widths(self, params: SamplingParams, longest: int) -> list[int]:
+        """The slots `stepper`'s steps read, in order."""
+        return sorted({self.slots(f) for f in range(longest + 1, longest + params.max_new_tokens)})
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, keep_logits: bool = False,
@@ -454,16 +493,18 @@ class StaggeredGenerator:
         start = time.perf_counter()
         n, rows = len(prompts), self.batch
         last = [self.prefill(r, p) for r, p in enumerate(prompts)]
+        longest = max(len(p) for p in prompts)
         positions = torch.tensor([len(p) for p in prompts] + [0] * (rows - n), device=self.device)
         if self.cuda_graph and self.place is None:  # capture first: its warm-ups draw no numbers later
             self._capture(functools.partial(self._token_step, params=params),
-                          torch.zeros(rows, dtype=torch.long, device=self.device), positions, self._rule(params))
+                          torch.zeros(rows, dtype=torch.long, device=self.device), positions, self._rule(params),
+                          self.widths(params, longest))
         self._gen.manual_seed(params.seed)
         first = torch.zeros(rows, dtype=torch.long, device=self.device)
         if self._sampler:
             first[:n] = sample(torch.stack(last), params, self._gen)
         report = (lambda done: _progress(done, params.max_new_tokens, n, start)) if progress else None
-        out, kept = decode_loop(self._broadcast(first), functools.partial(self.step, params=params), positions,
+        out, kept = decode_loop(self._broadcast(first), self.stepper(params, longest), positions,
                                 params, keep_logits=keep_logits and self._sampler, on_token=report, live=n)
         if progress:
             print(file=sys.stderr)

@@ -171,11 +171,13 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, rope: Optional[tuple[Tenso
                      rows: Optional[Tensor], positions: Tensor, keep: Tensor, attention=attention) -> Tensor:
     """Self-attention of new positions [b', n] of cache rows `rows` (None: every row): the rotary
     embedding on q and k [b', heads, n, hd], k and v written into the cache kv [2, b, kv heads, slots,
-    hd] at their positions, then `attention` of q over the rows' cache -> [b', n, heads * hd]."""
+    hd] at their positions, then `attention` of q over the rows' cache -> [b', n, heads * hd], over
+    as many of its first slots as `keep` [b', 1, n, slots read] covers."""
     if rope is not None:
         q, k = _rotate(q, *rope), _rotate(k, *rope)
     r = (rows if rows is not None else torch.arange(positions.shape[0], device=q.device))[:, None]
     kv[:, r.expand_as(positions), :, positions] = torch.stack((k, v), dim=2).transpose(1, 3)  # [b', n, 2, heads, hd]
+    kv = kv[:, :, :, :keep.shape[-1]]
     if rows is not None:
         kv = kv[:, rows]
     return attention(q, kv[0], kv[1], keep)
@@ -475,6 +477,15 @@ class Section(nn.Module):
         cache.cross[:, :, rows[:, None].expand_as(slots), :, slots] = kv.view(
             *kv.shape[:2], len(self.layers), 2, -1, cache.cross.shape[-1])
 
+    @staticmethod
+    def _cross_read(cache: SectionCache, keep: Tensor) -> Tensor:
+        """The cross cache a step reads: where it holds every entry (slot = entry; not a window's ring)
+        its first W slots, W the self-attention slots `keep` covers (a position p < W reads entries
+        <= p); `_cross_keep` over them, as a ring of W, equals the whole cache's first W columns."""
+        if cache.cross.shape[4] <= cache.kv[0].shape[3]:
+            return cache.cross
+        return cache.cross[:, :, :, :, :keep.shape[-1]]
+
     def _cross_keep(self, positions: Tensor, ring: int, first: Optional[Tensor] = None) -> Tensor:
         """[b', 1, n, ring]: the entries position p reads (<= p, > p - window); slot s holds entry
         p - back, the newest entry congruent to s modulo the ring. `first` [b']: the column of each
@@ -525,7 +536,7 @@ class Section(nn.Module):
         if valid is not None:
             keep = keep & valid[:, None, None, :] | _own_slot(positions, valid.shape[1])
         if self.index:
-            cross_kv = cache.cross if entries is None else entries
+            cross_kv = self._cross_read(cache, keep) if entries is None else entries
             first = valid.long().argmax(-1) if valid is not None else None  # each row's first token
             cross_keep = self._cross_keep(positions, cross_kv.shape[4], first)
             if valid is not None:  # entry j is column j's: the null entry or the output of column j - 1
@@ -568,7 +579,8 @@ def shared_passes_step(sections: list[Section], caches: list[SectionCache], h: T
     b, passes = h.shape[0], len(sections)
     if keep is None:
         keep = causal_keep(positions, caches[0].kv[0].shape[3])
-    cross_keep = [s._cross_keep(positions, c.cross.shape[4]) if s.index else None for s, c in zip(sections, caches)]
+    cross_kv = [s._cross_read(c, keep) if s.index else None for s, c in zip(sections, caches)]
+    cross_keep = [s._cross_keep(positions, c.shape[4]) if s.index else None for s, c in zip(sections, cross_kv)]
     h = h.repeat(passes, 1, 1)
     for i, layer in enumerate(sections[-1].layers):  # the shared modules, and the last pass's cross ones
         x, prediction = layer.altup.predict(h) if hasattr(layer, "altup") else (h, None)
@@ -585,7 +597,7 @@ def shared_passes_step(sections: list[Section], caches: list[SectionCache], h: T
             cross_layer = sections[p].layers[i]
             cross = cross_layer.cross_attn
             q = cross.project_q(passes_x[p], cross_layer.cross_attn_layernorm)
-            ckv = caches[p].cross[i]
+            ckv = cross_kv[p][i]
             passes_x[p] = cross.attend(q, ckv[0], ckv[1], cross_keep[p], residual=passes_x[p])
         x = torch.cat(passes_x)
         x = layer.mlp(x, layer.post_attention_layernorm, residual=x)
