@@ -245,6 +245,9 @@ def test_steps_read_the_slots_their_rows_fill(monkeypatch):
     assert engine.SLOT_BUCKET and decode_attention.ROWS >= q_heads
     cpu = generator(tiny_model(), 16, batch=1)
     assert cpu.bucket == 4  # no kernels on CPU: SDPA for every step
+    monkeypatch.setattr(engine, "MAX_BUCKETS", 3)
+    assert generator(tiny_model(), 16, batch=1).bucket == 8  # at most 3 buckets: 8 and 16
+    monkeypatch.setattr(engine, "MAX_BUCKETS", 16)
     monkeypatch.setattr(engine._gemv, "available", lambda device: True)
     monkeypatch.setattr(engine.StagLM, "use_kernels", lambda self, *fns: None)
     assert generator(tiny_model(), 16, batch=1).bucket is None

@@ -44,8 +44,10 @@ from megatron_stag.serving.sampling import SamplingParams, check_prompts, decode
 
 # SDPA reads every cache slot it is given, kept or not: its steps take the caches' first slots in whole
 # buckets of this many, enough to hold every row's positions (one compiled step and one CUDA graph per
-# bucket; the flash-decoding kernel reads only the kept slots and takes the whole caches)
+# bucket; the flash-decoding kernel reads only the kept slots and takes the whole caches). Long caches
+# take larger buckets, so that a generator captures at most MAX_BUCKETS graphs.
 SLOT_BUCKET = 64
+MAX_BUCKETS = 16
 
 
 def _inputs(model, tokens: Tensor, positions: Tensor, slots: int):
@@ -189,7 +191,9 @@ class StaggeredGenerator:
         self.mine = list(range(self.p)) if placement is None else [placement.section]
         attn = model.sections[self.mine[0]].layers[0].self_attn
         q_heads = attn.q_proj.weight.shape[0] // attn.head_dim  # this rank's, under tensor parallelism
-        self.bucket = None if kernels and batch * q_heads <= _attention.ROWS else SLOT_BUCKET
+        self.bucket = None
+        if not (kernels and batch * q_heads <= _attention.ROWS):
+            self.bucket = SLOT_BUCKET * -(-max_len // (SLOT_BUCKET * MAX_BUCKETS))
         _check_cache_memory(model, batch, max_len, self.mine)
         self.caches = model.new_caches(batch, max_len, self.mine, bounded=True)
         param = next(model.parameters())
