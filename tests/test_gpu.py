@@ -175,6 +175,7 @@ def test_bucketed_steps_equal_full_width_steps(monkeypatch):
     bucketed, graphs, traces = run(8)
     assert full_graphs == [24] and graphs == [8, 16, 24]
     assert traces <= full_traces + plain.cfg.sections  # one more trace per section: the dynamic one
+    assert torch._dynamo.config.recompile_limit >= 8 * plain.cfg.sections  # sections share the function
     assert bucketed.tokens == full.tokens
     torch.testing.assert_close(bucketed.step_logits, full.step_logits, atol=1e-4, rtol=0)
 

@@ -213,6 +213,10 @@ class StaggeredGenerator:
         # 1.255 ms/token; results/decode_combo_kernels_h200.json)
         options = {"triton.enable_pdl": True, "combo_kernels": True} if compile and self.device.type == "cuda" else {}
         wrap = (lambda fn: torch.compile(fn, dynamic=False, options=options)) if options else (lambda fn: fn)
+        if options:  # the sections share one compiled function, which dynamo guards on the section, and
+            # each compiles twice per batch shape where steps read slot buckets: dynamo's default budget
+            # of 8 compilations per function becomes 8 per section (past it a section would run eager)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * self.p)
         # the section and its cache are arguments, not attributes of this generator: compiled code is
         # guarded on their shapes, so a later generator of the same model and shapes reuses it
         sections = {k: (model.sections[k], self.caches[k]) for k in self.mine}
