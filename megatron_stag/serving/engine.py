@@ -470,8 +470,8 @@ class StaggeredGenerator:
         return lambda tokens, positions: self.step(tokens, positions, params, filled=longest + next(calls) + 1)
 
     def widths(self, params: SamplingParams, longest: int) -> list[int]:
-        """The slots `stepper`'s steps read, in order."""
-        return sorted({self.slots(f) for f in range(longest + 1, longest + params.max_new_tokens)})
+        """The slots `stepper`'s steps read (decode_loop's max_new_tokens - 1 of them), each once, in order."""
+        return sorted({self.slots(longest + n + 1) for n in range(params.max_new_tokens - 1)})
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, keep_logits: bool = False,
