@@ -180,6 +180,45 @@ def test_bucketed_steps_equal_full_width_steps(monkeypatch):
     torch.testing.assert_close(bucketed.step_logits, full.step_logits, atol=1e-4, rtol=0)
 
 
+def test_sections_never_run_on_the_capture_stream():
+    """The sections of a graphed step run on streams of their own, neither of them the stream the
+    graph is captured on, even where torch's round-robin stream pool would hand out the default
+    capture stream next (on that stream a section ran before the next one's stream waited on it: the
+    graph ran the sections in series)."""
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.sampling import SamplingParams
+    from tests.model_factory import tiny_model
+
+    plain = to_plain_model(tiny_model(), None, device="cuda")
+    assert plain.cfg.sections == 2
+    if torch.cuda.graph.default_capture_stream is None:
+        torch.cuda.graph.default_capture_stream = torch.cuda.Stream()
+    for _ in range(32):  # the pool (32 streams) hands out its streams in turn: find the capture stream's
+        if torch.cuda.Stream() == torch.cuda.graph.default_capture_stream:
+            break
+    for _ in range(31):  # ... and come round to it again: the next stream made is the capture stream
+        torch.cuda.Stream()
+    gen = StaggeredGenerator(plain, max_len=16, batch=1, compile=False)
+    seen = []
+    run_sections, run_one = gen._run_sections, gen._run_and_pass_on
+
+    def sections(*args):
+        if torch.cuda.is_current_stream_capturing():
+            seen.append(("capture", torch.cuda.current_stream()))
+        return run_sections(*args)
+
+    def one(k, *args):
+        if torch.cuda.is_current_stream_capturing():
+            seen.append((k, torch.cuda.current_stream()))
+        return run_one(k, *args)
+
+    gen._run_sections, gen._run_and_pass_on = sections, one
+    gen.generate([[5, 9, 2]], SamplingParams(max_new_tokens=4))
+    assert [k for k, _ in seen] == ["capture", 0, 1]
+    assert len({s for _, s in seen}) == 3, seen
+
+
 def test_sampling_inside_the_graph_equals_eager_sampling():
     """Sampling runs inside the graphed step with the engine's seeded CUDA generator: the same tokens
     as the eager step (fp32), and again on a second generate that replays the same graph."""
