@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent("""
                 err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
                 assert err < 1e-2, (type(norm).__name__, activation, bias, residual, err)
     # the streaming form (a fixed grid, each program several row blocks): one-row tiles, 40 blocks over
-    # 8 programs per SM (2 SMs in the interpreter), and over 16 // 3 when three streams share the GPU
+    # 8 programs per SM (2 SMs in the interpreter)
     import megatron_stag.serving.gemv as G
     grids = []
     class Spy:
@@ -56,22 +56,21 @@ SCRIPT = textwrap.dedent("""
             grids.append(grid)
             return self.kernel[grid]
     G._gemv_stream_kernel = Spy(G._gemv_stream_kernel)
-    for norm, streams in ((None, 1), (nn.RMSNorm(k, eps=1e-5), 3), (nn.LayerNorm(k, eps=1e-5), 1)):
+    for norm in (None, nn.RMSNorm(k, eps=1e-5), nn.LayerNorm(k, eps=1e-5)):
         for activation in (None, "gelu", "swiglu"):
             rows = 2 * n if activation == "swiglu" else n
             x = (3 * torch.randn(1, k)).to(torch.bfloat16)
             w = (torch.randn(rows, k) / k ** 0.5).to(torch.bfloat16)
             b, res = torch.randn(rows).to(torch.bfloat16), torch.randn(1, n).to(torch.bfloat16)
             half = norm.to(torch.bfloat16) if norm is not None else None
-            with G.concurrent_streams(streams):
-                out = gemv(x, w, b, res, getattr(half, "weight", None), getattr(half, "bias", None), 1e-5,
-                           type(norm).__name__ if norm is not None else None, activation, tile=k, pdl=False)
+            out = gemv(x, w, b, res, getattr(half, "weight", None), getattr(half, "bias", None), 1e-5,
+                       type(norm).__name__ if norm is not None else None, activation, tile=k, pdl=False)
             ref = linear(x.float(), w.float(), b.float(), norm.float() if norm is not None else None, activation,
                          res.float())
             err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
             assert err < 1e-2, ("streaming", type(norm).__name__, activation, err)
-    assert grids == [(16,)] * 3 + [(5,)] * 3 + [(16,)] * 3, grids
-    # the default row block: TILE weight elements on one stream, STREAMS_TILE when streams share the GPU
+    assert grids == [(16,)] * 9, grids
+    # the default row block: TILE weight elements
     block_rows = []
     class Recorder:
         def __init__(self, kernel):
@@ -82,10 +81,8 @@ SCRIPT = textwrap.dedent("""
                 return self.kernel[grid](*args, **kwargs)
             return launch
     G._gemv_kernel = Recorder(G._gemv_kernel)
-    for streams in (1, 3):
-        with G.concurrent_streams(streams):
-            gemv(torch.randn(1, k).to(torch.bfloat16), torch.randn(n, k).to(torch.bfloat16), pdl=False)
-    assert block_rows == [G.TILE // k, G.STREAMS_TILE // k] == [16, 32], block_rows
+    gemv(torch.randn(1, k).to(torch.bfloat16), torch.randn(n, k).to(torch.bfloat16), pdl=False)
+    assert block_rows == [G.TILE // k] == [16], block_rows
     print("ok")
 """)
 
@@ -239,8 +236,6 @@ def test_streaming_grid_holds_only_resident_programs(monkeypatch):
     assert [fit(64), fit(65), fit(96), fit(100), fit(140), fit(214)] == [8, 7, 5, 4, 3, 2]
     assert fit(32) == 16  # threads: 16 programs of 128
     assert fit(32, shared=100_000) == 2
-    with G.concurrent_streams(2):  # sections sharing the GPU keep the full split grid (measured faster)
-        assert G._resident(None, (), {}, torch.device("cuda", 0)) == G.STREAM_PER_SM
 
     class Kernel:  # a Triton kernel whose every form compiles to `regs` registers a thread
         def __init__(self, regs):

@@ -23,7 +23,6 @@ matmuls use it."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional
 
@@ -39,12 +38,10 @@ except ImportError:  # CPU-only torch: every matmul stays F.linear
     triton = None
 
 TILE = 4096  # weight elements per row block (engine b=1, 4k against 8k: GPT 0.977 / 1.006, AltUp 1.025 / 1.053 ms)
-STREAMS_TILE = 8192  # the same, under `concurrent_streams` (StagFormer p=2 1.042 / 1.033, window 1 0.986 / 0.949)
 WARPS = 4  # 8 tie on a bare chain of matmuls; 4 keep the fused norm off the step (GPT b=1 1.164 -> 1.127 ms)
 STREAM_PER_SM = 8  # programs per SM of the streaming form, at most (4: 0.759, 8: 0.731, 12+: per-block again; ms, chain)
 NORMS = {None: 0, "RMSNorm": 1, "LayerNorm": 2}
 ACTIVATIONS = {None: 0, "gelu": 1, "swiglu": 2}
-_STREAMS = 1  # streams whose one-row matmuls run at once (`concurrent_streams`)
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,10 +58,8 @@ def _resident(kernel, args: tuple, meta: dict, device: torch.device) -> int:
     registers (or threads, or shared memory) let fewer be resident at once, since programs beyond that
     start in a later, cold wave. The down-projection's one-row blocks of K=8192 need 140 registers a
     thread: 3 programs fit on an SM, and 8 per SM ran in three waves (engine b=1, one process: GPT 0.976-0.981
-    -> 0.948 ms/token, AltUp 1.026 -> 1.002, shared recurrent 0.409 -> 0.402). Under `concurrent_streams`
-    the grid stays STREAM_PER_SM per SM split between the streams: capped, StagFormer p=2 was slower
-    (1.034 -> 1.049, window 1 0.951 -> 0.987)."""
-    if device.type != "cuda" or _STREAMS > 1:  # (Triton's interpreter has no compiled kernel)
+    -> 0.948 ms/token, AltUp 1.026 -> 1.002, shared recurrent 0.409 -> 0.402)."""
+    if device.type != "cuda":  # (Triton's interpreter has no compiled kernel)
         return STREAM_PER_SM
     key = (kernel, args[0].dtype, device, *sorted(meta.items()))
     if key not in _FITS:  # compile (or find) the kernel once per form, not on every launch
@@ -82,21 +77,6 @@ def _fit(compiled, device: torch.device) -> int:
     return max(1, min(getattr(props, "regs_per_multiprocessor", 65536) // max(regs, 1),
                       props.max_threads_per_multi_processor // (warps * props.warp_size),
                       props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)))
-
-
-@contextlib.contextmanager
-def concurrent_streams(streams: int):
-    """One-row matmuls launched inside run on one of `streams` streams at once (the engine's sections on
-    one GPU): the streaming form's grid is split between them and launched without PDL. With a whole grid
-    per stream, or split with PDL, some CUDA-graph captures ran 20-35% slower than others (StagFormer
-    p=2, window 1: 1.27 against 1.00 ms/token; 5 of 55); split without PDL, none of 19 (window 1 0.986,
-    every window 1.040), the single-stream step none."""
-    global _STREAMS
-    old, _STREAMS = _STREAMS, streams
-    try:
-        yield
-    finally:
-        _STREAMS = old
 
 
 def _outputs(weight: Tensor, activation: Optional[str]) -> int:
@@ -201,23 +181,22 @@ def gemv(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, residual: Optional
          num_warps: int = WARPS, pdl: bool = True, prefetch: bool = True) -> Tensor:
     """activation(norm(x) @ w.T + bias) + residual for x [B, K] (rows may be strided), K a power of two:
     [B, N], N = w's rows (half of them with 'swiglu': [gate; up]); `tile` weight elements per row block
-    (default TILE, or STREAMS_TILE under `concurrent_streams`). `pdl` needs Hopper or later."""
+    (default TILE). `pdl` needs Hopper or later."""
     (b, k), n = x.shape, _outputs(w, activation)
-    tile = tile or (TILE if _STREAMS == 1 else STREAMS_TILE)
+    tile = tile or TILE
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty(b, n, dtype=x.dtype, device=x.device)
     block_n = max(1, tile // k // (w.shape[0] // n))
     blocks = triton.cdiv(n, block_n)
-    if b == 1 and STREAM_PER_SM and blocks > STREAM_PER_SM * _sms(x.device) // _STREAMS:
-        stream_pdl = pdl and _STREAMS == 1
+    if b == 1 and STREAM_PER_SM and blocks > STREAM_PER_SM * _sms(x.device):
         args = (x, w, y, bias if bias is not None else w, residual.contiguous() if residual is not None else w,
                 norm_weight if norm_weight is not None else w, norm_bias if norm_bias is not None else w, n, blocks,
                 eps)
-        meta = dict(K=k, BLOCK_N=block_n, PDL=stream_pdl, NORM=NORMS[norm], NORM_BIAS=norm_bias is not None,
+        meta = dict(K=k, BLOCK_N=block_n, PDL=pdl, NORM=NORMS[norm], NORM_BIAS=norm_bias is not None,
                     HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], RESIDUAL=residual is not None,
-                    num_warps=num_warps, **(dict(launch_pdl=True) if stream_pdl else {}))
-        grid = max(1, _resident(_gemv_stream_kernel, args, meta, x.device) * _sms(x.device) // _STREAMS)
+                    num_warps=num_warps, **(dict(launch_pdl=True) if pdl else {}))
+        grid = max(1, _resident(_gemv_stream_kernel, args, meta, x.device) * _sms(x.device))
         _gemv_stream_kernel[(grid,)](*args, **meta)
         return y
     extra = dict(launch_pdl=True) if pdl else {}
