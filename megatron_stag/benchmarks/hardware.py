@@ -41,16 +41,17 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30, repeats: int = 20) -> float:
     return 2 * nbytes / times[len(times) // 2] / 1e9
 
 
-def capture_cuda_graph(fn):
-    """`fn` run once on a side stream (warm-up: lazy init, cuBLAS workspaces), then captured:
-    (graph, the captured call's outputs, which every replay refreshes)."""
-    side = torch.cuda.Stream()
+def capture_cuda_graph(fn, stream=None):
+    """`fn` run once on a side stream (warm-up: lazy init, cuBLAS workspaces), then captured there:
+    (graph, the captured call's outputs, which every replay refreshes). `stream`: the side stream, where
+    fn runs work on streams of its own (none of them may be the capture stream: `engine.distinct_streams`)."""
+    side = stream or torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         outputs = fn()
     return graph, outputs
 

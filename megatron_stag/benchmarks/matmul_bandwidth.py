@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_stag.benchmarks.hardware import capture_cuda_graph, copy_bandwidth_gbs, run, write_result
+from megatron_stag.serving.engine import distinct_streams
 
 # name -> (out, in): the ~1B model's matrices (24 layers, hidden 2048, p = 2 sections of 12)
 SHAPES = {
@@ -32,9 +33,9 @@ SHAPES = {
 }
 
 
-def graphed_seconds(fn, replays: int) -> float:
-    """Median time of one replay of `fn` captured as a CUDA graph."""
-    graph, _ = capture_cuda_graph(fn)
+def graphed_seconds(fn, replays: int, stream=None) -> float:
+    """Median time of one replay of `fn` captured as a CUDA graph (on `stream`: `capture_cuda_graph`)."""
+    graph, _ = capture_cuda_graph(fn, stream)
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -55,7 +56,7 @@ def measure_shape(out_f: int, in_f: int, batch: int, stream_bytes: float, replay
     x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
     x2 = torch.randn(2, batch, in_f, device="cuda", dtype=torch.bfloat16)
     total = copies * out_f * in_f * 2
-    streams = [torch.cuda.Stream() for _ in range(2)]
+    *streams, capture = distinct_streams(3)  # two streams' matmuls, none of them on the capture stream
 
     def two_streams():
         main = torch.cuda.current_stream()
@@ -73,7 +74,7 @@ def measure_shape(out_f: int, in_f: int, batch: int, stream_bytes: float, replay
         "pairs as one bmm": lambda: [torch.bmm(x2, w.transpose(1, 2)) for w in pairs],
         "two streams": two_streams,
     }
-    row = {name: total / graphed_seconds(fn, replays) / 1e9 for name, fn in forms.items()}
+    row = {name: total / graphed_seconds(fn, replays, capture) / 1e9 for name, fn in forms.items()}
     row["matrix MB"] = out_f * in_f * 2 / 1e6
     return row
 

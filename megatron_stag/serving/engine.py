@@ -149,7 +149,7 @@ class SectionPlacement:
                              f"tensor-parallel group needs exactly {self.sections * self.tp} ranks.")
 
 
-def _distinct_streams(n: int) -> list[torch.cuda.Stream]:
+def distinct_streams(n: int) -> list[torch.cuda.Stream]:
     """n different CUDA streams. torch hands streams out round-robin from a pool of 32, and
     torch.cuda.graph captures on one of them by default: a section whose stream was the capture stream
     queued its step there before the next section's stream waited on it, so the graph ran the sections
@@ -222,7 +222,7 @@ class StaggeredGenerator:
         # graphed steps run the sections of a step on parallel streams (branches of the graph);
         # `compile` fuses each section's step and cross-entry write (norms, rope, cache writes, bias
         # adds) with torch.compile, one compiled function per section so the streams stay parallel
-        streams = _distinct_streams(len(self.mine) + 1) if self.cuda_graph else [None]
+        streams = distinct_streams(len(self.mine) + 1) if self.cuda_graph else [None]
         self._capture_stream = streams.pop()  # graphs are captured here, never on a section's stream
         self._streams = streams if len(streams) > 1 else []
         # programmatic dependent launch lets each compiled kernel start while the previous one drains
