@@ -254,6 +254,33 @@ def test_steps_read_the_slots_their_rows_fill(monkeypatch):
     assert generator(tiny_model(), 16, batch=decode_attention.ROWS // q_heads + 1).bucket == 4
 
 
+def test_one_compiled_step_per_section_serves_every_bucket(monkeypatch):
+    """The mask's slot dimension is dynamic, and a bucketed generator's caches and mask hold a slot past
+    max_len that no step reads, so no bucket is the whole tensor: one compilation of the section step
+    per section serves every bucket, the full width included (dynamo specialised the whole width on
+    contiguity, and compiled it again). A counting backend stands in for inductor on CPU."""
+    import functools
+
+    from torch._dynamo.testing import CompileCounter
+
+    from megatron_stag.serving import engine
+
+    monkeypatch.setattr(engine, "SLOT_BUCKET", 8)
+    gen = generator(tiny_model(position_embedding_type="rope"), 24, batch=2)
+    assert gen.bucket == 8 and gen.caches[0].kv[0].shape[3] == 25
+    assert gen.widths(SamplingParams(max_new_tokens=16), 5) == [8, 16, 24]
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(engine._run_section, backend=counter, dynamic=False)
+    for k in gen.mine:
+        gen._run[k] = functools.partial(compiled, gen.model.sections[k], gen.caches[k], normed=gen._run[k].keywords["normed"])
+    try:
+        gen.generate([[5, 9, 2, 33, 7], [1, 2, 3]], SamplingParams(max_new_tokens=16))
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == gen.model.cfg.sections
+
+
 def test_caches_larger_than_free_memory_fail_first(monkeypatch):
     """A generator whose caches cannot fit in the device's free memory says so, with their size, before
     allocating them."""
@@ -278,7 +305,8 @@ def test_window_bounds_cross_cache():
     small, large = generator(model, 16), generator(model, 32)
     assert small.caches[1].cross.shape == large.caches[1].cross.shape
     assert large.caches[1].cross.shape[4] == 4
-    assert generator(tiny_model(), 32).caches[1].cross.shape[4] == 33
+    full = generator(tiny_model(), 32)
+    assert full.caches[1].cross.shape[4] == full.caches[1].kv[0].shape[3] + 1 >= 33  # every entry, 0..max_len
     prompt = [7, 3, 9, 1, 4, 4, 8, 2, 6]  # longer than the ring: the prefill reads every entry
     result = large.generate([prompt], SamplingParams(max_new_tokens=12), keep_logits=True)
     ref = _teacher_forced(model, prompt + result.tokens[0])

@@ -105,9 +105,10 @@ class CacheMemoryError(ValueError):
     """The caches a generator was asked for do not fit in the device's free memory."""
 
 
-def _check_cache_memory(model: StagLM, batch: int, max_len: int, sections: list[int]) -> None:
-    """Caches larger than the device's free memory fail here, with their size and the knobs that set
-    it, instead of as an allocator error inside the first section's cache."""
+def _check_cache_memory(model: StagLM, batch: int, max_len: int, slots: int, sections: list[int]) -> None:
+    """Caches of `slots` (max_len, or one more) larger than the device's free memory fail here, with
+    their size and the knobs that set it, instead of as an allocator error inside the first section's
+    cache."""
     param = next(model.parameters())
     free = _free_memory(param.device)
     if free is None:
@@ -115,7 +116,7 @@ def _check_cache_memory(model: StagLM, batch: int, max_len: int, sections: list[
     meta = torch.device("meta")
     need = 0
     for s in sections:
-        cache = model.sections[s].new_cache(batch, max_len, param.dtype, meta, bounded=True)
+        cache = model.sections[s].new_cache(batch, slots, param.dtype, meta, bounded=True)
         need += sum(t.nbytes for t in cache.kv) + (cache.cross.nbytes if cache.cross is not None else 0)
     if need > free:
         raise CacheMemoryError(f"caches for batch={batch} rows of max_len={max_len} slots need "
@@ -210,8 +211,12 @@ class StaggeredGenerator:
         self.bucket = None
         if not (kernels and batch * q_heads <= _attention.ROWS):
             self.bucket = SLOT_BUCKET * -(-max_len // (SLOT_BUCKET * MAX_BUCKETS))
-        _check_cache_memory(model, batch, max_len, self.mine)
-        self.caches = model.new_caches(batch, max_len, self.mine, bounded=True)
+        # where steps read slot buckets, the caches keep a slot past max_len that no step reads: no
+        # bucket's mask or cache view is then a whole tensor, so one compiled section step serves every
+        # bucket (at the whole width, dynamo specialised on the mask being contiguous and compiled again)
+        self._slots = max_len + (self.bucket is not None)
+        _check_cache_memory(model, batch, max_len, self._slots, self.mine)
+        self.caches = model.new_caches(batch, self._slots, self.mine, bounded=True)
         param = next(model.parameters())
         self.device, self.dtype, self.hidden = param.device, param.dtype, cfg.hidden_size
         self.combine = cfg.output == "combine"
@@ -231,9 +236,9 @@ class StaggeredGenerator:
         # 1.255 ms/token; results/decode_combo_kernels_h200.json)
         options = {"triton.enable_pdl": True, "combo_kernels": True} if compile and self.device.type == "cuda" else {}
         wrap = (lambda fn: torch.compile(fn, dynamic=False, options=options)) if options else (lambda fn: fn)
-        if options:  # the sections share one compiled function, which dynamo guards on the section, and
-            # each compiles twice per batch shape where steps read slot buckets: dynamo's default budget
-            # of 8 compilations per function becomes 8 per section (past it a section would run eager)
+        if options:  # the sections share one compiled function, which dynamo guards on the section and
+            # compiles per batch shape: dynamo's default budget of 8 compilations per function becomes 8
+            # per section (past it a section would run eager)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * self.p)
         # the section and its cache are arguments, not attributes of this generator: compiled code is
         # guarded on their shapes, so a later generator of the same model and shapes reuses it
@@ -249,7 +254,7 @@ class StaggeredGenerator:
         self._write = {k: functools.partial(wrap(_write_entries), *sections[k]) for k in self.mine if k}
         self._store = {k: functools.partial(wrap(_store_entries), *sections[k])
                        for k in self.mine if k and self._upstream}
-        self._inputs = functools.partial(wrap(_inputs), model, slots=max_len)
+        self._inputs = functools.partial(wrap(_inputs), model, slots=self._slots)
         self._logits = functools.partial(wrap(_logits), model, norm=model.sections[-1].norm if fold else None)
         self._advance_greedy = wrap(_advance_greedy)
         self._project = wrap(model.next_entries) if self._upstream and model.next_entries is not None else None
@@ -352,7 +357,7 @@ class StaggeredGenerator:
         """This process's sections on tokens [b] at positions [b] reading the caches' first `slots`:
         (outputs, logits or None)."""
         e, pos, rope, keep, entry = self._inputs(tokens, positions)
-        if slots < self.max_len:
+        if self.bucket is not None:
             keep = keep[..., :slots]  # the sections read as many cache slots as the mask covers
             torch._dynamo.maybe_mark_dynamic(keep, 3)  # one compiled section step for every bucket
         if self._shared is not None:
