@@ -75,6 +75,37 @@ def test_decode_logits_equal_megatron_forward(name, monkeypatch):
         torch.testing.assert_close(steps, ref[len(prompt): len(full) - 1], atol=ATOL, rtol=0)
 
 
+def test_prompts_prefill_together_in_groups(monkeypatch):
+    """Prompts of similar lengths prefill as one forward, padded on the right, at most PREFILL_TOKENS
+    tokens (rows x the group's longest) each: every grouping gives the tokens and logits of prefilling
+    each prompt alone (0: one forward per prompt), a window's ring and the mix of p=3 included."""
+    from megatron_stag.serving import engine
+
+    assert engine.prefill_groups([5, 3, 7, 3]) == [[1, 3, 0, 2]]
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", 10)
+    assert engine.prefill_groups([5, 3, 7, 3]) == [[1, 3], [0], [2]]  # 2 x 3, then 3 x 5 > 10
+    prompts = [[5, 9, 2, 33, 7], [1, 2, 3], [60, 61, 62, 63, 0, 1, 2], [4, 8, 4]]
+    params = SamplingParams(max_new_tokens=6)
+    for overrides in (dict(stag_cross_window=4), dict(stag_sections=3, num_layers=6, stag_output="combine")):
+        model = tiny_model(**overrides)
+        results, forwards = {}, {}
+        for budget in (10, 0, 4096):
+            monkeypatch.setattr(engine, "PREFILL_TOKENS", budget)
+            gen = generator(model, batch=len(prompts))
+            calls = []
+            monkeypatch.setattr(gen, "_prefill_rows", lambda rows, ps, inner=gen._prefill_rows: (
+                calls.append(rows), inner(rows, ps))[1])
+            results[budget] = gen.generate(prompts, params, keep_logits=True)
+            forwards[budget] = calls
+        assert forwards == {10: [[1, 3], [0], [2]], 0: [[1], [3], [0], [2]], 4096: [[1, 3, 0, 2]]}
+        alone = results[0]
+        for budget in (10, 4096):
+            assert results[budget].tokens == alone.tokens
+            torch.testing.assert_close(torch.stack(results[budget].prompt_logits), torch.stack(alone.prompt_logits),
+                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(results[budget].step_logits, alone.step_logits, atol=1e-5, rtol=0)
+
+
 def test_recurrent_mode():
     """Recurrent: equals the normal model on the prompt (and the step reading only prompt entries),
     differs afterwards, and is deterministic."""

@@ -10,7 +10,8 @@ Each model is a megatron StagFormerModel (bf16, random weights, 24 layers of hid
 driven by `engine.StaggeredGenerator` with its defaults (compiled step, one CUDA graph per token step).
 A row: `--prompt` random tokens per sequence, then `--new` greedy tokens through `generate`'s decode
 loop (`sampling.decode_loop`: sampling inside the graphed step, no host synchronisation until the
-end), timed with CUDA events; `--rounds` repeats of the timed loop, the median reported.
+end), timed with CUDA events; `--rounds` repeats of the timed loop, the median reported. Beside it, the
+time to prefill the batch's prompts: prompts together (the engine's default) and one forward per prompt.
 
 The floor is the bytes a step must read over the copy bandwidth measured in the same run:
 `floor_weights_ms` the weights (once, however many sections share them; on the slowest rank with one
@@ -104,6 +105,7 @@ def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=N
     """ms per token of `generate`'s decode loop with the engine's defaults (greedy, sampled inside the
     graphed step, no host sync until the end; `kernels=False`: cuBLAS for every matmul, SDPA for
     attention), median of ns.rounds."""
+    from megatron_stag.serving import engine
     from megatron_stag.serving.engine import StaggeredGenerator
     from megatron_stag.serving.sampling import SamplingParams, decode_loop
 
@@ -112,8 +114,10 @@ def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=N
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, plain.cfg.vocab_size, (batch, ns.prompt), generator=g).tolist()
     with torch.no_grad():
-        last = [gen.prefill(r, p) for r, p in enumerate(prompts)]
-    first = torch.stack(last).argmax(-1) if gen._sampler else torch.zeros(batch, dtype=torch.long, device="cuda")
+        last = gen.prefill(prompts)
+        prefill = dict(prefill_ms=_prefill_ms(gen, prompts, engine.PREFILL_TOKENS),
+                       prefill_per_prompt_ms=_prefill_ms(gen, prompts, 0))
+    first = last.argmax(-1) if gen._sampler else torch.zeros(batch, dtype=torch.long, device="cuda")
     first = gen._broadcast(first)
     start = torch.full((batch,), ns.prompt, device="cuda")
     params = SamplingParams(max_new_tokens=ns.new)
@@ -122,7 +126,20 @@ def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=N
 
     loop()  # compile, and capture the step's graph for every bucket of cache slots it reads
     rounds = [_timed(loop, ns.new - 1) * 1e3 for _ in range(ns.rounds)]
-    return dict(ms_per_token=statistics.median(rounds), rounds_ms=rounds)
+    return dict(ms_per_token=statistics.median(rounds), rounds_ms=rounds, **prefill)
+
+
+def _prefill_ms(gen, prompts: list[list[int]], budget: int) -> float:
+    """ms to prefill the prompts (median of 3, after a warm-up) with `engine.PREFILL_TOKENS` = budget
+    (0: one forward per prompt, the engine before prompts prefilled together)."""
+    from megatron_stag.serving import engine
+
+    default, engine.PREFILL_TOKENS = engine.PREFILL_TOKENS, budget
+    try:
+        gen.prefill(prompts)
+        return statistics.median(_timed(lambda: gen.prefill(prompts), 1) * 1e3 for _ in range(3))
+    finally:
+        engine.PREFILL_TOKENS = default
 
 
 def models(base: ModelArgs, world: int) -> list[tuple[str, ModelArgs, bool]]:
@@ -183,12 +200,15 @@ def main(argv=None) -> None:
                        layout="1 GPU" if world == 1 else f"{world} GPUs, one section per GPU",
                        batch=b, ms_per_token=r["ms_per_token"], floor_ms=floor, floor_weights_ms=floor_w,
                        x_floor=r["ms_per_token"] / floor, x_floor_weights=r["ms_per_token"] / floor_w,
-                       rounds_ms=r["rounds_ms"], weight_bytes=weights, cache_bytes=caches)
+                       rounds_ms=r["rounds_ms"], weight_bytes=weights, cache_bytes=caches,
+                       prefill_ms=r["prefill_ms"], prefill_per_prompt_ms=r["prefill_per_prompt_ms"])
             rows.append(row)
             if world == 1 or dist.get_rank() == world - 1:
                 _write(ns, bandwidth, rows)  # after every row: a run cut short keeps what it measured
                 print(f"{row['model']:62s} b={b:<3d} {row['ms_per_token']:7.3f} ms/token  floor {floor:6.3f} "
-                      f"(weights {floor_w:6.3f})  x{row['x_floor']:.2f} / x{row['x_floor_weights']:.2f}", flush=True)
+                      f"(weights {floor_w:6.3f})  x{row['x_floor']:.2f} / x{row['x_floor_weights']:.2f}  prefill "
+                      f"{row['prefill_ms']:.1f} ms (one prompt per forward {row['prefill_per_prompt_ms']:.1f})",
+                      flush=True)
         del plain
         _free()
     if world == 1 or dist.get_rank() == world - 1:

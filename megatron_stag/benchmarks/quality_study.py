@@ -127,7 +127,7 @@ def recurrent_eval(save: Path, prefix: Path, split: str, sequences: int, length:
         for seq in seqs:
             gen = StaggeredGenerator(model, max_len=length + 1, batch=1, recurrent=mode == "recurrent")
             with torch.no_grad():
-                logits = [gen.prefill(0, seq[:prompt].tolist())]
+                logits = [gen.prefill([seq[:prompt].tolist()])[0]]
                 pos = torch.tensor([prompt], device=device)
                 for t in range(prompt, length):
                     logits.append(gen.step(seq[t:t + 1].to(device), pos)[2][0].clone())

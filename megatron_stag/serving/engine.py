@@ -48,6 +48,33 @@ from megatron_stag.serving.sampling import SamplingParams, check_prompts, decode
 # take larger buckets, so that a generator captures at most MAX_BUCKETS graphs.
 SLOT_BUCKET = 64
 MAX_BUCKETS = 16
+# Prompts prefill together, padded to the longest of their group: at most PREFILL_TOKENS tokens (rows x
+# that longest) per forward, which bounds its activations; a forward more costs about what
+# PREFILL_FORWARD_TOKENS tokens more compute (its launches: ~1.5 ms for 24 layers, against ~6 us a
+# token for a 1B model on an H200), so prompts of far apart lengths prefill apart.
+PREFILL_TOKENS = 4096
+PREFILL_FORWARD_TOKENS = 256
+
+
+def prefill_groups(lengths: list[int]) -> list[list[int]]:
+    """The prompts (by index) that prefill together: runs of the prompts in order of length, chosen to
+    minimise forwards x PREFILL_FORWARD_TOKENS + padded tokens, each run at most PREFILL_TOKENS padded
+    tokens (a longer prompt alone)."""
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    cost, cut = [0] + [None] * len(order), [0] * (len(order) + 1)  # best cost of the first j; its last run's start
+    for j in range(1, len(order) + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j - 1, -1, -1):
+            if (j - i) * longest > PREFILL_TOKENS and i < j - 1:
+                break
+            c = cost[i] + PREFILL_FORWARD_TOKENS + (j - i) * longest
+            if cost[j] is None or c < cost[j]:
+                cost[j], cut[j] = c, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def _inputs(model, tokens: Tensor, positions: Tensor, slots: int):
@@ -317,39 +344,59 @@ class StaggeredGenerator:
 
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
-    def prefill(self, row: int, prompt: list[int]) -> Optional[Tensor]:
-        """Every section over one prompt into cache row `row`; the last logits [V] where sampled."""
-        m, n = self.model, len(prompt)
-        ids = torch.tensor([prompt], device=self.device)
-        positions = torch.arange(n, device=self.device)[None]
-        rows = torch.tensor([row], device=self.device)
-        first = torch.zeros(1, dtype=torch.long, device=self.device)
+    def prefill(self, prompts: list[list[int]]) -> Optional[Tensor]:
+        """Every section over the prompts into cache rows 0..len(prompts)-1 -> the logits [n, V] at each
+        prompt's last token where this rank samples (else None). Prompts of similar lengths run as one
+        forward (`prefill_groups`), padded on the right: a row's positions and cache slots are its own
+        prompt's, its tokens read no padding (causal attention), and what the padding writes lands in
+        slots past the row's prompt, which every step writes before it reads them."""
+        last = {}
+        for rows in prefill_groups([len(p) for p in prompts]):
+            logits = self._prefill_rows(rows, [prompts[r] for r in rows])
+            if logits is not None:
+                last.update(zip(rows, logits))
+        return torch.stack([last[r] for r in range(len(prompts))]) if last else None
+
+    def _prefill_rows(self, rows: list[int], prompts: list[list[int]]) -> Optional[Tensor]:
+        """One prefill forward of `prompts` into cache rows `rows`: logits [len(rows), V] or None."""
+        m, n, b = self.model, max(len(p) for p in prompts), len(prompts)
+        ids = torch.tensor([p + [0] * (n - len(p)) for p in prompts], device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        positions = torch.arange(n, device=self.device)[None].expand(b, -1)
+        at_rows = torch.tensor(rows, device=self.device)
         e, rope = m.embed(ids, positions), m.rope(positions)
+        keep = causal_keep(positions, n)  # the prompts' own slots: self-attention reads no others
+
+        def run(k: int, entries: Optional[Tensor]) -> Tensor:
+            return m.sections[k](e, positions, at_rows, self.caches[k], rope, entries, keep=keep)
+
+        def logits(outs: list[Tensor]) -> Tensor:  # the head on each row's last token only
+            return m.logits([out[torch.arange(b, device=self.device), lengths - 1][:, None] for out in outs])[:, 0]
+
         if self.place is None:
             outs = []
             for k in range(self.p):
-                entries = self._prefill_entries(k, outs[-1], first, rows) if k else None
-                outs.append(m.sections[k](e, positions, rows, self.caches[k], rope, entries))
-            return m.logits(outs)[0, -1]
+                outs.append(run(k, self._prefill_entries(k, outs[-1], lengths, at_rows) if k else None))
+            return logits(outs)
         k, prev, entries = self.place.section, None, None
         if k:
-            prev, req = self._recv((1, n, self.hidden), k - 1)
+            prev, req = self._recv((b, n, self.hidden), k - 1)
             req.wait()
-            entries = self._prefill_entries(k, prev, first, rows)
-        out = m.sections[k](e, positions, rows, self.caches[k], rope, entries)
+            entries = self._prefill_entries(k, prev, lengths, at_rows)
+        out = run(k, entries)
         if not self._last:
             self._send(out, k + 1).wait()
             self._send_for_logits(out, k)
             return None
-        return m.logits(self._outputs_for_logits(out, prev))[0, -1]
+        return logits(self._outputs_for_logits(out, prev))
 
-    def _prefill_entries(self, k: int, prev: Tensor, first: Tensor, rows: Tensor) -> Tensor:
-        """Section k's entries 0..n of one prompt (the null entry, then section k-1's outputs at
-        0..n-1): stored in its cache (a window's ring keeps the last ones) and returned whole for the
-        prompt's own positions to read."""
+    def _prefill_entries(self, k: int, prev: Tensor, lengths: Tensor, rows: Tensor) -> Tensor:
+        """Section k's entries 0..n of the prompts (the null entry, then section k-1's outputs at
+        0..n-1; a row's own are its first length + 1): stored in its cache (a window's ring keeps each
+        row's last ones) and returned whole for the prompts' own positions to read."""
         section = self.model.sections[k]
         kv = section.project(torch.cat([self.model.null_entry(prev), prev], 1))
-        section.store_entries(self.caches[k], kv, first, rows)
+        section.store_entries(self.caches[k], kv, torch.zeros_like(lengths), rows, counts=lengths + 1)
         return section.all_entries(kv)
 
     # ------------------------------------------------------------------ steps
@@ -524,7 +571,7 @@ class StaggeredGenerator:
         count as stopped, and their tokens and logits are dropped."""
         start = time.perf_counter()
         n, rows = len(prompts), self.batch
-        last = [self.prefill(r, p) for r, p in enumerate(prompts)]
+        last = self.prefill(prompts)
         longest = max(len(p) for p in prompts)
         positions = torch.tensor([len(p) for p in prompts] + [0] * (rows - n), device=self.device)
         if self.cuda_graph and self.place is None:  # capture first: its warm-ups draw no numbers later
@@ -534,11 +581,11 @@ class StaggeredGenerator:
         self._gen.manual_seed(params.seed)
         first = torch.zeros(rows, dtype=torch.long, device=self.device)
         if self._sampler:
-            first[:n] = sample(torch.stack(last), params, self._gen)
+            first[:n] = sample(last, params, self._gen)
         report = (lambda done: _progress(done, params.max_new_tokens, n, start)) if progress else None
         out, kept = decode_loop(self._broadcast(first), self.stepper(params, longest), positions,
                                 params, keep_logits=keep_logits and self._sampler, on_token=report, live=n)
         if progress:
             print(file=sys.stderr)
-        return GenerationResult(out[:n], last if keep_logits and self._sampler else None,
+        return GenerationResult(out[:n], list(last) if keep_logits and self._sampler else None,
                                 torch.stack(kept)[:, :n] if kept else None, time.perf_counter() - start)

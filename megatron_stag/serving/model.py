@@ -464,12 +464,19 @@ class Section(nn.Module):
         heads_dim = kv.view(*kv.shape[:2], len(self.layers), 2, -1, self.layers[0].self_attn.head_dim)
         return heads_dim.permute(2, 3, 0, 4, 1, 5)
 
-    def store_entries(self, cache: SectionCache, kv: Tensor, first: Tensor, rows: Optional[Tensor] = None) -> None:
-        """Store entries already projected (`project_entries`) [b', m, L * 2 * heads * hd]; a ring keeps
-        the last C of them."""
+    def store_entries(self, cache: SectionCache, kv: Tensor, first: Tensor, rows: Optional[Tensor] = None,
+                      counts: Optional[Tensor] = None) -> None:
+        """Store entries already projected (`project_entries`) [b', m, L * 2 * heads * hd] as entries
+        first[r].. of rows `rows` (None: all). `counts` [b'] (None: m each): how many of the m are the
+        row's own, the rest padding (a batched prefill's). A ring keeps each row's last C of its own;
+        a row with fewer fills the rest of its ring with copies of its entry 0, and padding lands past
+        the row's own entries: in slots of entries it has not reached, which no step reads before the
+        step that writes them."""
         ring = cache.cross.shape[4]
         if kv.shape[1] > ring:
-            first, kv = first + kv.shape[1] - ring, kv[:, -ring:]
+            start = (counts if counts is not None else torch.full_like(first, kv.shape[1])) - ring
+            take = (start[:, None] + torch.arange(ring, device=kv.device)[None]).clamp(min=0)
+            first, kv = first + start, kv.gather(1, take[..., None].expand(-1, -1, kv.shape[2]))
         slots = (first[:, None] + torch.arange(kv.shape[1], device=kv.device)[None]) % ring
         if rows is None:
             rows = torch.arange(first.shape[0], device=first.device)
