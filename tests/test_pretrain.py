@@ -51,6 +51,19 @@ def test_inheritance_and_overrides():
     assert big.get("lr") == 3.0e-4  # from common.yaml, two levels up
 
 
+def test_load_follows_an_overridden_save(tmp_path):
+    """The recipes resume from the folder they save to; a run given only a new save folder used to load
+    the recipe's default folder (another run's checkpoints) and continue from there."""
+    recipe = load_recipe("tiny-cpu-stag")
+    assert recipe.get("load") == recipe.get("save") == "runs/tiny-cpu-stag/checkpoints"
+    assert load_recipe("tiny-cpu-stag", ["checkpoint.save=/runs/exp 2"]).get("load") == "/runs/exp 2"
+    assert load_recipe("tiny-cpu-stag", ["save=/runs/b"]).get("load") == "/runs/b"
+    finetune = load_recipe("tiny-cpu-stag", ["checkpoint.save=/runs/ft", "checkpoint.load=/ckpt"])
+    assert (finetune.get("save"), finetune.get("load")) == ("/runs/ft", "/ckpt")
+    (tmp_path / "apart.yaml").write_text("base: tiny-cpu-stag\ncheckpoint: {load: /pretrained}\n")
+    assert load_recipe(tmp_path / "apart.yaml", ["checkpoint.save=/runs/c"]).get("load") == "/pretrained"
+
+
 def test_switches_and_lists():
     argv = recipe_argv(load_recipe("125m-gpt"))
     assert "--swiglu" in argv and "--disable-bias-linear" in argv  # add_bias_linear: false

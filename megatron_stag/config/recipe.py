@@ -146,11 +146,19 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_recipe(name: str | Path, overrides: list[str] = ()) -> Recipe:
+    """The recipe with its overrides. Where the recipe resumes from the folder it saves to (load ==
+    save) and only save is overridden, load follows it: a run given a new folder starts fresh there
+    (or resumes its own checkpoints) instead of loading the recipe's default folder, another run's."""
     sections, sources = _read(find_recipe(name), ())
     recipe = Recipe(sections, sources)
+    tied = recipe.get("load") is not None and recipe.get("load") == recipe.get("save")
+    given = set()
     for text in overrides:
         key, value = parse_override(text)
         recipe.set(key, value)
+        given.add(key.rsplit(".", 1)[-1])
+    if tied and "save" in given and "load" not in given:
+        recipe.set("load", recipe.get("save"))
     return recipe
 
 
