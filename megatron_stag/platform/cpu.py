@@ -183,7 +183,8 @@ def activate() -> bool:
 
 def adapt_megatron_training() -> None:
     """What `megatron.training.pretrain` needs on top of `activate()` (environment.md): it asserts
-    CUDA unless `allow_no_cuda`, and its argument checks ask for a GPU architecture."""
+    CUDA unless `allow_no_cuda`, its argument checks ask for a GPU architecture, and it warms up
+    fused functions that are off here."""
     import functools
 
     from megatron.training import arguments, initialize, training
@@ -191,6 +192,9 @@ def adapt_megatron_training() -> None:
     if not _ACTIVE:
         raise RuntimeError("adapt_megatron_training() is for CPU machines: call activate() first.")
     training.initialize_megatron = functools.partial(initialize.initialize_megatron, allow_no_cuda=True)
+    # its warm-up compiles the fused bias + activation and bias + dropout + add functions (inductor,
+    # C++ here); on CPU they are off (`platform_flags`), so the warm-up only cost seconds per process
+    training.set_jit_fusion_options = lambda tp_size=None: None
     arguments.get_device_arch_version = lambda: 0  # only picks performance advice for TP/CP
     from megatron_stag.platform.quiet import drop_log_lines
 
