@@ -159,6 +159,7 @@ def _submit(ns) -> int:
 def _submit_generate(ns) -> int:
     """Parse the generate options now (errors before submitting), size the job from the model."""
     from megatron_stag.platform import slurm
+    from megatron_stag.platform.files import refuse_existing
 
     gen = build_parser().parse_args(["generate", ns.checkpoint, *ns.args])
     ckpt = Path(ns.checkpoint)
@@ -172,6 +173,10 @@ def _submit_generate(ns) -> int:
         run_dir = Path(ns.run_dir or Path("runs") / "generate")
         shape = slurm.generate_shape(sections, gen.tp, ns.nodes, ns.gpus_per_node, ns.cpu)
         paths = [run_dir, ckpt] + [Path(p) for p in (gen.prompt_file, gen.output) if p]
+        try:
+            refuse_existing(gen.output, gen.overwrite, "--output")
+        except FileExistsError as err:
+            raise slurm.SlurmError(f"{err} (nothing was submitted)") from None
         opts = _job_options(ns, "stag-generate", run_dir)
         slurm.check_shared_paths(paths + slurm.job_files(opts), shape.nodes)
         cmd = slurm.sbatch_command("generate.sbatch", shape, opts, [ns.checkpoint, *ns.args])
@@ -281,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "is cut after it")
     g.add_argument("--recurrent", action="store_true", help="recurrent inference (shared weights)")
     g.add_argument("--output", help="write JSONL here instead of text on stdout")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     g.add_argument("--engine", choices=("native", "deepspeed"), default="native",
                    help="native: our engine drives the model; deepspeed: deepspeed.init_inference wraps it "
                         "first (AutoTP for --tp); the same engine decodes")

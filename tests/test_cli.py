@@ -71,17 +71,19 @@ def test_generate_sizes_the_cache_and_groups_the_prompts(quickstart_run, monkeyp
     ckpt = quickstart_run[0] / "checkpoints"
     prompts = ["def f(x):", "import os\nimport sys\n", "class A:", "x = [", "for i in"]
     completions = {}
-    for size in ("64", "2"):
-        out = tmp_path / f"{size}.jsonl"
+    (tmp_path / "again.jsonl").write_text("an earlier run's\n")
+    for size, name, extra in (("64", "64", []), ("2", "2", []), ("2", "again", ["--overwrite"])):
+        out = tmp_path / f"{name}.jsonl"
         ns = build_parser().parse_args(["generate", str(ckpt), "--prompt", "x", "--max-new-tokens", "5",
-                                        "--batch-size", size, "--output", str(out)])
+                                        "--batch-size", size, "--output", str(out), *extra])
         assert generate_from_checkpoint(ns, prompts) == 0
-        completions[size] = [json.loads(line) for line in out.read_text().splitlines()]
-    assert completions["2"] == completions["64"] and [r["prompt"] for r in completions["2"]] == prompts
+        completions[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert completions["2"] == completions["64"] == completions["again"]
+    assert [r["prompt"] for r in completions["2"]] == prompts
     cfg, tok_dir = describe(Path(ckpt))
     tok = load_tokenizer(tok_dir / "tokenizer.model")
     slots = max(len(tok.tokenize(p)) for p in prompts) + 5
-    assert made == [(slots, 5), (slots, 2)] and slots < cfg.max_sequence_length
+    assert made == [(slots, 5), (slots, 2), (slots, 2)] and slots < cfg.max_sequence_length
 
 
 def test_generate_errors(quickstart_run, tmp_path):
@@ -173,10 +175,14 @@ def test_generate_checks_its_options_before_loading(quickstart_run, tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\nnot json\n')
     cases[f"{bad}:2: expected a JSON object"] = ["--prompt-file", str(bad)]
+    done = tmp_path / "done.jsonl"  # an earlier run's results are not replaced unless asked (--overwrite)
+    done.write_text("kept\n")
+    cases[f"--output {done} exists: write to a new file, or add --overwrite"] = ["--prompt", "x", "--output", str(done)]
     for message, args in cases.items():
         proc = cli("generate", ckpt, *args, check=False)
         assert proc.returncode != 0 and message in proc.stderr, (message, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and "generating" not in proc.stderr
+    assert done.read_text() == "kept\n"
 
 
 def test_stop_strings_match_whole(quickstart_run):

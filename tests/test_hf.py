@@ -183,6 +183,10 @@ def test_eval_runs_local_tasks_through_the_harness(quickstart_run, tmp_path):
     record = json.loads(result.read_text())
     assert set(record["results"]) == {"tiny_ll", "tiny_gen"}
     assert 0.0 <= record["results"]["tiny_gen"]["exact_match,none"] <= 1.0
+    again = cli("eval", str(out / "checkpoints"), "--tasks", "tiny_ll", "--include-path", str(tasks),
+                "--output", str(result), check=False)  # results are replaced only with --overwrite
+    assert again.returncode != 0 and "exists: write to a new file, or add --overwrite" in again.stderr
+    assert json.loads(result.read_text()) == record
 
     from megatron_stag.data.tokenizer import load_tokenizer
     from megatron_stag.serving.convert import load_serving_model

@@ -198,6 +198,10 @@ def test_generation_job_one_section_per_task(cluster, trained, tmp_path):
         assert "time-limit warning: generation continues" in log_of(tmp_path, job)
     cli("generate", str(ckpt), *args, "--output", str(tmp_path / "local.jsonl"))
     assert (tmp_path / "slurm.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
+    again = cli("submit-generate", "--cpu", "--run-dir", str(tmp_path), str(ckpt), *args,
+                "--output", str(tmp_path / "slurm.jsonl"), env=cluster.env, check=False)
+    assert again.returncode != 0 and "slurm.jsonl exists: write to a new file, or add --overwrite" in again.stderr
+    assert "nothing was submitted" in again.stderr
 
 
 def test_deepspeed_generation_job(cluster, trained, tmp_path):

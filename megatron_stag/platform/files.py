@@ -22,3 +22,10 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def refuse_existing(path, overwrite: bool, flag: str) -> None:
+    """A result already at `path` (a finished job's, say) is replaced only when asked: FileExistsError
+    naming the flag, the file and the fix."""
+    if path and not overwrite and Path(path).exists():
+        raise FileExistsError(f"{flag} {path} exists: write to a new file, or add --overwrite to replace it")

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_stag.platform.files import write_atomic
+from megatron_stag.platform.files import refuse_existing, write_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 on a GPU, fp32 on CPU")
     parser.add_argument("--output", help="results JSON (default: print the table only)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -57,6 +58,10 @@ def run(ns) -> int:
 
     if ns.output and not Path(ns.output).parent.is_dir():
         raise SystemExit(f"--output {ns.output}: the folder {Path(ns.output).parent} does not exist.")
+    try:
+        refuse_existing(ns.output, ns.overwrite, "--output")
+    except FileExistsError as err:
+        raise SystemExit(f"{err} (nothing was evaluated).") from None
     if ns.include_path and not Path(ns.include_path).is_dir():
         raise SystemExit(f"--include-path {ns.include_path} is not a folder of task YAML files.")
     try:

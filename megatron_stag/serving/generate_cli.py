@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_stag.platform.files import write_atomic
+from megatron_stag.platform.files import refuse_existing, write_atomic
 from megatron_stag.serving.convert import DTYPES
 
 
@@ -80,6 +80,10 @@ def check_options(ns) -> None:
     if ns.output and not Path(ns.output).parent.is_dir():
         raise SystemExit(f"--output {ns.output}: the folder {Path(ns.output).parent} does not exist; create it "
                          f"first (nothing was generated).")
+    try:
+        refuse_existing(ns.output, ns.overwrite, "--output")
+    except FileExistsError as err:
+        raise SystemExit(f"{err} (nothing was generated).") from None
 
 
 def report(ns, tok, prompts: list[str], result) -> int:
