@@ -49,9 +49,9 @@ from megatron_stag.serving.sampling import SamplingParams, check_prompts, decode
 SLOT_BUCKET = 64
 MAX_BUCKETS = 16
 # Prompts prefill together, padded to the longest of their group: at most PREFILL_TOKENS tokens (rows x
-# that longest) per forward, which bounds its activations; a forward more costs about what
-# PREFILL_FORWARD_TOKENS tokens more compute (its launches: ~1.5 ms for 24 layers, against ~6 us a
-# token for a 1B model on an H200), so prompts of far apart lengths prefill apart.
+# that longest) per forward, which bounds its activations; a forward more is taken to cost what
+# PREFILL_FORWARD_TOKENS tokens more compute do (an estimate for a 1B model on an H200: ~1.5 ms of
+# launches for 24 eager layers against ~6 us of compute a token), so far apart lengths prefill apart.
 PREFILL_TOKENS = 4096
 PREFILL_FORWARD_TOKENS = 256
 
