@@ -119,6 +119,10 @@ def _export(ns) -> int:
 def _job_options(ns, name: str, run_dir: Path):
     from megatron_stag.platform.slurm import JobOptions
 
+    from megatron_stag.platform.slurm import time_limit_seconds
+
+    if ns.time:
+        time_limit_seconds(ns.time)  # a malformed limit is named here, not by sbatch
     return JobOptions(job_name=ns.job_name or name, run_dir=run_dir.resolve(), partition=ns.partition,
                       account=ns.account, time=ns.time, signal_seconds=ns.signal_seconds,
                       container_image=ns.container_image, container_mounts=ns.container_mounts,
@@ -148,6 +152,7 @@ def _submit(ns) -> int:
         if recipe.get("tokenizer_model"):
             paths.append(Path(recipe.get("tokenizer_model")))
         opts = _job_options(ns, f"stag-{Path(argv[0]).stem}", run_dir)
+        slurm.check_warning_time(opts)
         slurm.check_shared_paths(paths + slurm.job_files(opts), shape.nodes)
         cmd = slurm.sbatch_command("pretrain.sbatch", shape, opts, [*argv, *(["--", *extra] if extra else [])])
         slurm.submit(cmd, slurm.job_environment(opts), ns.dry_run)

@@ -103,12 +103,34 @@ def test_submit_dry_run_and_errors(tmp_path):
     assert bad_key.returncode != 0 and "nonsense" in bad_key.stderr
     for flag, value, message in (("--nodes", "0", "0 is below 1"), ("--gpus-per-node", "0", "0 is below 1"),
                                  ("--nodes", "-2", "-2 is below 1"), ("--signal-seconds", "-5", "-5 is below 1"),
-                                 ("--run-dir", "/shared/run%j", "contains '%'")):  # issue 15: were defaults or passed on
+                                 ("--run-dir", "/shared/run%j", "contains '%'"),  # issue 15: were defaults or passed on
+                                 ("--time", "00:05:00", "is not 60 s below --time 00:05:00 (300 s)")):  # a requeue loop
         refused = cli("submit", "--dry-run", flag, value, "350m-stag", *shared_data, check=False)
         assert refused.returncode != 0 and message in refused.stderr and flag in refused.stderr, refused.stderr
     no_slurm = cli("submit", "--run-dir", str(tmp_path / "r"), "350m-stag", "training.global_batch_size=512",
                    env={"PATH": "/nonexistent", "HOME": str(tmp_path)}, check=False)
     assert "sbatch was not found on PATH" in no_slurm.stderr
+
+
+def test_time_limits_and_the_warning():
+    """sbatch's --time forms in seconds; a warning (checkpoint, requeue) that would come as the job starts,
+    and again in every requeued run, is refused before submitting."""
+    from megatron_stag.platform.slurm import JobOptions, SlurmError, check_warning_time, time_limit_seconds
+
+    forms = {"30": 1800, "30:15": 1815, "04:00:00": 14400, "2-12": 216000, "1-00:30": 88200,
+             "1-02:03:04": 93784, "0": None, "UNLIMITED": None, "infinite": None}
+    assert {text: time_limit_seconds(text) for text in forms} == forms
+    for bad in ("4h", "1:2:3:4", "-5", "", "1-"):
+        with pytest.raises(SlurmError, match="is not a Slurm time limit"):
+            time_limit_seconds(bad)
+    job = JobOptions(job_name="j", run_dir=Path("/shared/r"), time="10", signal_seconds=300)
+    check_warning_time(job)  # the warning 5 minutes in
+    check_warning_time(JobOptions(job_name="j", run_dir=Path("/r"), time="6", signal_seconds=300))  # 1 min in
+    for limit, seconds in (("5", 300), ("00:05:59", 300), ("30", 1800)):
+        with pytest.raises(SlurmError, match="give a longer --time or a smaller --signal-seconds"):
+            check_warning_time(JobOptions(job_name="j", run_dir=Path("/r"), time=limit, signal_seconds=seconds))
+    check_warning_time(JobOptions(job_name="j", run_dir=Path("/r"), time="UNLIMITED"))
+    check_warning_time(JobOptions(job_name="j", run_dir=Path("/r")))  # the partition's limit: unknown here
 
 
 def test_rank_variables_from_slurm():

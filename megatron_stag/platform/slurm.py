@@ -11,6 +11,7 @@ on multi-node jobs (the batch script checks visibility from every node again at 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -54,6 +55,36 @@ class JobOptions:
     container_image: Optional[str] = None
     container_mounts: Optional[str] = None
     extra_sbatch: list[str] = field(default_factory=list)
+
+
+def time_limit_seconds(text: str) -> Optional[int]:
+    """sbatch's --time in seconds, None for no limit (0, UNLIMITED, INFINITE). Its forms: minutes,
+    minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes, days-hours:minutes:seconds."""
+    if text.strip().upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if m is None:
+        raise SlurmError(f"--time {text!r} is not a Slurm time limit: give minutes, MM:SS, HH:MM:SS, D-HH, "
+                         f"D-HH:MM or D-HH:MM:SS.")
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:
+        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:
+        seconds = a * 3600 + b * 60 + c
+    else:
+        seconds = a * 60 + (b or 0)
+    return seconds or None
+
+
+def check_warning_time(opts: JobOptions) -> None:
+    """The time-limit warning (checkpoint, then requeue) must come some time after the job starts.
+    Slurm sends it signal_seconds before the limit, up to 60 s early, and at once where the limit is
+    shorter: the job would save and requeue as it starts, and so would every requeued run of it."""
+    limit = time_limit_seconds(opts.time) if opts.time else None
+    if limit is not None and opts.signal_seconds + 60 > limit:
+        raise SlurmError(f"--signal-seconds {opts.signal_seconds} is not 60 s below --time {opts.time} ({limit} s): "
+                         f"the checkpoint-and-requeue warning would come as the job starts, and again in every "
+                         f"requeued run; give a longer --time or a smaller --signal-seconds.")
 
 
 def adopt_slurm_rank_env(environ=os.environ) -> bool:
