@@ -117,9 +117,7 @@ def _export(ns) -> int:
 
 
 def _job_options(ns, name: str, run_dir: Path):
-    from megatron_stag.platform.slurm import JobOptions
-
-    from megatron_stag.platform.slurm import time_limit_seconds
+    from megatron_stag.platform.slurm import JobOptions, time_limit_seconds
 
     if ns.time:
         time_limit_seconds(ns.time)  # a malformed limit is named here, not by sbatch

@@ -164,7 +164,7 @@ def platform_flags() -> list[str]:
     are TE/apex kernels; no one_logger metrics where its (NVIDIA-internal) package is absent (megatron
     would print that it is missing at every start). Without CUDA: gloo, and the bias + activation and
     bias + dropout + add functions unfused: fused, they are torch.compile'd, and inductor compiling C++
-    for them cost every process seconds (the quickstart's first iteration 1.55 s against 0.53, the
+    for them cost every process seconds (tiny-cpu-stag's first iteration 1.55 s against 0.53, the
     next nine 268 against 171 ms each) for no faster steps (112 against 104-110 ms)."""
     from megatron.core.extensions.transformer_engine import HAVE_TE
 
