@@ -164,8 +164,9 @@ def platform_flags() -> list[str]:
     are TE/apex kernels; no one_logger metrics where its (NVIDIA-internal) package is absent (megatron
     would print that it is missing at every start). Without CUDA: gloo, and the bias + activation and
     bias + dropout + add functions unfused: fused, they are torch.compile'd, and inductor compiling C++
-    for them cost every process seconds (tiny-cpu-stag's first iteration 1.55 s against 0.53, the
-    next nine 268 against 171 ms each) for no faster steps (112 against 104-110 ms)."""
+    for them cost every process seconds for no faster steps (tiny-cpu-stag, with megatron's warm-up of
+    them skipped too: start-up 5.1-5.5 -> 1.5 s, first iteration 1.55 -> 0.96 s, the next nine 268 ->
+    218 ms each, then 112 -> 107-113 ms)."""
     from megatron.core.extensions.transformer_engine import HAVE_TE
 
     flags = [] if HAVE_TE else ["--no-rope-fusion", "--no-gradient-accumulation-fusion",
