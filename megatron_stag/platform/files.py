@@ -29,3 +29,11 @@ def refuse_existing(path, overwrite: bool, flag: str) -> None:
     naming the flag, the file and the fix."""
     if path and not overwrite and Path(path).exists():
         raise FileExistsError(f"{flag} {path} exists: write to a new file, or add --overwrite to replace it")
+
+
+def check_output(path, overwrite: bool, flag: str = "--output") -> None:
+    """A result file can go to `path` (None: none asked for): its folder exists, and a file there is
+    replaced only when asked. FileNotFoundError or FileExistsError, naming the flag and the fix."""
+    if path and not Path(path).parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it first")
+    refuse_existing(path, overwrite, flag)

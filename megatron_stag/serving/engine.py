@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -61,14 +62,14 @@ def prefill_groups(lengths: list[int]) -> list[list[int]]:
     minimise forwards x PREFILL_FORWARD_TOKENS + padded tokens, each run at most PREFILL_TOKENS padded
     tokens (a longer prompt alone)."""
     order = sorted(range(len(lengths)), key=lambda r: lengths[r])
-    cost, cut = [0] + [None] * len(order), [0] * (len(order) + 1)  # best cost of the first j; its last run's start
+    cost, cut = [0] + [math.inf] * len(order), [0] * (len(order) + 1)  # of the first j; their last run's start
     for j in range(1, len(order) + 1):
         longest = lengths[order[j - 1]]
-        for i in range(j - 1, -1, -1):
-            if (j - i) * longest > PREFILL_TOKENS and i < j - 1:
+        for i in range(j - 1, -1, -1):  # the last run: prompts i..j-1, padded to the j-th's length
+            if i < j - 1 and (j - i) * longest > PREFILL_TOKENS:
                 break
             c = cost[i] + PREFILL_FORWARD_TOKENS + (j - i) * longest
-            if cost[j] is None or c < cost[j]:
+            if c < cost[j]:
                 cost[j], cut[j] = c, i
     groups, j = [], len(order)
     while j:

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_stag.platform.files import refuse_existing, write_atomic
+from megatron_stag.platform.files import check_output, write_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,11 +56,9 @@ def load_for_harness(path: Path, device: str, dtype):
 def run(ns) -> int:
     from megatron_stag.serving.convert import describe
 
-    if ns.output and not Path(ns.output).parent.is_dir():
-        raise SystemExit(f"--output {ns.output}: the folder {Path(ns.output).parent} does not exist.")
     try:
-        refuse_existing(ns.output, ns.overwrite, "--output")
-    except FileExistsError as err:
+        check_output(ns.output, ns.overwrite)
+    except OSError as err:
         raise SystemExit(f"{err} (nothing was evaluated).") from None
     if ns.include_path and not Path(ns.include_path).is_dir():
         raise SystemExit(f"--include-path {ns.include_path} is not a folder of task YAML files.")

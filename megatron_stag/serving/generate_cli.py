@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_stag.platform.files import refuse_existing, write_atomic
+from megatron_stag.platform.files import check_output, write_atomic
 from megatron_stag.serving.convert import DTYPES
 
 
@@ -77,12 +77,9 @@ def check_options(ns) -> None:
         raise SystemExit(f"--batch-size {ns.batch_size}: give at least 1.")
     if any(not s for s in ns.stop):
         raise SystemExit("--stop '': give a non-empty stop string.")
-    if ns.output and not Path(ns.output).parent.is_dir():
-        raise SystemExit(f"--output {ns.output}: the folder {Path(ns.output).parent} does not exist; create it "
-                         f"first (nothing was generated).")
     try:
-        refuse_existing(ns.output, ns.overwrite, "--output")
-    except FileExistsError as err:
+        check_output(ns.output, ns.overwrite)
+    except OSError as err:
         raise SystemExit(f"{err} (nothing was generated).") from None
 
 
