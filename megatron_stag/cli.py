@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import signal
 import sys
 from pathlib import Path
 
@@ -343,7 +344,10 @@ def main(argv=None) -> int:
     quiet.install()  # known, harmless library warnings: off for this command and the ranks it starts
     adopt_slurm_rank_env()  # a task of our batch scripts: Slurm's variables -> RANK, WORLD_SIZE, ...
     ns = build_parser().parse_args(argv)
-    return ns.func(ns)
+    try:
+        return ns.func(ns)
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status for it, not a traceback of wherever it landed
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -206,12 +207,18 @@ def test_runs_refuse_to_overwrite_another_models_files(quickstart_run, tmp_path)
     out, _ = quickstart_run
     save = shutil.copytree(out / "checkpoints", tmp_path / "ckpts")
     stored = (save / "model_args.json").read_bytes(), (save / "tokenizer.model").read_bytes()
+    arguments = (save / "megatron_arguments.txt").read_bytes()
     data = out / "data"
     proc = cli("pretrain", "tiny-cpu-stag", f"data.data_path=[{data / 'stdlib_text_document'}]",
                f"data.tokenizer_model={data / 'stdlib.model'}", f"checkpoint.save={save}",
                "model.hidden_size=64", "training.train_iters=102", check=False)
-    assert proc.returncode != 0 and "hidden_size 128 -> 64" in proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "hidden_size 128 -> 64" in text
     assert ((save / "model_args.json").read_bytes(), (save / "tokenizer.model").read_bytes()) == stored
+    assert (save / "megatron_arguments.txt").read_bytes() == arguments  # "nothing was written"
+    # the rank's message ends the output: torchrun's failure report (~30 lines) is one line
+    assert text.rstrip().endswith("rank 0 exited with status 1")
+    assert "Traceback" not in text and "ChildFailedError" not in text
     resumed = cli("pretrain", "tiny-cpu-stag", f"data.data_path=[{data / 'stdlib_text_document'}]",
                   f"data.tokenizer_model={data / 'stdlib.model'}", f"checkpoint.save={save}",
                   f"checkpoint.load={save}", "training.train_iters=100", "optimizer.lr_warmup_iters=10",
@@ -221,6 +228,38 @@ def test_runs_refuse_to_overwrite_another_models_files(quickstart_run, tmp_path)
     again = cli("quickstart", "--out", str(out), "--corpus-mb", "2.5", check=False)
     assert again.returncode != 0 and "--corpus-mb" in again.stderr
     assert (out / "checkpoints" / "tokenizer.model").read_bytes() == stored[1]
+
+
+def test_ctrl_c_stops_a_launched_job_without_tracebacks(tmp_path):
+    """Ctrl-C on `pretrain` reaches every process of the job from the terminal. The launching command
+    keeps logging until the ranks have stopped (it used to die in its read loop with a traceback and
+    lose their last lines), torchrun's report is one line, and the status is the shell's 130."""
+    log = tmp_path / "train.log"
+    rank = ("import os, signal; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+            "print('ready', os.environ['RANK'], flush=True); signal.pause()")
+    launch = ("import sys; from pathlib import Path; "
+              "from megatron_stag.training.megatron_pretrain import _run_logged; "
+              "sys.exit(_run_logged([sys.executable, '-m', 'megatron_stag.platform.torchrun', "
+              f"'--nproc-per-node=2', '--no-python', sys.executable, '-c', {rank!r}], Path({str(log)!r})))")
+    proc = subprocess.Popen([sys.executable, "-c", launch], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    ready = sorted(proc.stdout.readline().split()[-1] for _ in range(2))
+    assert ready == ["0", "1"]
+    os.killpg(proc.pid, signal.SIGINT)  # as the terminal sends it: to the whole foreground group
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (rest, err)
+    assert "Traceback" not in rest + err and "SIGINT" in rest.strip().splitlines()[-1]
+    assert "SIGINT" in log.read_text() and log.read_text().count("ready") == 2
+
+
+def test_ctrl_c_in_a_command_is_status_130(monkeypatch):
+    from megatron_stag import cli as cli_module
+
+    def interrupted(ns):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_plot", interrupted)
+    assert cli_module.main(["plot", "train.log"]) == 130
 
 
 def test_quickstart_output_is_what_a_user_reads(quickstart_run):

@@ -10,7 +10,8 @@ optimizer and LR schedule, iteration logs, evaluation, TensorBoard, torch_dist c
 (`--load`, `--save`; the tracker file is written after a checkpoint is complete, so an interrupted
 save is never picked up).
 
-Launch: the command starts `torch.distributed.run` with `parallelism.nproc_per_node` processes
+Launch: the command starts `torch.distributed.run` (`platform/torchrun.py`: a failed rank is reported
+in one line; torch picks the rendezvous port) with `parallelism.nproc_per_node` processes
 (default: TP x PP) unless it already runs under a launcher (torchrun, srun with RANK set). On
 machines without CUDA it trains on CPU with gloo through `platform/cpu.py`.
 """
@@ -21,6 +22,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from functools import partial
@@ -30,7 +32,7 @@ import torch
 
 from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER
 from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
-from megatron_stag.platform.distributed import free_port, launched
+from megatron_stag.platform.distributed import launched
 
 
 def _under_launcher() -> bool:
@@ -134,9 +136,8 @@ def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
         return run(argv + platform_flags() + list(extra))  # raw Megatron flags last: they win
     nproc = recipe.get("nproc_per_node") or (
         (recipe.get("tensor_model_parallel_size") or 1) * (recipe.get("pipeline_model_parallel_size") or 1))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={int(nproc)}",
-           "--master-port", str(free_port()), "-m", "megatron_stag.cli", "pretrain",
-           str(recipe_name), *overrides]
+    cmd = [sys.executable, "-m", "megatron_stag.platform.torchrun", f"--nproc-per-node={int(nproc)}",
+           "-m", "megatron_stag.cli", "pretrain", str(recipe_name), *overrides]
     if extra:
         cmd += ["--", *extra]
     log_file = recipe.get("log_file") or (Path(recipe.get("save")) / "train.log" if recipe.get("save") else None)
@@ -145,18 +146,26 @@ def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
 
 def _run_logged(cmd: list[str], log_file: Path | None) -> int:
     """Run the job (an argv list: no shell ever sees recipe values), echoing its output and
-    appending it to `log_file` (a resumed run continues the same log; `megatron-stag plot` reads it)."""
+    appending it to `log_file` (a resumed run continues the same log; `megatron-stag plot` reads it).
+    Ctrl-C reaches the job's processes from the terminal; this one ignores it and keeps echoing and
+    logging until they have stopped, then returns their status."""
     env = dict(os.environ)
     env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # megatron's TP/SP overlap needs it (Hopper)
-    if log_file is None:
-        return subprocess.call(cmd, env=env)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "a", encoding="utf-8") as log, subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env) as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-        return proc.wait()
+    output = subprocess.PIPE if log_file is not None else None
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+    with subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT if output else None, text=True,
+                          bufsize=1, env=env) as proc:
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # after the fork: the job keeps SIGINT
+        try:
+            if log_file is not None:
+                with open(log_file, "a", encoding="utf-8") as log:
+                    for line in proc.stdout:
+                        sys.stdout.write(line)
+                        log.write(line)
+            return proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
 
 
 def platform_flags() -> list[str]:
@@ -360,7 +369,8 @@ def use_shipped_dataset_helpers() -> None:
 
 def _arguments_to_file(title: str, args) -> None:
     """Megatron prints its ~770 resolved arguments at start-up; they go to the run's folder
-    (`<checkpoint.save>/megatron_arguments.txt`) with one line on the terminal naming the file."""
+    (`<checkpoint.save>/megatron_arguments.txt`) with one line on the terminal naming the file,
+    after `_write_run_files` has checked that the folder is this run's to write."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     lines = sorted((f"  {name} {'.' * (48 - len(name))} {value}" for name, value in vars(args).items()),
@@ -388,7 +398,7 @@ def run(argv: list[str]) -> int:
     megatron_training.training_log = ProgressLog(megatron_training.training_log)
     from megatron.training import arguments as megatron_arguments
 
-    megatron_arguments._print_args = _arguments_to_file
+    megatron_arguments._print_args = lambda title, args: None  # written below, once the save folder is checked
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.arguments import parse_and_validate_args
@@ -399,6 +409,7 @@ def run(argv: list[str]) -> int:
     sys.argv = [sys.argv[0], *argv]
     args = parse_and_validate_args(extra_args_provider=add_megatron_stag_args)
     _write_run_files(args)
+    _arguments_to_file("arguments", args)
     cfg = pretrain_cfg_container_from_args(args, stag_gpt_config_from_args(args))
     pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step)
     return 0
