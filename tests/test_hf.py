@@ -84,6 +84,23 @@ def test_hf_padding_and_cache(megatron_world, tmp_path, null_entry):
     assert padded[0, 5:].tolist() == hf.generate(torch.tensor([short]), max_new_tokens=5, do_sample=False)[0, 3:].tolist()
 
 
+def test_meta_device_allocates_on_meta_under_the_cpu_adapter():
+    """transformers builds a model under `torch.device("meta")` and then fills it; where the CPU
+    adapter had wrapped torch's factories before torch cached which functions that context redirects,
+    Llama's rotary buffers were allocated on the CPU and came out of loading uninitialised."""
+    script = textwrap.dedent("""
+        import torch
+        from megatron_stag.platform import cpu
+        assert cpu.activate()
+        with torch.device("meta"):
+            made = [torch.arange(0, 8, 2, dtype=torch.float), torch.empty(3), torch.zeros(2), torch.nn.Buffer(torch.ones(2))]
+        print(sorted({t.device.type for t in made}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['meta']"
+
+
 def test_hf_export_cli_loads_without_megatron_stag(quickstart_run, tmp_path):
     """`export --format hf` on the quickstart checkpoint: a Python that cannot import megatron_stag
     loads model and tokenizer (trust_remote_code) and gets our tokenizer's ids and our greedy tokens;

@@ -49,7 +49,12 @@ def _cpu_factory(fn):
 def _patch_factories() -> None:
     """Function modes are thread-local and not active inside every autograd backward (megatron's
     sequence-parallel linear allocates its reduce-scatter buffer there), so the factory functions
-    themselves are wrapped too."""
+    themselves are wrapped too. `with torch.device(...)` recognises factories by identity, from a set
+    it builds once: built after this patch, it would hold the wrappers, miss the functions they call,
+    and leave `torch.device("meta")` (transformers' model loading) allocating on the CPU."""
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()  # cached with torch's own functions
     for fn in _FACTORIES:
         name = fn.__name__
         if getattr(torch, name, None) is fn:
