@@ -20,6 +20,7 @@ setup(
         "megatron-core>=0.19,<0.20",
         "numpy",
         "sentencepiece",
+        "protobuf",  # reads a sentencepiece model's settings (export --format hf writes its tokenizer.json)
         "safetensors",
         "pyyaml",
         "psutil",  # hidden dependency of megatron's torch_dist checkpoint saving
@@ -28,8 +29,8 @@ setup(
     ],
     extras_require={
         # AutoTP (tensor-parallel DeepSpeed inference) imports transformers
-        "deepspeed": ["deepspeed>=0.19,<0.20", "transformers>=4.40"],
-        "eval": ["lm-eval>=0.4.9,<0.5", "accelerate", "transformers>=4.40"],  # megatron-stag eval (HFLM)
+        "deepspeed": ["deepspeed>=0.19,<0.20", "transformers>=5,<6"],
+        "eval": ["lm-eval>=0.4.9,<0.5", "accelerate", "transformers>=5,<6"],  # megatron-stag eval (HFLM)
         "test": ["pytest", "pytest-timeout", "ruff"],
     },
     entry_points={"console_scripts": ["megatron-stag=megatron_stag.cli:main"]},

@@ -1,6 +1,7 @@
 """Hugging Face format (`export --format hf`): transformers loads the exported folder through
-trust_remote_code (also where megatron_stag cannot be imported), its logits equal megatron's, its
-generate() equals our engine's tokens, padding is handled, AutoTokenizer equals our tokenizer."""
+trust_remote_code, or as its own Llama for a baseline in that shape (also where megatron_stag cannot
+be imported), its logits equal megatron's, its generate() equals our engine's tokens, padding is
+handled, AutoTokenizer equals our tokenizer."""
 
 import json
 import subprocess
@@ -33,12 +34,27 @@ VARIANTS = {
 }
 
 
-def hf_folder(model, path, shard_bytes=5 << 30):
+LLAMA = dict(stag_sections=1, num_query_groups=2, gated_linear_unit=True, activation_func=F.silu,
+             bias_activation_fusion=False, normalization="RMSNorm", add_bias_linear=False,
+             position_embedding_type="rope")  # a baseline GPT of the production recipes' shape
+
+REFUSE_MEGATRON_STAG = """
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "megatron_stag":
+            raise ImportError("megatron_stag is not importable here")
+sys.meta_path.insert(0, Refuse())
+"""
+
+
+def hf_folder(model, path, shard_bytes=5 << 30, load=True):
     from megatron_stag.serving.convert import to_plain_model, write_hf_folder
 
     path.mkdir()
     write_hf_folder(to_plain_model(model, None), None, path, torch.float32, shard_bytes)
-    return transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    if load:
+        return transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -84,6 +100,42 @@ def test_hf_padding_and_cache(megatron_world, tmp_path, null_entry):
     assert padded[0, 5:].tolist() == hf.generate(torch.tensor([short]), max_new_tokens=5, do_sample=False)[0, 3:].tolist()
 
 
+def test_a_baseline_exports_as_transformers_llama(megatron_world, tmp_path):
+    """A one-section model in Llama's shape is written as transformers' own LlamaForCausalLM: no code
+    in the folder, no trust_remote_code; its logits equal megatron's and its greedy tokens our
+    engine's, in a Python that cannot import megatron_stag. `generate` reads the folder back."""
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.model import load_plain_model
+    from megatron_stag.serving.sampling import SamplingParams
+
+    model = tiny_model(**LLAMA)
+    folder = tmp_path / "hf"
+    hf_folder(model, folder, shard_bytes=20_000, load=False)
+    assert not list(folder.glob("*.py"))
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+    ids, pos = batch()
+    prompt = [5, 9, 2, 33, 7]
+    ours = StaggeredGenerator(to_plain_model(model, None), MAX_LEN, 1).generate([prompt], SamplingParams(8))
+    script = REFUSE_MEGATRON_STAG + textwrap.dedent(f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()
+        with torch.no_grad():
+            logits = model(torch.tensor({ids.tolist()})).logits
+        out = model.generate(torch.tensor([{prompt}]), max_new_tokens=8, do_sample=False)[0, {len(prompt)}:]
+        print(json.dumps(dict(cls=type(model).__name__, logits=logits.tolist(), tokens=out.tolist())))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert theirs["cls"] == "LlamaForCausalLM"
+    with torch.no_grad():
+        assert (model(ids, pos) - torch.tensor(theirs["logits"])).abs().max() <= TOL
+        assert (model(ids, pos) - load_plain_model(folder)(ids)).abs().max() <= TOL
+    assert theirs["tokens"] == ours.tokens[0]
+
+
 def test_meta_device_allocates_on_meta_under_the_cpu_adapter():
     """transformers builds a model under `torch.device("meta")` and then fills it; where the CPU
     adapter had wrapped torch's factories before torch cached which functions that context redirects,
@@ -101,6 +153,49 @@ def test_meta_device_allocates_on_meta_under_the_cpu_adapter():
     assert proc.stdout.strip().splitlines()[-1] == "['meta']"
 
 
+def test_the_tokenizer_is_fast_where_exact(tmp_path):
+    """A tokenizer `prepare-data` trains becomes transformers' tokenizers-backed one (tokenizer.json: no
+    code, no trust_remote_code) with sentencepiece's ids and text exactly; a sentencepiece model with
+    settings tokenizers cannot reproduce (NFKC, collapsed whitespace) keeps the wrapper around
+    sentencepiece itself."""
+    import io
+    import random
+    from pathlib import Path
+
+    import sentencepiece as spm
+
+    import megatron_stag
+    from megatron_stag.data.tokenizer import train_sentencepiece
+    from megatron_stag.serving.hf_tokenizer import StagTokenizer, hf_tokenizer
+
+    # the literal text of a special token (`</s>`, `<unk>`) is that token in transformers, as in any tokenizer
+    sources = [p.read_text().replace("</s>", "").replace("<unk>", "")
+               for p in sorted(Path(megatron_stag.__file__).parent.rglob("*.py"))]
+    rng = random.Random(0)
+    texts = sources + ["", " ", "  x", " leading space", "trailing  ", "a\tb\n\n c", "héllo ß 日本語 🙂",
+                       "12345 3.14 a1b2", "\x00\x01", "▁", "▁▁x", " ▁ "] + [
+        "".join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0x80, 0x3000), rng.randrange(0x1F300, 0x1F6FF),
+                                10, 32, 9, 0x2581])) for _ in range(rng.randrange(1, 60))) for _ in range(300)]
+    ours = train_sentencepiece(sources, tmp_path / "ours.model", 1000)
+    buffer = io.BytesIO()  # sentencepiece's defaults: NFKC, extra whitespace removed, no byte fallback
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([line for s in sources for line in s.splitlines() if line.strip()]),
+                                   model_writer=buffer, vocab_size=1000, minloglevel=2)
+    (tmp_path / "nfkc.model").write_bytes(buffer.getvalue())
+    for path, fast in ((ours, True), (tmp_path / "nfkc.model", False)):
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+        tok = hf_tokenizer(path)
+        assert isinstance(tok, StagTokenizer) != fast
+        tok.save_pretrained(tmp_path / path.stem)
+        if fast:  # what an exported folder holds, loaded with no code of ours
+            tok = transformers.AutoTokenizer.from_pretrained(tmp_path / path.stem)
+            assert type(tok).__name__ == "TokenizersBackend"
+        for text in texts:
+            ids = sp.encode(text)
+            assert tok(text)["input_ids"] == ids, (path.stem, text[:80])
+            assert tok.decode(ids) == sp.decode(ids), (path.stem, text[:80])
+        assert tok.padding_side == "left" and tok.pad_token == tok.eos_token == sp.id_to_piece(sp.eos_id())
+
+
 def test_hf_export_cli_loads_without_megatron_stag(quickstart_run, tmp_path):
     """`export --format hf` on the quickstart checkpoint: a Python that cannot import megatron_stag
     loads model and tokenizer (trust_remote_code) and gets our tokenizer's ids and our greedy tokens;
@@ -108,21 +203,16 @@ def test_hf_export_cli_loads_without_megatron_stag(quickstart_run, tmp_path):
     out, _ = quickstart_run
     folder = tmp_path / "hf"
     cli("export", str(out / "checkpoints"), str(folder), "--format", "hf")
-    assert {"config.json", "generation_config.json", "hf_model.py", "model.py", "hf_tokenizer.py", "tokenizer.model",
-            "tokenizer_config.json", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+    files = {p.name for p in folder.iterdir()}
+    assert {"config.json", "generation_config.json", "hf_model.py", "model.py", "tokenizer.model", "tokenizer.json",
+            "tokenizer_config.json", "model.safetensors"} <= files and "hf_tokenizer.py" not in files
     text = "def f(x):\n    return x  + 1"
     ours = cli("generate", str(out / "checkpoints"), "--prompt", text, "--max-new-tokens", "8",
                "--output", str(tmp_path / "ours.jsonl"))
     assert ours.returncode == 0
     record = json.loads((tmp_path / "ours.jsonl").read_text())
-    script = textwrap.dedent(f"""
-        import importlib.abc, json, sys
-        class Refuse(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "megatron_stag":
-                    raise ImportError("megatron_stag is not importable here")
-        sys.meta_path.insert(0, Refuse())
-        import torch
+    script = REFUSE_MEGATRON_STAG + textwrap.dedent(f"""
+        import json, torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tok = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
@@ -160,10 +250,16 @@ def test_hf_bad_folders_name_the_file(megatron_world, tmp_path):
     (tmp_path / "hf" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         load_plain_model(tmp_path / "hf")
-    other = tmp_path / "llama"
+    other = tmp_path / "other"
     other.mkdir()
+    (other / "config.json").write_text(json.dumps(dict(model_type="mistral", hidden_size=8)))
+    with pytest.raises(ValueError, match=r"mistral.*not a megatron-stag"):
+        load_plain_model(other)
     (other / "config.json").write_text(json.dumps(dict(model_type="llama", hidden_size=8)))
-    with pytest.raises(ValueError, match=r"llama.*not a megatron-stag"):
+    with pytest.raises(ValueError, match=r"config.json: num_attention_heads is missing"):
+        load_plain_model(other)
+    (other / "config.json").write_text(json.dumps(dict(model_type="llama", attention_bias=True)))
+    with pytest.raises(ValueError, match=r"attention_bias=True is not implemented"):
         load_plain_model(other)
 
 
@@ -223,17 +319,20 @@ def test_eval_runs_local_tasks_through_the_harness(quickstart_run, tmp_path):
     assert bad.returncode != 0 and "no_such_task" in bad.stderr
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS) + ["learned-positions-gpt", "altup3-widened-learned"])
+@pytest.mark.parametrize("name", sorted(VARIANTS) + ["learned-positions-gpt", "altup3-widened-learned", "llama"])
 def test_import_round_trip_is_exact(megatron_world, tmp_path, name):
-    """megatron -> HF folder -> `import` -> megatron: every weight bit-exact (fp32)."""
+    """megatron -> HF folder (StagForCausalLM, or LlamaForCausalLM for a baseline in its shape) ->
+    `import` -> megatron: every weight bit-exact (fp32)."""
     from megatron_stag.checkpointing.checkpoint_io import load_model_weights, resolve_checkpoint
     from megatron_stag.models.model_args import ModelArgs
     from megatron_stag.serving.convert import import_checkpoint
 
     kw = {"learned-positions-gpt": dict(stag_sections=1),
-          "altup3-widened-learned": dict(altup_blocks=3, altup_embedding="widened", altup_output="learned")}
+          "altup3-widened-learned": dict(altup_blocks=3, altup_embedding="widened", altup_output="learned"),
+          "llama": LLAMA}
     model = tiny_model(**kw.get(name, VARIANTS.get(name, {})))
-    hf_folder(model, tmp_path / "hf")
+    hf_folder(model, tmp_path / "hf", load=False)
+    assert (json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama") == (name == "llama")
     checkpoint = import_checkpoint(tmp_path / "hf", tmp_path / "ckpt")
     _, run_dir = resolve_checkpoint(checkpoint)
     args = ModelArgs.load(run_dir / "model_args.json")

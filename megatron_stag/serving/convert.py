@@ -218,14 +218,16 @@ def _tokenizer_vocab(path: Path) -> int:
 
 def write_hf_folder(plain: StagLM, tokenizer: Path | None, out: Path, dtype: torch.dtype,
                     max_shard_bytes: int = 5 << 30) -> None:
-    """A transformers folder: config.json naming `hf_model.py` (the wrapper) and `model.py` (the serving
-    model) in `auto_map`, both copied here so megatron_stag is not needed to load it; safetensors weights
-    under the wrapper's names (every name of a shared or tied tensor written, so transformers finds each),
-    sharded above `max_shard_bytes` with an index; generation_config.json; the sentencepiece model with
-    `hf_tokenizer.py` for AutoTokenizer (`tokenizer` None: no tokenizer, e.g. for a model under test)."""
+    """A transformers folder. A model in Llama's shape (`model.llama_shaped`: a baseline GPT of the
+    production recipes) is written as transformers' own LlamaForCausalLM; any other as
+    StagForCausalLM, config.json naming `hf_model.py` (the wrapper) and `model.py` (the serving model)
+    in `auto_map`, both copied here so megatron_stag is not needed to load it. Safetensors weights
+    (every name of a shared or tied tensor written, so transformers finds each), sharded above
+    `max_shard_bytes` with an index; generation_config.json; the sentencepiece model and its
+    transformers tokenizer (`hf_tokenizer`; `tokenizer` None: none, e.g. for a model under test)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LlamaConfig
 
     from megatron_stag.serving import hf_model, hf_tokenizer, model as model_module
 
@@ -233,13 +235,24 @@ def write_hf_folder(plain: StagLM, tokenizer: Path | None, out: Path, dtype: tor
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer)) if tokenizer else None
     eos = sp.eos_id() if sp is not None and sp.eos_id() >= 0 else None
-    config = hf_model.StagConfig.from_plain(
-        plain.cfg, architectures=["StagForCausalLM"], dtype=str(dtype).removeprefix("torch."),
-        eos_token_id=eos, pad_token_id=eos,
-        auto_map={"AutoConfig": "hf_model.StagConfig", "AutoModelForCausalLM": "hf_model.StagForCausalLM"})
+    cfg, llama = plain.cfg, model_module.llama_shaped(plain.cfg)
+    common = dict(dtype=str(dtype).removeprefix("torch."), bos_token_id=None, eos_token_id=eos, pad_token_id=eos)
+    if llama:
+        config = LlamaConfig(
+            architectures=["LlamaForCausalLM"], vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.section_layers[0],
+            num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_query_groups,
+            head_dim=cfg.head_dim, max_position_embeddings=cfg.max_sequence_length, rms_norm_eps=cfg.norm_eps,
+            tie_word_embeddings=cfg.tie_embeddings,
+            rope_parameters=dict(rope_type="default", rope_theta=cfg.rotary_base), **common)
+    else:
+        config = hf_model.StagConfig.from_plain(
+            cfg, architectures=["StagForCausalLM"], **common,
+            auto_map={"AutoConfig": "hf_model.StagConfig", "AutoModelForCausalLM": "hf_model.StagForCausalLM"})
     config.save_pretrained(out)
     GenerationConfig(eos_token_id=eos, pad_token_id=eos).save_pretrained(out)
-    state = {f"model.{k}": v.detach().to(dtype).contiguous().clone() for k, v in plain.state_dict().items()}
+    name = model_module.llama_name if llama else (lambda k: f"model.{k}")
+    state = {name(k): v.detach().to(dtype).contiguous().clone() for k, v in plain.state_dict().items()}
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_bytes)
     for filename, names in split.filename_to_tensors.items():
@@ -248,17 +261,20 @@ def write_hf_folder(plain: StagLM, tokenizer: Path | None, out: Path, dtype: tor
         index = dict(metadata={"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      weight_map=split.tensor_to_filename)
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    for module in (hf_model, model_module):
-        shutil.copyfile(module.__file__, out / Path(module.__file__).name)
+    if not llama:
+        for module in (hf_model, model_module):
+            shutil.copyfile(module.__file__, out / Path(module.__file__).name)
     if sp is None:
         return
-    shutil.copyfile(hf_tokenizer.__file__, out / Path(hf_tokenizer.__file__).name)
-    shutil.copyfile(tokenizer, out / "tokenizer.model")
-    (out / "tokenizer_config.json").write_text(json.dumps(dict(
-        tokenizer_class="StagTokenizer", auto_map={"AutoTokenizer": ["hf_tokenizer.StagTokenizer", None]},
-        eos_token=sp.id_to_piece(eos) if eos is not None else None, unk_token=sp.id_to_piece(sp.unk_id()),
-        pad_token=sp.id_to_piece(eos) if eos is not None else None, padding_side="left",
-        model_max_length=plain.cfg.max_sequence_length), indent=2) + "\n")
+    shutil.copyfile(tokenizer, out / "tokenizer.model")  # what `generate` and `import` read
+    tok = hf_tokenizer.hf_tokenizer(tokenizer, model_max_length=cfg.max_sequence_length)
+    tok.save_pretrained(out)
+    if isinstance(tok, hf_tokenizer.StagTokenizer):  # no exact tokenizer.json: our class, shipped here
+        shutil.copyfile(hf_tokenizer.__file__, out / Path(hf_tokenizer.__file__).name)
+        settings = json.loads((out / "tokenizer_config.json").read_text())
+        settings.update(tokenizer_class="StagTokenizer",
+                        auto_map={"AutoTokenizer": ["hf_tokenizer.StagTokenizer", None]})
+        (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def describe(path: Path) -> tuple[PlainConfig | ModelArgs, Path]:

@@ -30,19 +30,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_for_harness(path: Path, device: str, dtype):
-    """(StagForCausalLM, StagTokenizer) for anything `convert.load_serving_model` reads."""
+    """(StagForCausalLM, its transformers tokenizer) for anything `convert.load_serving_model` reads."""
     import torch
 
     from megatron_stag.serving.convert import describe, load_serving_model
     from megatron_stag.serving.hf_model import StagConfig, StagForCausalLM
-    from megatron_stag.serving.hf_tokenizer import StagTokenizer
+    from megatron_stag.serving.hf_tokenizer import hf_tokenizer
 
     _, folder = describe(path)
     tokenizer = folder / "tokenizer.model"
     if not tokenizer.is_file():
         raise FileNotFoundError(f"{tokenizer} does not exist: the harness needs the model's sentencepiece "
                                 f"tokenizer beside it.")
-    tok = StagTokenizer(vocab_file=str(tokenizer))
+    tok = hf_tokenizer(tokenizer)
     plain = load_serving_model(path, device=device, dtype=dtype)
     if tok.vocab_size > plain.cfg.vocab_size:
         raise ValueError(f"{tokenizer} has {tok.vocab_size} pieces, more than the model's vocab_size "

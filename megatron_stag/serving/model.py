@@ -27,6 +27,9 @@ from torch import Tensor, nn
 
 FORMAT_VERSION = 1
 HF_MODEL_TYPE = "stagformer"  # config.json of `export --format hf` (hf_model.py)
+LLAMA_MODEL_TYPE = "llama"  # ... of a one-section model in Llama's shape (`llama_shaped`)
+LLAMA_NAMES = (("model.embed_tokens.", "embed_tokens."), ("model.layers.", "sections.0.layers."),
+               ("model.norm.", "sections.0.norm."))  # the rest (q_proj, mlp.up_proj, lm_head, ...) agree
 _EPS = 1e-6  # AltUp's RMS rescaling floor (layers/altup_stream.py)
 
 
@@ -77,10 +80,13 @@ class PlainConfig:
             data = json.loads(Path(path).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON ({err}): export the checkpoint again.") from None
-        if isinstance(data, dict) and "model_type" in data:  # a Hugging Face config
+        if isinstance(data, dict) and data.get("model_type") == LLAMA_MODEL_TYPE:
+            data = _from_llama(data, path)
+        elif isinstance(data, dict) and "model_type" in data:  # a Hugging Face config
             if data["model_type"] != HF_MODEL_TYPE:
                 raise ValueError(f"{path}: model_type {data['model_type']!r} is not a megatron-stag model "
-                                 f"({HF_MODEL_TYPE!r}): export one with `megatron-stag export CKPT OUT --format hf`.")
+                                 f"({HF_MODEL_TYPE!r} or {LLAMA_MODEL_TYPE!r}): export one with "
+                                 f"`megatron-stag export CKPT OUT --format hf`.")
             data = {f.name: data[f.name] for f in fields(cls) if f.name in data}
         if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
             version = data.get("format_version") if isinstance(data, dict) else None
@@ -114,6 +120,46 @@ class PlainConfig:
             raise bad("null_entry", "must be 'all' or 'first'")
         if self.cross_window is not None and (not isinstance(self.cross_window, int) or self.cross_window < 1):
             raise bad("cross_window", "must be null or a whole number >= 1")
+
+
+def llama_shaped(cfg: PlainConfig) -> bool:
+    """One section, no AltUp or MoE, RMSNorm, SwiGLU, no biases, rope over whole heads: the model that
+    transformers' own LlamaForCausalLM computes, so `export --format hf` writes it as one."""
+    return (cfg.sections == 1 and cfg.output == "last" and cfg.altup_blocks == 1 and not cfg.moe_experts
+            and cfg.normalization == "RMSNorm" and cfg.activation == "swiglu" and not cfg.bias
+            and cfg.position_embedding == "rope" and cfg.rotary_dim == cfg.head_dim)
+
+
+def llama_name(name: str, to_llama: bool = True) -> str:
+    """A StagLM weight's name in LlamaForCausalLM (or back, `to_llama=False`)."""
+    for theirs, ours in LLAMA_NAMES:
+        old, new = (ours, theirs) if to_llama else (theirs, ours)
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _from_llama(data: dict, path) -> dict:
+    """PlainConfig fields for a transformers Llama config.json, refusing what StagLM does not compute."""
+    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    unsupported = dict(hidden_act=data.get("hidden_act", "silu") != "silu", attention_bias=bool(data.get("attention_bias")),
+                       mlp_bias=bool(data.get("mlp_bias")), rope_parameters=rope.get("rope_type", "default") != "default")
+    for name, bad in unsupported.items():
+        if bad:
+            raise ValueError(f"{path}: {name}={data.get(name)!r} is not implemented by megatron-stag's serving model.")
+    try:
+        heads = data["num_attention_heads"]
+        head_dim = data.get("head_dim") or data["hidden_size"] // heads
+        return dict(vocab_size=data["vocab_size"], max_sequence_length=data["max_position_embeddings"],
+                    hidden_size=data["hidden_size"], ffn_hidden_size=data["intermediate_size"],
+                    num_attention_heads=heads, num_query_groups=data.get("num_key_value_heads") or heads,
+                    head_dim=head_dim, section_layers=[data["num_hidden_layers"]], normalization="RMSNorm",
+                    norm_eps=data.get("rms_norm_eps", 1e-6), activation="swiglu", bias=False,
+                    position_embedding="rope", rotary_dim=head_dim,
+                    rotary_base=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
+                    tie_embeddings=data.get("tie_word_embeddings", False), format_version=FORMAT_VERSION)
+    except KeyError as err:
+        raise ValueError(f"{path}: {err.args[0]} is missing from this Llama config.") from None
 
 
 def make_norm(cfg: PlainConfig) -> nn.Module:
@@ -806,7 +852,8 @@ class StagLM(nn.Module):
 
 def load_plain_model(directory: Path, device="cpu", dtype: torch.dtype = torch.float32) -> StagLM:
     """An exported package (config.json + model.safetensors), or a Hugging Face folder written by
-    `export --format hf` (weights under `model.`, possibly sharded) -> StagLM in eval mode."""
+    `export --format hf` (weights under `model.`, or Llama's names; possibly sharded) -> StagLM in eval
+    mode."""
     from safetensors.torch import load_file, load_model
 
     directory = Path(directory)
@@ -820,13 +867,16 @@ def load_plain_model(directory: Path, device="cpu", dtype: torch.dtype = torch.f
                                 f"`megatron-stag export CHECKPOINT {directory}`.")
     with torch.device(device):
         model = StagLM(cfg)
-    hf = json.loads((directory / "config.json").read_text()).get("model_type") == HF_MODEL_TYPE
-    if not hf:
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    if model_type is None:
         load_model(model, directory / "model.safetensors", strict=True, device=str(device))
         return model.to(dtype).eval()
+    rename = (lambda k: k.removeprefix("model.")) if model_type == HF_MODEL_TYPE else (lambda k: llama_name(k, False))
     state = {}
     for shard in shards:
-        state.update({k.removeprefix("model."): v for k, v in load_file(shard, device=str(device)).items()})
+        state.update({rename(k): v for k, v in load_file(shard, device=str(device)).items()})
+    if cfg.tie_embeddings and "embed_tokens.weight" in state:  # transformers saves a tied head once
+        state.setdefault("lm_head.weight", state["embed_tokens.weight"])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
