@@ -166,6 +166,7 @@ def test_the_tokenizer_is_fast_where_exact(tmp_path):
 
     import megatron_stag
     from megatron_stag.data.tokenizer import train_sentencepiece
+    from megatron_stag.serving.convert import write_hf_tokenizer
     from megatron_stag.serving.hf_tokenizer import StagTokenizer, hf_tokenizer
 
     # the literal text of a special token (`</s>`, `<unk>`) is that token in transformers, as in any tokenizer
@@ -183,12 +184,13 @@ def test_the_tokenizer_is_fast_where_exact(tmp_path):
     (tmp_path / "nfkc.model").write_bytes(buffer.getvalue())
     for path, fast in ((ours, True), (tmp_path / "nfkc.model", False)):
         sp = spm.SentencePieceProcessor(model_file=str(path))
-        tok = hf_tokenizer(path)
-        assert isinstance(tok, StagTokenizer) != fast
-        tok.save_pretrained(tmp_path / path.stem)
-        if fast:  # what an exported folder holds, loaded with no code of ours
-            tok = transformers.AutoTokenizer.from_pretrained(tmp_path / path.stem)
-            assert type(tok).__name__ == "TokenizersBackend"
+        assert isinstance(hf_tokenizer(path), StagTokenizer) != fast
+        folder = tmp_path / path.stem
+        folder.mkdir()
+        write_hf_tokenizer(path, folder, 1 << 20)  # what an exported folder holds
+        assert (folder / "hf_tokenizer.py").is_file() != fast
+        tok = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=not fast)
+        assert type(tok).__name__ == ("TokenizersBackend" if fast else "StagTokenizer")
         for text in texts:
             ids = sp.encode(text)
             assert tok(text)["input_ids"] == ids, (path.stem, text[:80])

@@ -229,7 +229,7 @@ def write_hf_folder(plain: StagLM, tokenizer: Path | None, out: Path, dtype: tor
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig
 
-    from megatron_stag.serving import hf_model, hf_tokenizer, model as model_module
+    from megatron_stag.serving import hf_model, model as model_module
 
     import sentencepiece as spm
 
@@ -264,12 +264,19 @@ def write_hf_folder(plain: StagLM, tokenizer: Path | None, out: Path, dtype: tor
     if not llama:
         for module in (hf_model, model_module):
             shutil.copyfile(module.__file__, out / Path(module.__file__).name)
-    if sp is None:
-        return
-    shutil.copyfile(tokenizer, out / "tokenizer.model")  # what `generate` and `import` read
-    tok = hf_tokenizer.hf_tokenizer(tokenizer, model_max_length=cfg.max_sequence_length)
+    if sp is not None:
+        write_hf_tokenizer(tokenizer, out, cfg.max_sequence_length)
+
+
+def write_hf_tokenizer(tokenizer: Path, out: Path, max_length: int) -> None:
+    """The sentencepiece model (what `generate` and `import` read) and its transformers tokenizer:
+    `tokenizer.json` where exact, else `hf_tokenizer.py` named in `auto_map` (`hf_tokenizer`)."""
+    from megatron_stag.serving import hf_tokenizer
+
+    shutil.copyfile(tokenizer, out / "tokenizer.model")
+    tok = hf_tokenizer.hf_tokenizer(tokenizer, model_max_length=max_length)
     tok.save_pretrained(out)
-    if isinstance(tok, hf_tokenizer.StagTokenizer):  # no exact tokenizer.json: our class, shipped here
+    if isinstance(tok, hf_tokenizer.StagTokenizer):
         shutil.copyfile(hf_tokenizer.__file__, out / Path(hf_tokenizer.__file__).name)
         settings = json.loads((out / "tokenizer_config.json").read_text())
         settings.update(tokenizer_class="StagTokenizer",

@@ -21,7 +21,8 @@ class StagTokenizer(SentencePieceBackend):
 
     def __init__(self, vocab_file: str, eos_token: str = "</s>", unk_token: str = "<unk>", **kwargs):
         kwargs.setdefault("padding_side", "left")  # decoder-only batches: pad before the prompt
-        super().__init__(vocab_file=vocab_file, eos_token=eos_token, unk_token=unk_token, legacy=True, **kwargs)
+        kwargs["legacy"] = True  # also in a saved tokenizer_config.json
+        super().__init__(vocab_file=vocab_file, eos_token=eos_token, unk_token=unk_token, **kwargs)
         if self.pad_token is None:
             self.pad_token = self.eos_token
 
