@@ -153,6 +153,7 @@ def _submit(ns) -> int:
         opts = _job_options(ns, f"stag-{Path(argv[0]).stem}", run_dir)
         slurm.check_warning_time(opts)
         slurm.check_shared_paths(paths + slurm.job_files(opts), shape.nodes)
+        slurm.check_run_dir_free(run_dir, opts)
         cmd = slurm.sbatch_command("pretrain.sbatch", shape, opts, [*argv, *(["--", *extra] if extra else [])])
         slurm.submit(cmd, slurm.job_environment(opts), ns.dry_run)
     except (RecipeError, slurm.SlurmError) as err:

@@ -183,6 +183,7 @@ def log_of(run: Path, job: str) -> str:
 @pytest.fixture(scope="module")
 def trained(cluster, data, tmp_path_factory):
     run = tmp_path_factory.mktemp("pretrain")
+    (run / ".job").write_text("999999\n")  # the claim of a job that has left the queue (killed, say)
     proc = cli("submit", "--cpu", "--gpus-per-node", "2", "--run-dir", str(run), "tiny-cpu-stag", *data, *TINY,
                "training.train_iters=12", "checkpoint.save_interval=12", env=cluster.env)
     job = submitted(proc)
@@ -199,6 +200,35 @@ def test_pretrain_job_on_two_tasks(cluster, trained):
     assert "tokens/s" in log
     assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
     assert (run / "checkpoints" / "model_args.json").is_file()
+    assert not (run / ".job").exists()  # it took over the stale claim and released it at the end
+
+
+def test_a_second_job_in_a_busy_run_dir_refuses(cluster, data, tmp_path):
+    """The same pretraining submitted twice into one run directory: `submit` refuses while the first
+    job holds it, and a second job that starts anyway (here: held at submission, released once the
+    first holds the folder) stops before training with a line naming the first. It would have resumed
+    from the first's checkpoints and interleaved its own with them."""
+    holder = subprocess.run(["sbatch", "--parsable", "--ntasks=1", f"--output={tmp_path / 'holder.out'}",
+                             "--wrap", "sleep 600"], env=cluster.env, capture_output=True, text=True,
+                            check=True).stdout.strip().split(";")[0]
+    args = ["--cpu", "--gpus-per-node", "1", "--run-dir", str(tmp_path), "tiny-cpu-stag", *data, *TINY,
+            "parallelism.pipeline_model_parallel_size=1", "training.train_iters=4"]
+    try:
+        (tmp_path / ".job").write_text(holder + "\n")
+        refused = cli("submit", *args, env=cluster.env, check=False)
+        assert refused.returncode != 0 and f"job {holder} (" in refused.stderr, refused.stderr
+        assert f"--dependency=afterany:{holder}" in refused.stderr and "nothing was submitted" in refused.stderr
+        (tmp_path / ".job").unlink()
+        job = submitted(cli("submit", "--sbatch=--hold", *args, env=cluster.env))
+        (tmp_path / ".job").write_text(holder + "\n")
+        subprocess.run(["scontrol", "release", job], env=cluster.env, check=True)
+        assert cluster.wait(job) == "FAILED", log_of(tmp_path, job)[-3000:]
+        log = log_of(tmp_path, job)
+        assert f"error: job {holder} is training in {tmp_path}" in log
+        assert "iteration" not in log and not (tmp_path / "checkpoints").exists()
+        assert (tmp_path / ".job").read_text().strip() == holder
+    finally:
+        subprocess.run(["scancel", holder], env=cluster.env)
 
 
 def test_generation_job_one_section_per_task(cluster, trained, tmp_path):

@@ -159,6 +159,25 @@ def check_shared_paths(paths: list[Path], nodes: int) -> None:
                              f"a shared filesystem (NFS, Lustre, GPFS, ...): move it or pass a shared --run-dir.")
 
 
+FINISHED_STATES = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+                   "DEADLINE", "OUT_OF_MEMORY")  # as slurm/pretrain.sbatch's job_active
+
+
+def check_run_dir_free(run_dir: Path, opts: "JobOptions") -> None:
+    """The batch script lets one job train in a run directory at a time (its id in `.job`); a second
+    job would stop as it starts. Say so now, unless the job is queued behind the holder (--dependency)."""
+    owner_file = Path(run_dir) / ".job"
+    if (not owner_file.is_file() or shutil.which("squeue") is None
+            or any(o.startswith(("--dependency", "-d")) for o in opts.extra_sbatch)):
+        return
+    owner = owner_file.read_text().strip()
+    state = subprocess.run(["squeue", "-h", "-j", owner, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+    if state and state not in FINISHED_STATES:
+        raise SlurmError(f"job {owner} ({state.lower()}) is training in {run_dir}: add "
+                         f"--sbatch=--dependency=afterany:{owner} to start after it, or use another --run-dir "
+                         f"(nothing was submitted).")
+
+
 def job_files(opts: "JobOptions") -> list[Path]:
     """What every node's tasks run besides the data: the interpreter (with megatron-stag installed
     beside it), unless a container image brings its own."""
