@@ -110,8 +110,9 @@ def _export(ns) -> int:
     except (ExportError, FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
         raise SystemExit(str(err)) from None
     if ns.format == "hf":
-        print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, "
-              f"trust_remote_code=True) and AutoTokenizer likewise")
+        llama = json.loads((out / "config.json").read_text())["model_type"] == "llama"
+        print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}"
+              f"{')' if llama else ', trust_remote_code=True)'} and AutoTokenizer.from_pretrained({str(out)!r})")
     else:
         print(f"wrote {out} (config.json, model.safetensors, tokenizer.model)")
     return 0
