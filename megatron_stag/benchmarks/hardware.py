@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_stag.platform.files import write_atomic
+
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts): the MFU denominator.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
@@ -71,7 +73,7 @@ def write_result(path: Path, record: dict) -> None:
     record = dict(command=command, machine=machine(), **record)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def run(main) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from megatron_stag.benchmarks.hardware import run
+from megatron_stag.platform.files import write_atomic
 
 RUNS = {
     "baseline L=12": [],
@@ -196,7 +197,7 @@ def main(argv=None) -> None:
     iters = ns.iters or (1000 if ns.study == "small" else _budget_iters(recipe, study_runs, ns.tokens_per_param))
     if ns.throughput:
         results["throughput"] = _throughput(recipe, prefix, model_path, work, launch)
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        write_atomic(results_path, json.dumps(results, indent=2) + "\n")
         print(json.dumps(results["throughput"], indent=2))
         return
     wanted = set(ns.runs.split(",")) if ns.runs else None
@@ -234,7 +235,7 @@ def main(argv=None) -> None:
                                               ns.recurrent_length)
         with lock:  # each finished run is saved at once: a call cut short keeps what it finished
             runs[name] = row
-            results_path.write_text(json.dumps(results, indent=2) + "\n")
+            write_atomic(results_path, json.dumps(results, indent=2) + "\n")
 
     with ThreadPoolExecutor(max_workers=ns.parallel) as pool:
         failures = [f.exception() for f in [pool.submit(one, *job) for job in todo] if f.exception()]
@@ -402,7 +403,7 @@ def _report(results: dict, out: Path) -> None:
         except KeyError:
             verdicts.append((text, "not run"))
     results["hypotheses"] = dict(verdicts)
-    (out / f"{out.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomic(out / f"{out.name}.json", json.dumps(results, indent=2) + "\n")
     try:
         spread = _seed_spread(runs)
         notes = [f"Seed spread (largest |seed 1 - seed 2| of the pairs that ran): {spread:.4f}. Verdicts use "
@@ -411,7 +412,7 @@ def _report(results: dict, out: Path) -> None:
         notes = []
     md = ("\n".join(lines) + "\n\n" + "".join(n + "\n\n" for n in notes)
           + "\n".join(f"- {t}: **{v}**" for t, v in verdicts) + "\n")
-    (out / f"{out.name}.md").write_text(md)
+    write_atomic(out / f"{out.name}.md", md)
     print(md)
 
 

@@ -50,7 +50,9 @@ class ModelArgs:
         return self.stag_sections
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        from megatron_stag.platform.files import write_atomic
+
+        write_atomic(Path(path), json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "ModelArgs":

@@ -33,6 +33,7 @@ import torch
 from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER
 from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
 from megatron_stag.platform.distributed import launched
+from megatron_stag.platform.files import write_atomic
 
 
 def _under_launcher() -> bool:
@@ -304,7 +305,7 @@ def _write_run_files(args) -> None:
     schedule = _schedule(args)
     if not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
         check_resumed_schedule(save, schedule, resuming=args.load and Path(args.load) == save)
-    (save / "schedule.json").write_text(json.dumps(schedule, indent=2) + "\n")
+    write_atomic(save / "schedule.json", json.dumps(schedule, indent=2) + "\n")
     wanted.save(save / "model_args.json")
     if tokenizer is not None:
         shutil.copyfile(tokenizer, save / "tokenizer.model")
@@ -380,7 +381,7 @@ def _arguments_to_file(title: str, args) -> None:
         return
     path = Path(args.save) / "megatron_arguments.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
     print(f"megatron {title}: {path}", flush=True)
 
 

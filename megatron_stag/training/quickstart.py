@@ -18,6 +18,7 @@ import torch
 
 from megatron_stag.data.local_corpus import stdlib_files, stdlib_root
 from megatron_stag.data.prepare import prepare_dataset
+from megatron_stag.platform.files import write_atomic
 
 RECIPE = "tiny-cpu-stag"
 
@@ -38,7 +39,7 @@ def _data(out: Path, corpus_mb: float) -> tuple[Path, Path]:
           f"under {stdlib_root()}", file=sys.stderr)
     prefix, spm_path = prepare_dataset([str(f) for f in files], out / "data" / "stdlib", vocab_size=2048,
                                        overwrite=True)  # an earlier attempt that stopped before the stamp
-    stamp.write_text(json.dumps(dict(corpus_mb=corpus_mb, files=len(files))) + "\n")
+    write_atomic(stamp, json.dumps(dict(corpus_mb=corpus_mb, files=len(files))) + "\n")
     return prefix, spm_path
 
 
@@ -96,7 +97,7 @@ def run_quickstart(out: Path, iterations: int = 500, corpus_mb: float = 4.0, see
     summary = dict(checkpoint=str(weights), iterations=max(losses), first_loss=first, final_loss=last,
                    validation_loss=log.valid, loss_plot=str(plot),
                    decode_vs_forward_max_abs_diff=worst, generation_seconds=result.seconds)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"\nloss {first:.3f} -> {last:.3f}; staggered decode vs teacher-forced logits: max |diff| "
           f"{worst:.2e}; checkpoint {weights}", file=sys.stderr)
     return summary
