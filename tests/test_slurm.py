@@ -2,7 +2,6 @@
 started on this machine (pretraining as a 2-task job, staggered generation with one section per task,
 preemption -> checkpoint -> requeue -> resume)."""
 
-import os
 import re
 import subprocess
 import sys
@@ -79,37 +78,52 @@ def test_sbatch_command_multinode_and_environment(tmp_path):
     assert not any(o.startswith("--gpus-per-node") for o in cpu)
 
 
-def test_submit_dry_run_and_errors(tmp_path):
+def test_submit_dry_run_and_errors(tmp_path, capsys, monkeypatch):
+    """In this process (each `megatron-stag submit` subprocess spent ~3 s importing megatron)."""
+    from megatron_stag.cli import main
+
+    monkeypatch.setattr("megatron_stag.platform.quiet.install", lambda: None)  # leaves the environment alone
+
+    def submit(*args, env=None):
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        try:
+            code = main(["submit", *args])
+        except SystemExit as err:
+            code = err.code if isinstance(err.code, int) else (print(err.code, file=sys.stderr) or 1)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
     shared_data = ["data.data_path=[/shared/corpus_text_document]", "data.tokenizer_model=/shared/corpus.model"]
-    shared_python = {**os.environ, "STAG_PYTHON": "/shared/venv/bin/python"}  # wherever this checkout is
-    out = cli("submit", "--dry-run", "--nodes", "2", "--run-dir", "/shared/run", "350m-stag", *shared_data,
-              "parallelism.tensor_model_parallel_size=2", "training.global_batch_size=512",
-              "--", "--log-timers-to-tensorboard", env=shared_python).stdout
+    shared_python = {"STAG_PYTHON": "/shared/venv/bin/python"}  # wherever this checkout is
+    code, out, _ = submit("--dry-run", "--nodes", "2", "--run-dir", "/shared/run", "350m-stag", *shared_data,
+                          "parallelism.tensor_model_parallel_size=2", "training.global_batch_size=512",
+                          "--", "--log-timers-to-tensorboard", env=shared_python)
+    assert code == 0
     assert "sbatch --job-name=stag-350m-stag --nodes=2 --ntasks-per-node=8" in out
     assert "STAG_RUN_DIR=/shared/run" in out
     assert out.rstrip().endswith("parallelism.tensor_model_parallel_size=2 "
                                  "training.global_batch_size=512 -- --log-timers-to-tensorboard")
-    shared = cli("submit", "--dry-run", "--nodes", "2", "--run-dir", "/dev/shm/run", "350m-stag", *shared_data,
-                 "training.global_batch_size=512", env=shared_python, check=False)
-    assert shared.returncode != 0 and "node-local filesystem (under /dev/shm/" in shared.stderr and "/dev/shm/run" in shared.stderr
-    local_python = cli("submit", "--dry-run", "--nodes", "2", "--run-dir", "/shared/run", "350m-stag", *shared_data,
-                       "training.global_batch_size=512", env={**os.environ, "STAG_PYTHON": "/tmp/venv/bin/python"},
-                       check=False)  # issue 20: a node-local interpreter failed only on the other node
-    assert local_python.returncode != 0 and "/tmp/venv/bin/python is on a node-local" in local_python.stderr
-    misfit = cli("submit", "--dry-run", "--nodes", "1", "--gpus-per-node", "4", "350m-stag",
-                 "parallelism.tensor_model_parallel_size=8", check=False)
-    assert "exceeds the 4 tasks per node" in misfit.stderr
-    bad_key = cli("submit", "--dry-run", "350m-stag", "training.nonsense=1", check=False)
-    assert bad_key.returncode != 0 and "nonsense" in bad_key.stderr
+    code, _, err = submit("--dry-run", "--nodes", "2", "--run-dir", "/dev/shm/run", "350m-stag", *shared_data,
+                          "training.global_batch_size=512", env=shared_python)
+    assert code != 0 and "node-local filesystem (under /dev/shm/" in err and "/dev/shm/run" in err
+    code, _, err = submit("--dry-run", "--nodes", "2", "--run-dir", "/shared/run", "350m-stag", *shared_data,
+                          "training.global_batch_size=512", env={"STAG_PYTHON": "/tmp/venv/bin/python"})
+    assert code != 0 and "/tmp/venv/bin/python is on a node-local" in err  # issue 20: failed on the other node
+    code, _, err = submit("--dry-run", "--nodes", "1", "--gpus-per-node", "4", "350m-stag",
+                          "parallelism.tensor_model_parallel_size=8")
+    assert "exceeds the 4 tasks per node" in err
+    code, _, err = submit("--dry-run", "350m-stag", "training.nonsense=1")
+    assert code != 0 and "nonsense" in err
     for flag, value, message in (("--nodes", "0", "0 is below 1"), ("--gpus-per-node", "0", "0 is below 1"),
                                  ("--nodes", "-2", "-2 is below 1"), ("--signal-seconds", "-5", "-5 is below 1"),
                                  ("--run-dir", "/shared/run%j", "contains '%'"),  # issue 15: were defaults or passed on
                                  ("--time", "00:05:00", "is not 60 s below --time 00:05:00 (300 s)")):  # a requeue loop
-        refused = cli("submit", "--dry-run", flag, value, "350m-stag", *shared_data, check=False)
-        assert refused.returncode != 0 and message in refused.stderr and flag in refused.stderr, refused.stderr
-    no_slurm = cli("submit", "--run-dir", str(tmp_path / "r"), "350m-stag", "training.global_batch_size=512",
-                   env={"PATH": "/nonexistent", "HOME": str(tmp_path)}, check=False)
-    assert "sbatch was not found on PATH" in no_slurm.stderr
+        code, _, err = submit("--dry-run", flag, value, "350m-stag", *shared_data)
+        assert code != 0 and message in err and flag in err, err
+    code, _, err = submit("--run-dir", str(tmp_path / "r"), "350m-stag", "training.global_batch_size=512",
+                          env={"PATH": "/nonexistent"})
+    assert code != 0 and "sbatch was not found on PATH" in err
 
 
 def test_time_limits_and_the_warning():
