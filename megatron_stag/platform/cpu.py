@@ -52,9 +52,12 @@ def _patch_factories() -> None:
     themselves are wrapped too. `with torch.device(...)` recognises factories by identity, from a set
     it builds once: built after this patch, it would hold the wrappers, miss the functions they call,
     and leave `torch.device("meta")` (transformers' model loading) allocating on the CPU."""
-    from torch.utils._device import _device_constructors
-
-    _device_constructors()  # cached with torch's own functions
+    try:
+        from torch.utils._device import _device_constructors
+    except ImportError:  # a private helper: a torch without it has nothing to cache first
+        pass
+    else:
+        _device_constructors()  # cached with torch's own functions
     for fn in _FACTORIES:
         name = fn.__name__
         if getattr(torch, name, None) is fn:
