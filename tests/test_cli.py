@@ -34,6 +34,8 @@ def test_quickstart_trains_and_decodes_exactly(quickstart_run):
         assert noise not in proc.stdout + proc.stderr, noise
     assert (out / "data" / "stdlib_text_document.bin").is_file()
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "100"
+    recorded = json.loads((out / "checkpoints" / "model_args.json").read_text())  # megatron's names, so copied
+    assert (recorded["rotary_base"], recorded["rotary_percent"], recorded["layernorm_epsilon"]) == (10000, 1.0, 1e-5)
 
 
 def test_generate_from_checkpoint(quickstart_run, tmp_path):

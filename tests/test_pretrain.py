@@ -107,6 +107,28 @@ def test_path_overrides_are_literal():
     assert parse_override("training.train_iters=100")[1] == 100  # other values are still YAML
 
 
+def test_options_the_decoder_lacks_are_refused():
+    """A megatron option that changes the model but that neither model_args.json nor the serving model
+    carries (given in the recipe or after --) stops the run, naming it; every name is megatron's."""
+    import argparse
+
+    from megatron_stag.training.megatron_pretrain import UNRECORDED, check_decodable
+
+    defaults = argparse.Namespace(**{name: False for name in UNRECORDED}, rotary_scaling_factor=1.0,
+                                  add_bias_linear=False)
+    check_decodable(defaults)
+    check_decodable(argparse.Namespace(**{**vars(defaults), "add_bias_linear": True, "add_qkv_bias": True}))
+    for name in UNRECORDED:
+        with pytest.raises(SystemExit, match=f"--{name.replace('_', '-')}: megatron-stag's decoder"):
+            check_decodable(argparse.Namespace(**{**vars(defaults), name: True}))
+    with pytest.raises(SystemExit, match="--rotary-scaling-factor 8.0"):
+        check_decodable(argparse.Namespace(**{**vars(defaults), "rotary_scaling_factor": 8.0}))
+    from megatron_stag.config.recipe import megatron_parser
+
+    flags = {flag for action in megatron_parser()._actions for flag in action.option_strings}
+    assert {f"--{name.replace('_', '-')}" for name in UNRECORDED} <= flags
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["stag_sections=3"], "num_layers=4 is not divisible by stag_sections=3"),
     (["altup_blocks=0"], "altup_blocks=0"),

@@ -75,6 +75,28 @@ def test_decode_logits_equal_megatron_forward(name, monkeypatch):
         torch.testing.assert_close(steps, ref[len(prompt): len(full) - 1], atol=ATOL, rtol=0)
 
 
+def test_rope_base_fraction_and_norm_epsilon_reach_the_decoder():
+    """A run trained with megatron's --rotary-base, --rotary-percent or --norm-epsilon has them in its
+    model_args.json, and `generate`, `export` and `import` rebuild the model with them (they used 10000,
+    1.0 and 1e-5 whatever the run had: decoding that differed from training without a word)."""
+    from megatron_stag.models.model_args import ModelArgs
+    from megatron_stag.serving.convert import model_args_for
+
+    args = ModelArgs(vocab_size=64, max_sequence_length=MAX_LEN, num_layers=4, hidden_size=32, num_attention_heads=4,
+                     stag_sections=2, position_embedding_type="rope", normalization="RMSNorm",
+                     rotary_base=500_000, rotary_percent=0.5, layernorm_epsilon=0.05)
+    torch.manual_seed(0)
+    model = args.build(args.config()).eval()
+    plain = serving(model)
+    assert (plain.cfg.rotary_base, plain.cfg.rotary_dim, plain.cfg.norm_eps) == (500_000.0, 4, 0.05)
+    back = model_args_for(plain.cfg)
+    assert (back.rotary_base, back.rotary_percent, back.layernorm_epsilon) == (500_000, 0.5, 0.05)
+    prompt = [5, 9, 2, 33, 7]
+    result = generator(model).generate([prompt], SamplingParams(max_new_tokens=8), keep_logits=True)
+    ref = _teacher_forced(model, prompt + result.tokens[0])
+    torch.testing.assert_close(result.step_logits[:, 0], ref[len(prompt): len(prompt) + 7], atol=ATOL, rtol=0)
+
+
 def test_prompts_prefill_together_in_groups(monkeypatch):
     """Prompts of similar lengths prefill as one forward, padded on the right, at most PREFILL_TOKENS
     tokens (rows x the group's longest) each: every grouping gives the tokens and logits of prefilling

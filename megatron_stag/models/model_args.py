@@ -43,6 +43,11 @@ class ModelArgs:
     moe_ffn_hidden_size: Optional[int] = None
     add_bias_linear: bool = True
     core_attention: str = "sdpa"
+    # megatron's names (--rotary-base, --rotary-percent, --norm-epsilon): a run that changes them is
+    # rebuilt with them by generate and export (older model_args.json files hold the defaults)
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    layernorm_epsilon: float = 1e-5
 
     @property
     def sections(self) -> int:
@@ -79,6 +84,7 @@ class ModelArgs:
             num_layers=self.num_layers, hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
             ffn_hidden_size=self.ffn_hidden_size, normalization=self.normalization,
+            layernorm_epsilon=self.layernorm_epsilon,
             stag_sections=self.stag_sections, stag_section_layers=self.stag_section_layers,
             stag_shared_weights=self.stag_shared_weights, stag_cross_window=self.stag_cross_window,
             stag_output=self.stag_output, stag_null_entry=self.stag_null_entry, tensor_model_parallel_size=tp,
@@ -104,7 +110,8 @@ class ModelArgs:
             section_specs=get_stagformer_section_specs(config, core_attention=self.core_attention),
             pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
-            position_embedding_type=self.position_embedding_type,
+            position_embedding_type=self.position_embedding_type, rotary_base=self.rotary_base,
+            rotary_percent=self.rotary_percent,
         )
         # megatron's Float16Module casts the whole module (its torch norms are built in fp32).
         return model.to(config.params_dtype) if config.params_dtype != torch.float32 else model

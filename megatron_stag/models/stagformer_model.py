@@ -108,6 +108,7 @@ class StagFormerModel(LanguageModule):
             )
             if config.altup_enabled:
                 self.altup_widening = AltUpWidening(config, vocab_size, tp_group=self.pg_collection.tp)
+        self.rotary_base = rotary_base
         if position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 kv_channels=config.kv_channels,

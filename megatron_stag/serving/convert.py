@@ -62,7 +62,7 @@ def plain_config(model, args) -> PlainConfig:
         activation="swiglu" if cfg.gated_linear_unit else "gelu", bias=cfg.add_bias_linear,
         position_embedding=model.position_embedding_type,
         rotary_dim=2 * model.rotary_pos_emb.inv_freq.numel() if rope else 0,
-        rotary_base=10000.0, tie_embeddings=model.share_embeddings_and_output_weights,
+        rotary_base=float(model.rotary_base), tie_embeddings=model.share_embeddings_and_output_weights,
         altup_blocks=cfg.altup_blocks, altup_active=active, altup_embedding=cfg.altup_embedding,
         altup_output=cfg.altup_output, altup_form=cfg.altup_form, altup_coef_clip=cfg.altup_coef_clip,
         moe_experts=cfg.num_moe_experts or 0, moe_topk=cfg.moe_router_topk,
@@ -325,14 +325,13 @@ def model_args_for(cfg: PlainConfig) -> "ModelArgs":
     that has no megatron equivalent here."""
     from megatron_stag.models.model_args import ModelArgs
 
-    fixed = dict(rotary_base=10000.0, norm_eps=1e-5)
-    for name, value in fixed.items():
-        if getattr(cfg, name) != value:
-            raise ExportError(f"{name}={getattr(cfg, name)}: megatron-stag trains with {value}; this model "
-                              f"cannot be imported.")
-    if cfg.position_embedding == "rope" and cfg.rotary_dim != cfg.head_dim:
-        raise ExportError(f"rotary_dim={cfg.rotary_dim} differs from head_dim={cfg.head_dim}: megatron-stag "
-                          f"rotates whole heads; this model cannot be imported.")
+    if cfg.rotary_base != int(cfg.rotary_base):
+        raise ExportError(f"rotary_base={cfg.rotary_base}: megatron's --rotary-base is a whole number; this "
+                          f"model cannot be imported.")
+    percent = cfg.rotary_dim / cfg.head_dim if cfg.position_embedding == "rope" else 1.0
+    if int(cfg.head_dim * percent) != (cfg.rotary_dim if cfg.position_embedding == "rope" else cfg.head_dim):
+        raise ExportError(f"rotary_dim={cfg.rotary_dim} is no fraction of head_dim={cfg.head_dim} that megatron's "
+                          f"--rotary-percent gives; this model cannot be imported.")
     if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
         raise ExportError(f"head_dim={cfg.head_dim} x num_attention_heads={cfg.num_attention_heads} is not "
                           f"hidden_size={cfg.hidden_size}: this model cannot be imported.")
@@ -353,7 +352,8 @@ def model_args_for(cfg: PlainConfig) -> "ModelArgs":
         altup_blocks=cfg.altup_blocks, altup_schedule=schedule, altup_fixed_block=fixed_block,
         altup_embedding=cfg.altup_embedding, altup_output=cfg.altup_output, altup_form=cfg.altup_form,
         altup_coef_clip=cfg.altup_coef_clip, num_moe_experts=cfg.moe_experts or None, moe_router_topk=cfg.moe_topk,
-        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size, add_bias_linear=cfg.bias)
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size, add_bias_linear=cfg.bias, rotary_base=int(cfg.rotary_base),
+        rotary_percent=percent, layernorm_epsilon=cfg.norm_eps)
 
 
 def load_into_megatron(model, cfg: PlainConfig, state: dict) -> None:

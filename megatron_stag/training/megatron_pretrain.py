@@ -285,6 +285,25 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+# megatron model options that change the maths but not model_args.json: the serving model (generate,
+# export, eval) would decode another model than the one trained, so a run with them stops at start
+UNRECORDED = ("rotary_interleaved", "qk_layernorm", "qk_l2_norm", "add_qkv_bias", "attention_output_gate",
+              "apply_residual_connection_post_layernorm", "openai_gelu", "squared_relu", "use_rope_scaling",
+              "multi_latent_attention", "apply_layernorm_1p")
+
+
+def check_decodable(args) -> None:
+    """Refuse, naming the flag, a model option the serving model does not implement (q/k/v biases
+    are fine where every linear layer has one: megatron turns add_qkv_bias on for add_bias_linear)."""
+    used = [f"--{name.replace('_', '-')}" for name in UNRECORDED if getattr(args, name, False)
+            and not (name == "add_qkv_bias" and getattr(args, "add_bias_linear", False))]
+    if getattr(args, "rotary_scaling_factor", 1.0) != 1.0:
+        used.append(f"--rotary-scaling-factor {args.rotary_scaling_factor}")
+    if used:
+        raise SystemExit(f"{', '.join(used)}: megatron-stag's decoder (generate, export, eval) does not implement "
+                         f"this, so it would decode another model than the one trained; train without it.")
+
+
 def _write_run_files(args) -> None:
     """model_args.json and tokenizer.model beside Megatron's checkpoints, for `generate`."""
     from megatron_stag.models.model_args import ModelArgs
@@ -409,6 +428,7 @@ def run(argv: list[str]) -> int:
 
     sys.argv = [sys.argv[0], *argv]
     args = parse_and_validate_args(extra_args_provider=add_megatron_stag_args)
+    check_decodable(args)
     _write_run_files(args)
     _arguments_to_file("arguments", args)
     cfg = pretrain_cfg_container_from_args(args, stag_gpt_config_from_args(args))
