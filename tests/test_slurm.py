@@ -147,6 +147,14 @@ def test_time_limits_and_the_warning():
     check_warning_time(JobOptions(job_name="j", run_dir=Path("/r")))  # the partition's limit: unknown here
 
 
+def test_the_batch_script_and_submit_agree_on_finished_jobs():
+    """`submit` and `pretrain.sbatch` each decide whether a run directory's holder has finished; the
+    states they count as finished must be the same list."""
+    script = (slurm.SLURM_DIR / "pretrain.sbatch").read_text()
+    states = re.search(r"=~ \^\(([A-Z_|]+)\)\$", script).group(1).split("|")
+    assert sorted(states) == sorted(slurm.FINISHED_STATES)
+
+
 def test_rank_variables_from_slurm():
     env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8",
            "MASTER_ADDR": "node1", "MASTER_PORT": "23456"}

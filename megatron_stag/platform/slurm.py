@@ -160,7 +160,7 @@ def check_shared_paths(paths: list[Path], nodes: int) -> None:
 
 
 FINISHED_STATES = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-                   "DEADLINE", "OUT_OF_MEMORY")  # as slurm/pretrain.sbatch's job_active
+                   "DEADLINE", "OUT_OF_MEMORY")  # as slurm/pretrain.sbatch's job_active (a test keeps them equal)
 
 
 def check_run_dir_free(run_dir: Path, opts: "JobOptions") -> None:

@@ -387,7 +387,7 @@ def use_shipped_dataset_helpers() -> None:
     dataset_utils.compile_helpers = lambda: None
 
 
-def _arguments_to_file(title: str, args) -> None:
+def _arguments_to_file(args) -> None:
     """Megatron prints its ~770 resolved arguments at start-up; they go to the run's folder
     (`<checkpoint.save>/megatron_arguments.txt`) with one line on the terminal naming the file,
     after `_write_run_files` has checked that the folder is this run's to write."""
@@ -396,12 +396,12 @@ def _arguments_to_file(title: str, args) -> None:
     lines = sorted((f"  {name} {'.' * (48 - len(name))} {value}" for name, value in vars(args).items()),
                    key=str.lower)
     if not args.save:
-        print("\n".join([f"------------------------ {title} ------------------------", *lines]), flush=True)
+        print("\n".join(["------------------------ arguments ------------------------", *lines]), flush=True)
         return
     path = Path(args.save) / "megatron_arguments.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, "\n".join(lines) + "\n")
-    print(f"megatron {title}: {path}", flush=True)
+    print(f"megatron arguments: {path}", flush=True)
 
 
 def run(argv: list[str]) -> int:
@@ -430,7 +430,7 @@ def run(argv: list[str]) -> int:
     args = parse_and_validate_args(extra_args_provider=add_megatron_stag_args)
     check_decodable(args)
     _write_run_files(args)
-    _arguments_to_file("arguments", args)
+    _arguments_to_file(args)
     cfg = pretrain_cfg_container_from_args(args, stag_gpt_config_from_args(args))
     pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step)
     return 0
