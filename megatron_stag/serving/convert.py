@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -181,6 +182,7 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
     if format == "hf" and not tokenizer.is_file():
         raise ExportError(f"{tokenizer} does not exist: a Hugging Face folder ships its tokenizer; pass "
                           f"--tokenizer with the sentencepiece .model the model was trained with.")
+    _stage(f"reading {checkpoint}")
     plain = load_serving_model(checkpoint, dtype=dtype)
     if format == "hf" and (vocab := _tokenizer_vocab(tokenizer)) > plain.cfg.vocab_size:
         raise ExportError(f"{tokenizer} has {vocab} pieces, more than the model's vocab_size "
@@ -190,6 +192,7 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the package from the rest of a team
+    _stage(f"writing {sum(p.numel() for p in plain.parameters()) / 1e6:,.1f}M parameters ({format}) to {out}")
     try:
         if format == "hf":
             write_hf_folder(plain, tokenizer, tmp, dtype, max_shard_bytes)
@@ -205,6 +208,11 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _stage(what: str) -> None:
+    """A line per stage on stderr: a 1B model takes tens of seconds to read and as long to write."""
+    print(f"{what} ...", file=sys.stderr, flush=True)
 
 
 def _tokenizer_vocab(path: Path) -> int:
@@ -405,6 +413,7 @@ def import_checkpoint(source: Path, out: Path) -> Path:
     source, out = Path(source), Path(out)
     if out.exists():
         raise ExportError(f"{out} exists: import into a new folder (nothing was written).")
+    _stage(f"reading {source}")
     plain = load_plain_model(source)
     args = model_args_for(plain.cfg)
     tokenizer = source / "tokenizer.model"
@@ -419,6 +428,7 @@ def import_checkpoint(source: Path, out: Path) -> Path:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
+    _stage(f"writing {sum(p.numel() for p in plain.parameters()) / 1e6:,.1f}M parameters (megatron torch_dist) to {out}")
     try:
         (tmp / "release").mkdir()
         dist_checkpointing.save({"model": model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0},
