@@ -348,6 +348,51 @@ def test_import_round_trip_is_exact(megatron_world, tmp_path, name):
         import_checkpoint(tmp_path / "hf", checkpoint)
 
 
+def test_a_llama_that_transformers_wrote_imports_exactly(megatron_world, tmp_path):
+    """A Llama folder from elsewhere (transformers' own save_pretrained: grouped-query attention, rope
+    base in `rope_parameters`, tied head, sharded) decodes and imports with transformers' logits; what
+    the serving model or megatron-stag's model does not compute is refused by its config field."""
+    from megatron_stag.checkpointing.checkpoint_io import load_model_weights, resolve_checkpoint
+    from megatron_stag.models.model_args import ModelArgs
+    from megatron_stag.serving.convert import ExportError, import_checkpoint
+    from megatron_stag.serving.model import load_plain_model
+
+    torch.manual_seed(0)
+    base = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=MAX_LEN, rms_norm_eps=1e-5,
+                tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base)).eval()
+    theirs.save_pretrained(tmp_path / "llama", max_shard_size="40KB")
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        want = theirs(ids).logits
+        assert (load_plain_model(tmp_path / "llama")(ids) - want).abs().max() <= TOL
+    checkpoint = import_checkpoint(tmp_path / "llama", tmp_path / "ckpt")
+    args = ModelArgs.load(resolve_checkpoint(checkpoint)[1] / "model_args.json")
+    assert (args.rotary_base, args.num_query_groups, args.share_embeddings_and_output_weights) == (500000, 2, True)
+    back = args.build(args.config()).eval()
+    load_model_weights(back, checkpoint)
+    with torch.no_grad():
+        assert (back(ids, torch.arange(10).expand(2, 10)) - want).abs().max() <= TOL
+
+    for field, change in [("rope_parameters", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                     "original_max_position_embeddings": 32})),
+                          ("attention_bias", dict(attention_bias=True)), ("hidden_act", dict(hidden_act="gelu"))]:
+        folder = tmp_path / field
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**base, **change})).save_pretrained(folder)
+        with pytest.raises(ValueError, match=field):
+            load_plain_model(folder)
+    folder = tmp_path / "head_dim"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**base, head_dim=24)).eval().save_pretrained(folder)
+    with torch.no_grad():  # the serving model computes it; megatron-stag's training model does not
+        assert (load_plain_model(folder)(ids) - transformers.AutoModelForCausalLM.from_pretrained(folder)(ids).logits
+                ).abs().max() <= TOL
+    with pytest.raises(ExportError, match="head_dim=24"):
+        import_checkpoint(folder, tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+
+
 @pytest.mark.slow
 def test_import_continues_training_at_tp2_pp2(quickstart_run, tmp_path):
     """The quickstart model exported to HF and imported back: `pretrain` at TP=2 x PP=2 loads it
