@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and activations (auto: bf16 on a GPU, fp32 on CPU)")
     g.add_argument("--eager", action="store_true",
                    help="run decode steps eagerly (no torch.compile, no CUDA graph): for debugging")
+    g.add_argument("--deterministic", action="store_true",
+                   help="the same output on every run at any --batch-size: above 4 prompts per step (16 heads) "
+                        "attention runs on the engine's own kernel instead of cuDNN's (a few %% slower)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("submit", formatter_class=_HELP, help="sbatch slurm/pretrain.sbatch for a recipe (nodes/tasks from its parallelism)",

@@ -54,7 +54,8 @@ def test_generate_from_checkpoint(quickstart_run, tmp_path):
 def test_generate_sizes_the_cache_and_groups_the_prompts(quickstart_run, monkeypatch, tmp_path):
     """`generate` makes the engine's caches as long as its longest prompt plus the new tokens, not the
     model's context (above a few rows a step's attention reads every slot of the cache), and decodes
-    more prompts than --batch-size in groups, with the completions of one batch."""
+    more prompts than --batch-size in groups, with the completions of one batch (`--deterministic`
+    reaches the engine)."""
     from pathlib import Path
 
     from megatron_stag.cli import build_parser
@@ -67,7 +68,7 @@ def test_generate_sizes_the_cache_and_groups_the_prompts(quickstart_run, monkeyp
 
     class Recorded(engine.StaggeredGenerator):
         def __init__(self, model, max_len, batch, **kwargs):
-            made.append((max_len, batch))
+            made.append((max_len, batch, kwargs["deterministic"]))
             super().__init__(model, max_len, batch, **kwargs)
 
     monkeypatch.setattr(engine, "StaggeredGenerator", Recorded)
@@ -75,7 +76,7 @@ def test_generate_sizes_the_cache_and_groups_the_prompts(quickstart_run, monkeyp
     prompts = ["def f(x):", "import os\nimport sys\n", "class A:", "x = [", "for i in"]
     completions = {}
     (tmp_path / "again.jsonl").write_text("an earlier run's\n")
-    for size, name, extra in (("64", "64", []), ("2", "2", []), ("2", "again", ["--overwrite"])):
+    for size, name, extra in (("64", "64", []), ("2", "2", []), ("2", "again", ["--overwrite", "--deterministic"])):
         out = tmp_path / f"{name}.jsonl"
         ns = build_parser().parse_args(["generate", str(ckpt), "--prompt", "x", "--max-new-tokens", "5",
                                         "--batch-size", size, "--output", str(out), *extra])
@@ -86,7 +87,7 @@ def test_generate_sizes_the_cache_and_groups_the_prompts(quickstart_run, monkeyp
     cfg, tok_dir = describe(Path(ckpt))
     tok = load_tokenizer(tok_dir / "tokenizer.model")
     slots = max(len(tok.tokenize(p)) for p in prompts) + 5
-    assert made == [(slots, 5), (slots, 2), (slots, 2)] and slots < cfg.max_sequence_length
+    assert made == [(slots, 5, False), (slots, 2, False), (slots, 2, True)] and slots < cfg.max_sequence_length
 
 
 def test_generate_errors(quickstart_run, tmp_path):

@@ -192,6 +192,13 @@ ENGINE = textwrap.dedent("""
                                                                                keep_logits=True)
     assert fast.tokens == slow.tokens, (fast.tokens, slow.tokens)
     assert (fast.step_logits.float() - slow.step_logits.float()).abs().max() < 0.1
+    # deterministic: steps of more query heads than ROWS, which take SDPA by default, stay on the kernel
+    decode_attention.ROWS = 2
+    attended.clear()
+    same = StaggeredGenerator(plain, max_len=10, batch=1, deterministic=True).generate([[5, 9, 2, 33, 7]], params,
+                                                                                      keep_logits=True)
+    assert set(attended) == {(10, True), (10, False)}, attended
+    assert same.tokens == fast.tokens and torch.equal(same.step_logits, fast.step_logits)
     print(sorted(shapes))
 """)
 
@@ -201,7 +208,7 @@ def test_engine_routes_one_row_matmuls_to_the_kernel():
     projection kind (fused q/k/v, out, MLP, the fused cross-attention entry projection, the head) goes
     through the kernel with the layer's norms, GELU and residual adds fused in, under torch.compile too,
     self- and cross-attention through the decode attention kernel, and decoding gives the tokens of
-    F.linear's and SDPA's step."""
+    F.linear's and SDPA's step; a deterministic engine keeps larger steps' attention on the kernel."""
     shapes = _interpret(ENGINE, timeout=600)
     # q/k/v fused, out, MLP up and down, section 2's 3 layers' cross k/v fused, the head
     for shape in ("(768, 256)", "(256, 256)", "(1024, 256)", "(256, 1024)", "(1536, 256)", "(64, 256)"):

@@ -239,6 +239,42 @@ def test_sampling_inside_the_graph_equals_eager_sampling():
     assert fast.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.9, seed=5)).tokens != first
 
 
+def test_deterministic_decoding_repeats_bitwise_at_any_batch():
+    """`deterministic=True` (`generate --deterministic`): with more query heads per step than `ROWS`,
+    where the default step takes SDPA (cuDNN, not run-to-run deterministic), every one-query attention
+    runs on the decode attention kernel, and two generators give bitwise equal logits and tokens in
+    bf16, within bf16 rounding of the default step's."""
+    from megatron_stag.serving import decode_attention, gemv
+    from megatron_stag.serving.convert import to_plain_model
+    from megatron_stag.serving.engine import StaggeredGenerator
+    from megatron_stag.serving.sampling import SamplingParams
+    from tests.model_factory import tiny_model
+
+    if not gemv.available(torch.device("cuda")):
+        pytest.skip("the kernel needs Hopper or later")
+    plain = to_plain_model(tiny_model(hidden_size=256, num_attention_heads=4, position_embedding_type="rope"),
+                           None, device="cuda").to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in torch.randint(3, 12, (24,), generator=g).tolist()]
+    params = SamplingParams(max_new_tokens=10)
+    assert 24 * 4 > decode_attention.ROWS
+    calls, kernel = [], decode_attention.decode_attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("new") is not None)
+        return kernel(*args, **kwargs)
+
+    with mock.patch.object(decode_attention, "decode_attention", counted):
+        runs = [StaggeredGenerator(plain, max_len=24, batch=24, deterministic=True).generate(
+            prompts, params, keep_logits=True) for _ in range(2)]
+    assert set(calls) == {True, False}  # self-attention steps (rope and cache write inside) and cross
+    assert runs[0].tokens == runs[1].tokens and torch.equal(runs[0].step_logits, runs[1].step_logits)
+    default = StaggeredGenerator(plain, max_len=24, batch=24).generate(prompts, params, keep_logits=True)
+    assert (default.step_logits[0].float() - runs[0].step_logits[0].float()).abs().max() <= 0.1
+    with pytest.raises(ValueError, match="kernels=True"):
+        StaggeredGenerator(plain, max_len=24, batch=24, deterministic=True, kernels=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_kernel_equals_f_linear(dtype):
     """The one-row kernel (`serving.gemv.linear`, what the engine routes one-row matmuls to) against

@@ -101,16 +101,17 @@ def step_bytes(plain, batch: int, position: float, sections, recurrent: bool) ->
     return weights, int(caches)
 
 
-def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=None, kernels: bool = True) -> dict:
+def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=None, kernels: bool = True,
+          deterministic: bool = False) -> dict:
     """ms per token of `generate`'s decode loop with the engine's defaults (greedy, sampled inside the
     graphed step, no host sync until the end; `kernels=False`: cuBLAS for every matmul, SDPA for
-    attention), median of ns.rounds."""
+    attention; `deterministic`: the engine's, as `generate --deterministic`), median of ns.rounds."""
     from megatron_stag.serving import engine
     from megatron_stag.serving.engine import StaggeredGenerator
     from megatron_stag.serving.sampling import SamplingParams, decode_loop
 
     gen = StaggeredGenerator(plain, ns.prompt + ns.new, batch, placement=placement, comm=comm, recurrent=recurrent,
-                             kernels=kernels)
+                             kernels=kernels, deterministic=deterministic)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, plain.cfg.vocab_size, (batch, ns.prompt), generator=g).tolist()
     with torch.no_grad():
@@ -168,6 +169,8 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="", help="comma-separated substrings of model names (default: all)")
     ap.add_argument("--cublas-rows", action="store_true", help="also time every configuration with the "
                     "engine's kernels=False (cuBLAS for every matmul, SDPA for attention), in the same run")
+    ap.add_argument("--deterministic-rows", action="store_true", help="also time every configuration with "
+                    "the engine's deterministic=True (generate --deterministic), in the same run")
     ap.add_argument("--out", required=True)
     ns = ap.parse_args(argv)
     from megatron_stag.serving.engine import SectionPlacement
@@ -188,15 +191,16 @@ def main(argv=None) -> None:
             placement, comm = SectionPlacement(a.stag_sections, 1, dist.get_rank()), dist
             plain.keep_sections([placement.section])
             sections = [placement.section]
-        for b, kernels in [(int(x), g) for x in ns.batches.split(",") for g in ((True, False) if ns.cublas_rows
-                                                                           else (True,))]:
-            r = bench(plain, b, ns, recurrent, placement, comm, kernels)
+        variants = [("", True, False)] + [(", cuBLAS matmuls, SDPA", False, False)] * ns.cublas_rows \
+            + [(", deterministic", True, True)] * ns.deterministic_rows
+        for b, (suffix, kernels, deterministic) in [(int(x), v) for x in ns.batches.split(",") for v in variants]:
+            r = bench(plain, b, ns, recurrent, placement, comm, kernels, deterministic)
             torch.compiler.reset()  # every configuration compiles afresh (dynamo's per-function cache is bounded)
             _free()
             weights, caches = step_bytes(plain, b, ns.prompt + (ns.new - 1) / 2, sections, recurrent)
             floor_w = _max_over_ranks(weights) / bandwidth / 1e6
             floor = _max_over_ranks(weights + caches) / bandwidth / 1e6
-            row = dict(model=name + ("" if kernels else ", cuBLAS matmuls, SDPA"),
+            row = dict(model=name + suffix,
                        layout="1 GPU" if world == 1 else f"{world} GPUs, one section per GPU",
                        batch=b, ms_per_token=r["ms_per_token"], floor_ms=floor, floor_weights_ms=floor_w,
                        x_floor=r["ms_per_token"] / floor, x_floor_weights=r["ms_per_token"] / floor_w,

@@ -207,34 +207,37 @@ def _(q, k, v, kv, positions, cos, sin, keep) -> Tensor:
     return q.new_empty(q.shape[0], 1, q.shape[1] * q.shape[3])
 
 
-def _fits(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> bool:
+def _fits(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, deterministic: bool) -> bool:
     """Whether the kernel takes this attention: one half-precision query per row, at most ROWS query
-    heads. The checks read shapes, dtypes and strides only: under torch.compile they resolve while
-    tracing."""
+    heads unless `deterministic`. The checks read shapes, dtypes and strides only: under torch.compile
+    they resolve while tracing."""
     b, heads, n, hd = q.shape
-    return not (n != 1 or b * heads > ROWS or q.dtype not in (torch.bfloat16, torch.float16)
+    return not (n != 1 or (b * heads > ROWS and not deterministic) or q.dtype not in (torch.bfloat16, torch.float16)
                 or keys.dtype != q.dtype or values.dtype != q.dtype or hd & (hd - 1) or not 16 <= hd <= 256
                 or heads % keys.shape[1] or values.shape != keys.shape or keep.dtype != torch.bool
                 or keep.shape != (b, 1, 1, keys.shape[2]) or q.stride(3) != 1 or keys.stride(3) != 1
                 or values.stride(3) != 1)
 
 
-def attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
-    """`reference`'s signature, with one-query half-precision steps on the kernel (call only where
-    `gemv.available`)."""
-    if not _fits(q, keys, values, keep):
+def attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, deterministic: bool = False) -> Tensor:
+    """`reference`'s signature, with one-query half-precision steps of at most ROWS query heads on the
+    kernel (call only where `gemv.available`). `deterministic` puts every such step on it: SDPA's
+    choice above ROWS (cuDNN on Hopper and later) is not run-to-run deterministic, while the kernel's
+    splits combine in a fixed order."""
+    if not _fits(q, keys, values, keep, deterministic):
         return reference(q, keys, values, keep)
     return torch.ops.megatron_stag.decode_attention(q, keys, values, keep)
 
 
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, rope: Optional[tuple[Tensor, Tensor]], kv: Tensor,
-                     rows: Optional[Tensor], positions: Tensor, keep: Tensor, attention=attention) -> Tensor:
+                     rows: Optional[Tensor], positions: Tensor, keep: Tensor, attention=attention,
+                     deterministic: bool = False) -> Tensor:
     """`reference_cached`'s signature: a step of every row (one query each) in one kernel, rotary
     embedding and cache write included, so the kernel follows the q/k/v matmul directly and loads its
     cache slots before waiting for it (programmatic dependent launch). Other calls take the reference
-    around `attention`."""
+    around `attention`; `deterministic` as for `attention`."""
     b, heads, n, hd = q.shape
-    if (rows is not None or not _fits(q, kv[0], kv[1], keep) or k.shape != (b, kv.shape[2], 1, hd)
+    if (rows is not None or not _fits(q, kv[0], kv[1], keep, deterministic) or k.shape != (b, kv.shape[2], 1, hd)
             or v.shape != k.shape or k.dtype != q.dtype or v.dtype != q.dtype or k.stride(3) != 1
             or v.stride(3) != 1 or positions.shape != (b, 1) or positions.dtype != torch.long
             or (rope is not None and (rope[0].shape != (b, 1, 1, rope[0].shape[-1]) or rope[0].shape[-1] % 2

@@ -202,12 +202,15 @@ class StaggeredGenerator:
     `compile` and `kernels` (one-row matmuls, with the norm before and the activation and residual add
     after them, on `serving.gemv`'s kernel; small-batch attention on `serving.decode_attention`'s) are
     the defaults, the fastest configuration, and apply on CUDA only (the kernels on Hopper and later);
-    turn them off to debug or to compare.
+    turn them off to debug or to compare. `deterministic` gives the same tokens and logits on every run
+    at any batch size: every one-query attention goes to the decode attention kernel, where steps of
+    more than `decode_attention.ROWS` query heads would take SDPA, which picks cuDNN's attention on
+    Hopper and later, not run-to-run deterministic (elsewhere SDPA's choice is, and it stays).
     """
 
     def __init__(self, model: StagLM, max_len: int, batch: int, placement: Optional[SectionPlacement] = None,
                  comm=None, recurrent: bool = False, cuda_graph: bool = True, compile: bool = True,
-                 kernels: bool = True):
+                 kernels: bool = True, deterministic: bool = False):
         cfg = model.cfg
         if recurrent and not (cfg.shared_weights and cfg.sections == 2 and placement is None
                               and cfg.output == "last"):
@@ -226,9 +229,15 @@ class StaggeredGenerator:
         # one-row matmuls, fused with their norm, activation and residual add, on the streaming GEMV
         # kernel (Hopper+): GPT b=1 on an H200 1.54 -> 1.30 ms/token (benchmarks/decode_engine.py);
         # small-batch attention on the flash-decoding kernel: 1.25 -> 1.17 (decode_attention.py)
-        kernels = kernels and _gemv.available(next(model.parameters()).device)
+        device = next(model.parameters()).device
+        if deterministic and not kernels and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0):
+            raise ValueError("deterministic=True needs kernels=True on this GPU: SDPA would take cuDNN's attention.")
+        kernels = kernels and _gemv.available(device)
         if kernels:
-            model.use_kernels(_gemv.linear, _attention.attention, _attention.cached_attention)
+            attention, cached = _attention.attention, _attention.cached_attention
+            if deterministic:
+                attention, cached = (functools.partial(f, deterministic=True) for f in (attention, cached))
+            model.use_kernels(_gemv.linear, attention, cached)
         else:
             model.use_kernels()
         self.place, self.comm = placement, comm
@@ -237,7 +246,7 @@ class StaggeredGenerator:
         attn = model.sections[self.mine[0]].layers[0].self_attn
         q_heads = attn.q_proj.weight.shape[0] // attn.head_dim  # this rank's, under tensor parallelism
         self.bucket = None
-        if not (kernels and batch * q_heads <= _attention.ROWS):
+        if not (kernels and (deterministic or batch * q_heads <= _attention.ROWS)):
             self.bucket = SLOT_BUCKET * -(-max_len // (SLOT_BUCKET * MAX_BUCKETS))
         # where steps read slot buckets, the caches keep a slot past max_len that no step reads: no
         # bucket's mask or cache view is then a whole tensor, so one compiled section step serves every

@@ -160,7 +160,8 @@ def generate_from_checkpoint(ns, prompts: list[str]) -> int:
     rows = min(len(ids), ns.batch_size)
     try:
         gen = StaggeredGenerator(model, max_len=cache_slots(ids, params), batch=rows, placement=placement,
-                                 comm=comm, recurrent=ns.recurrent, cuda_graph=not ns.eager, compile=not ns.eager)
+                                 comm=comm, recurrent=ns.recurrent, cuda_graph=not ns.eager, compile=not ns.eager,
+                                 deterministic=ns.deterministic)
     except CacheMemoryError as err:
         raise SystemExit(f"--batch-size {rows}, --max-new-tokens {ns.max_new_tokens}: {err}") from None
     result = gen.generate(ids, params, progress=world == 1)
