@@ -17,7 +17,8 @@ this path.
 On an H200 it halves a b=1 step's attention (24 layers: 0.150 against SDPA's 0.331 ms; GPT 1.254 ->
 1.165 ms/token), but at b=8 and 32 the engine's step is faster with SDPA, so steps of more than ROWS
 query heads stay there (docs/decode-engine.md). SDPA picks cuDNN there, whose one-query attention is
-not run-to-run deterministic; its deterministic memory-efficient kernel costs 25-36% of the step.
+not run-to-run deterministic; its deterministic memory-efficient kernel costs 25-36% of the step, and
+the engine's deterministic mode (`attention(deterministic=True)`) keeps such steps here instead (+10-31%).
 
 A step's self-attention (`cached_attention`) also applies the rotary embedding and writes the new key
 and value into the cache, so no kernel sits between it and the q/k/v GEMV: each program loads its first
