@@ -271,8 +271,12 @@ def test_deterministic_decoding_repeats_bitwise_at_any_batch():
     assert runs[0].tokens == runs[1].tokens and torch.equal(runs[0].step_logits, runs[1].step_logits)
     default = StaggeredGenerator(plain, max_len=24, batch=24).generate(prompts, params, keep_logits=True)
     assert (default.step_logits[0].float() - runs[0].step_logits[0].float()).abs().max() <= 0.1
-    with pytest.raises(ValueError, match="kernels=True"):
+    with pytest.raises(ValueError, match="needs the engine's kernels"):
         StaggeredGenerator(plain, max_len=24, batch=24, deterministic=True, kernels=False)
+    odd = to_plain_model(tiny_model(hidden_size=192, num_attention_heads=4), None, device="cuda")
+    StaggeredGenerator(odd, max_len=24, batch=24, deterministic=True)  # fp32: SDPA's choice is deterministic
+    with pytest.raises(ValueError, match="not 48"):
+        StaggeredGenerator(odd.to(torch.bfloat16), max_len=24, batch=24, deterministic=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

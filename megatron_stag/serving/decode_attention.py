@@ -208,13 +208,18 @@ def _(q, k, v, kv, positions, cos, sin, keep) -> Tensor:
     return q.new_empty(q.shape[0], 1, q.shape[1] * q.shape[3])
 
 
+def takes_head_dim(hd: int) -> bool:
+    """Whether the kernel handles heads of this size (a power of two, 16-256)."""
+    return not hd & (hd - 1) and 16 <= hd <= 256
+
+
 def _fits(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, deterministic: bool) -> bool:
     """Whether the kernel takes this attention: one half-precision query per row, at most ROWS query
     heads unless `deterministic`. The checks read shapes, dtypes and strides only: under torch.compile
     they resolve while tracing."""
     b, heads, n, hd = q.shape
     return not (n != 1 or (b * heads > ROWS and not deterministic) or q.dtype not in (torch.bfloat16, torch.float16)
-                or keys.dtype != q.dtype or values.dtype != q.dtype or hd & (hd - 1) or not 16 <= hd <= 256
+                or keys.dtype != q.dtype or values.dtype != q.dtype or not takes_head_dim(hd)
                 or heads % keys.shape[1] or values.shape != keys.shape or keep.dtype != torch.bool
                 or keep.shape != (b, 1, 1, keys.shape[2]) or q.stride(3) != 1 or keys.stride(3) != 1
                 or values.stride(3) != 1)

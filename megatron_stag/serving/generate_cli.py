@@ -164,6 +164,8 @@ def generate_from_checkpoint(ns, prompts: list[str]) -> int:
                                  deterministic=ns.deterministic)
     except CacheMemoryError as err:
         raise SystemExit(f"--batch-size {rows}, --max-new-tokens {ns.max_new_tokens}: {err}") from None
+    except ValueError as err:  # options the engine cannot honour for this model (--deterministic, --recurrent)
+        raise SystemExit(str(err)) from None
     result = gen.generate(ids, params, progress=world == 1)
     if comm is not None and comm.get_rank() != (placement.sampler if placement else 0):
         return 0  # the sampling rank reports
