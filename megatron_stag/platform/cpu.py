@@ -204,6 +204,7 @@ def adapt_megatron_training() -> None:
     # C++ here); on CPU they are off (`platform_flags`), so the warm-up only cost seconds per process
     training.set_jit_fusion_options = lambda tp_size=None: None
     arguments.get_device_arch_version = lambda: 0  # only picks performance advice for TP/CP
+    training.report_memory = lambda name, process_group=None: None  # CUDA's allocator counters: all 0 here
     from megatron_stag.platform.quiet import drop_log_lines
 
     # the "GPU" RNG is the CPU generator here, so megatron's check that the CPU state stays untouched
