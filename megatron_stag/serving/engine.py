@@ -230,7 +230,7 @@ class StaggeredGenerator:
         # kernel (Hopper+): GPT b=1 on an H200 1.54 -> 1.30 ms/token (benchmarks/decode_engine.py);
         # small-batch attention on the flash-decoding kernel: 1.25 -> 1.17 (decode_attention.py)
         device = next(model.parameters()).device
-        if deterministic and not kernels and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0):
+        if deterministic and not kernels and _gemv.available(device):  # the GPUs where SDPA prefers cuDNN
             raise ValueError("deterministic decoding needs the engine's kernels on this GPU: SDPA would take "
                              "cuDNN's attention, which is not run-to-run deterministic.")
         kernels = kernels and _gemv.available(device)
@@ -246,7 +246,7 @@ class StaggeredGenerator:
         self.mine = list(range(self.p)) if placement is None else [placement.section]
         attn = model.sections[self.mine[0]].layers[0].self_attn
         q_heads = attn.q_proj.weight.shape[0] // attn.head_dim  # this rank's, under tensor parallelism
-        if (deterministic and kernels and device.type == "cuda" and not _attention.takes_head_dim(attn.head_dim)
+        if (deterministic and kernels and not _attention.takes_head_dim(attn.head_dim)
                 and next(model.parameters()).dtype in (torch.bfloat16, torch.float16)):
             raise ValueError(f"deterministic decoding: the decode attention kernel takes heads of 16-256 (a "
                              f"power of two), not {attn.head_dim}, and SDPA would take cuDNN's attention, "
