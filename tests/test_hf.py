@@ -3,6 +3,7 @@ trust_remote_code, or as its own Llama for a baseline in that shape (also where 
 be imported), its logits equal megatron's, its generate() equals our engine's tokens, padding is
 handled, AutoTokenizer equals our tokenizer."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -293,8 +294,11 @@ def test_eval_runs_local_tasks_through_the_harness(quickstart_run, tmp_path):
                                     "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 6\n  do_sample: false\n"
                                     "metric_list:\n  - metric: exact_match\n")
     result = tmp_path / "results.json"
-    cli("eval", str(out / "checkpoints"), "--tasks", "tiny_ll,tiny_gen", "--include-path", str(tasks),
-        "--output", str(result))
+    run = cli("eval", str(out / "checkpoints"), "--tasks", "tiny_ll,tiny_gen", "--include-path", str(tasks),
+              "--output", str(result))
+    assert "| tiny_ll | 0 | perplexity | none |" in run.stdout  # our table: the harness's has headers A, B, ...
+    for noise in ("`pretrained` model kwarg", "already-initialized model", "not a git repository"):
+        assert noise not in run.stderr
     record = json.loads(result.read_text())
     assert set(record["results"]) == {"tiny_ll", "tiny_gen"}
     assert 0.0 <= record["results"]["tiny_gen"]["exact_match,none"] <= 1.0
@@ -319,6 +323,25 @@ def test_eval_runs_local_tasks_through_the_harness(quickstart_run, tmp_path):
     assert record["results"]["tiny_ll"]["perplexity,none"] == pytest.approx(expected, rel=1e-4)
     bad = cli("eval", str(out / "checkpoints"), "--tasks", "no_such_task", "--include-path", str(tasks), check=False)
     assert bad.returncode != 0 and "no_such_task" in bad.stderr
+    (tasks / "hub.yaml").write_text("task: tiny_hub\noutput_type: loglikelihood\n" + common.replace(
+        "dataset_path: json", "dataset_path: megatron-stag-tests/no-such-dataset"))
+    offline = cli("eval", str(out / "checkpoints"), "--tasks", "tiny_hub", "--include-path", str(tasks),
+                  check=False, env=dict(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"))
+    assert offline.returncode != 0 and offline.stderr.strip().splitlines()[-1].startswith(
+        "--tasks tiny_hub: Couldn't reach 'megatron-stag-tests/no-such-dataset'"), offline.stderr[-2000:]
+    assert "Traceback" not in offline.stderr
+
+
+def test_eval_refuses_bad_numbers_before_loading_anything():
+    from megatron_stag.serving.evaluate import _check_numbers
+
+    ok = dict(limit=None, batch_size=8, num_fewshot=None)
+    _check_numbers(argparse.Namespace(**ok))
+    _check_numbers(argparse.Namespace(**{**ok, "limit": 0.5, "num_fewshot": 0}))
+    for change, message in ((dict(limit=0.0), "--limit 0: give a count"), (dict(limit=2.5), "--limit 2.5: give a whole"),
+                            (dict(batch_size=0), "--batch-size 0"), (dict(num_fewshot=-1), "--num-fewshot -1")):
+        with pytest.raises(SystemExit, match=message):
+            _check_numbers(argparse.Namespace(**{**ok, **change}))
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS) + ["learned-positions-gpt", "altup3-widened-learned", "llama"])

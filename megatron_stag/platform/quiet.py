@@ -30,6 +30,9 @@ KNOWN_LOG_LINES = [  # (logger, start of the message)
     ("megatron.core.rerun_state_machine", "Result validation enabled"),
     ("torch.utils.cpp_extension", "No CUDA runtime is found"),  # megatron.training imports it; CPU runs
     ("DeepSpeed", "Setting accelerator to CPU"),  # `--engine deepspeed` where torch sees no GPU either
+    # `eval` hands the harness a model it built (the documented way to evaluate an in-memory model)
+    ("lm_eval.models.huggingface", "`pretrained` model kwarg is not of type `str`"),
+    ("lm_eval.models.huggingface", "Passed an already-initialized model through `pretrained`"),
 ]
 
 

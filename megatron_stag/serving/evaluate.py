@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,9 +54,68 @@ def load_for_harness(path: Path, device: str, dtype):
     return model.to(device).eval(), tok
 
 
+def _check_numbers(ns) -> None:
+    for flag, value, ok, need in (("--limit", ns.limit, lambda v: v > 0, "a count >= 1 or a fraction in (0, 1)"),
+                                  ("--batch-size", ns.batch_size, lambda v: v >= 1, "at least 1"),
+                                  ("--num-fewshot", ns.num_fewshot, lambda v: v >= 0, "0 or more")):
+        if value is not None and not ok(value):
+            raise SystemExit(f"{flag} {value:g}: give {need}.")
+    if ns.limit is not None and ns.limit > 1 and ns.limit != int(ns.limit):
+        raise SystemExit(f"--limit {ns.limit:g}: give a whole count, or a fraction below 1.")
+
+
+def load_tasks(manager, names: list[str]) -> list:
+    """The harness's objects for the named tasks (a group keeps its subtasks and its aggregate score),
+    built before the model is: a task whose dataset this machine cannot fetch fails in seconds, not after
+    the checkpoint has loaded; `simple_evaluate` takes the objects as they are."""
+    built = []
+    for name in names:
+        try:
+            loaded = manager.load(name)
+        except ConnectionError as err:  # datasets' own, for a Hub it cannot reach (or offline mode)
+            raise SystemExit(
+                f"--tasks {name}: {err}. A harness task downloads its dataset from the Hugging Face Hub on "
+                f"first use: run it once where the Hub is reachable (the dataset is cached under $HF_HOME, "
+                f"which compute nodes may share; HF_DATASETS_OFFLINE=1 then reads only the cache), or give "
+                f"local tasks with --include-path.") from None
+        built += [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
+    return built
+
+
+def _commit_of_working_directory():
+    """lm_eval's `get_git_commit_hash`, without git's "fatal: not a git repository" on the terminal
+    when eval runs outside a repository (the usual case on a cluster)."""
+    try:
+        return subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+
+
+def _cell(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _table(results: dict) -> str:
+    """The results as a Markdown table (the harness's `make_table` needs a newer pytablewriter than
+    the one its other dependencies resolve to, and prints its headers as A, B, C ...)."""
+    lines = ["| task | n-shot | metric | filter | value | stderr |", "|---|--:|---|---|--:|--:|"]
+    for task, metrics in results["results"].items():
+        shots = results.get("n-shot", {}).get(task, "")
+        for key, value in metrics.items():
+            metric, _, kind = key.partition(",")
+            if not kind or metric.endswith("_stderr"):
+                continue  # the alias, and the stderrs (printed beside their metric)
+            stderr = metrics.get(f"{metric}_stderr,{kind}")
+            lines.append(f"| {metrics.get('alias', task)} | {shots} | {metric} | {kind} | {_cell(value)} | "
+                         f"{'' if stderr is None else _cell(stderr)} |")
+    return "\n".join(lines)
+
+
 def run(ns) -> int:
     from megatron_stag.serving.convert import describe
 
+    _check_numbers(ns)
     try:
         check_output(ns.output, ns.overwrite)
     except OSError as err:
@@ -67,7 +127,7 @@ def run(ns) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(str(err)) from None
     try:
-        import lm_eval
+        import lm_eval.evaluator
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
@@ -80,6 +140,7 @@ def run(ns) -> int:
     if unknown:
         raise SystemExit(f"--tasks: unknown task(s) {unknown}: name harness tasks, or give their YAML folder "
                          f"with --include-path.")
+    built = load_tasks(manager, tasks)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
         ns.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
@@ -89,13 +150,13 @@ def run(ns) -> int:
         raise SystemExit(str(err)) from None
     lm = HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=ns.batch_size, device=device,
               max_length=model.config.max_sequence_length)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=ns.limit,
+    lm_eval.evaluator.get_git_commit_hash = _commit_of_working_directory
+    limit = int(ns.limit) if ns.limit is not None and ns.limit >= 1 else ns.limit
+    results = lm_eval.evaluator.simple_evaluate(model=lm, tasks=built, task_manager=manager, limit=limit,
                                       num_fewshot=ns.num_fewshot, log_samples=False, random_seed=ns.seed,
                                       numpy_random_seed=ns.seed, torch_random_seed=ns.seed,
                                       fewshot_random_seed=ns.seed)
-    from lm_eval.utils import make_table
-
-    print(make_table(results))
+    print(_table(results))
     if ns.output:
         record = dict(model=str(ns.model), tasks=tasks, limit=ns.limit, results=results["results"],
                       configs=results.get("configs"), versions=results.get("versions"),
