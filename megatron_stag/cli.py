@@ -227,7 +227,13 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch command instead of submitting")
 
 
-_HELP = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
+class _HELP(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help shows its default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _recipes_epilog() -> str:

@@ -369,6 +369,11 @@ def test_import_round_trip_is_exact(megatron_world, tmp_path, name):
             assert torch.equal(theirs[key], value), key
     with pytest.raises(Exception, match="exists"):
         import_checkpoint(tmp_path / "hf", checkpoint)
+    with pytest.raises(Exception, match=f"is a megatron checkpoint already: train from it with checkpoint.load={run_dir}"):
+        import_checkpoint(checkpoint, tmp_path / "again")
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        import_checkpoint(tmp_path / "nowhere", tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 def test_a_llama_that_transformers_wrote_imports_exactly(megatron_world, tmp_path):

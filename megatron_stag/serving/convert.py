@@ -407,12 +407,21 @@ def import_checkpoint(source: Path, out: Path) -> Path:
     it to the layout of whatever run loads it. Written to a temporary sibling and renamed."""
     from megatron.core import dist_checkpointing
 
-    from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER
+    from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER, resolve_checkpoint
     from megatron_stag.platform.distributed import initialize
 
     source, out = Path(source), Path(out)
     if out.exists():
         raise ExportError(f"{out} exists: import into a new folder (nothing was written).")
+    if source.is_dir() and not (source / "config.json").is_file():
+        try:
+            _, run_dir = resolve_checkpoint(source)
+        except (FileNotFoundError, ValueError):
+            pass  # load_plain_model names what is missing
+        else:
+            raise ExportError(f"{source} is a megatron checkpoint already: train from it with "
+                              f"checkpoint.load={run_dir} (import reads what `export` writes, and Hugging Face "
+                              f"Llama folders).")
     _stage(f"reading {source}")
     plain = load_plain_model(source)
     args = model_args_for(plain.cfg)

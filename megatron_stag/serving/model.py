@@ -857,6 +857,9 @@ def load_plain_model(directory: Path, device="cpu", dtype: torch.dtype = torch.f
     from safetensors.torch import load_file, load_model
 
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} does not exist" + ("" if not directory.exists() else
+                                " as a folder: give the folder that holds config.json") + ".")
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory / 'config.json'} is missing: export a checkpoint with "
                                 f"`megatron-stag export CHECKPOINT {directory}`.")
