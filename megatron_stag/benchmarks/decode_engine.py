@@ -1,6 +1,7 @@
 """Per-token decode latency of the one engine, every model side by side in one run, against its floor.
 
-    # one GPU: GPT baseline, StagFormer p=2 separate / window 1 / shared / recurrent, AltUp K=2
+    # one GPU: GPT baseline, StagFormer p=2 separate / window 1 / shared / recurrent, AltUp K=2, and a
+    # GPT in Llama 3.2 1B's shape (the published figure's model)
     python -m megatron_stag.benchmarks.decode_engine --out results/decode_engine_h200.json
     # one section per GPU (StagFormer p=2 and window 1)
     torchrun --nproc_per_node 2 -m megatron_stag.benchmarks.decode_engine --out results/decode_engine_2gpu_h200.json
@@ -143,6 +144,13 @@ def _prefill_ms(gen, prompts: list[list[int]], budget: int) -> float:
         engine.PREFILL_TOKENS = default
 
 
+# Llama 3.2 1B's shape (its config.json): the model behind the published 0.76-0.80 ms/token on one H200
+# that the README quotes, decoded here by the same engine as every other row
+LLAMA_3_2_1B = dict(num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8,
+                    ffn_hidden_size=8192, normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+                    vocab_size=128256, rotary_base=500000, share_embeddings_and_output_weights=True)
+
+
 def models(base: ModelArgs, world: int) -> list[tuple[str, ModelArgs, bool]]:
     stag = replace(base, stag_sections=2)
     if world > 1:
@@ -153,7 +161,8 @@ def models(base: ModelArgs, world: int) -> list[tuple[str, ModelArgs, bool]]:
             ("StagFormer p=2 window 1", replace(stag, stag_cross_window=1), False),
             ("StagFormer p=2 shared (12 layers run twice)", shared, False),
             ("StagFormer p=2 shared, recurrent", shared, True),
-            ("AltUp K=2 recycled", replace(base, altup_blocks=2), False)]
+            ("AltUp K=2 recycled", replace(base, altup_blocks=2), False),
+            ("Llama 3.2 1B shape", replace(base, **LLAMA_3_2_1B), False)]
 
 
 def main(argv=None) -> None:
