@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", formatter_class=_HELP, help="staggered generation from a checkpoint")
     g.add_argument("checkpoint", help="a checkpoint directory (iter_*), a run's checkpoints folder, or an "
                                       "exported package (megatron-stag export)")
-    g.add_argument("--tokenizer", help="sentencepiece .model (default: <checkpoint>/tokenizer.model)")
+    g.add_argument("--tokenizer", help="sentencepiece .model (default: <checkpoint>/tokenizer.model, or a Hugging "
+                                       "Face folder's own tokenizer where its config.json names a bos_token_id)")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompt-file", help="one prompt per line, or JSONL with a 'prompt' field")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")

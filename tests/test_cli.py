@@ -196,11 +196,13 @@ def test_stop_strings_match_whole(quickstart_run):
     from megatron_stag.serving.generate_cli import _until_stop, prepare_prompts
 
     out, _ = quickstart_run
-    ns = argparse.Namespace(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop=["foo bar", "\n\n"])
-    tok, _, params = prepare_prompts(ns, ["x"], out / "checkpoints" / "tokenizer.model", 10**6, 10**6)
+    ns = argparse.Namespace(tokenizer=None, max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                            stop=["foo bar", "\n\n"])
+    tok, _, params, _ = prepare_prompts(ns, ["x"], out / "checkpoints", 10**6, 10**6)
     assert not params.stop(tok.tokenize("x = bar + 1\n"))
     assert params.stop(tok.tokenize("x = foo bar"))
     assert params.stop(tok.tokenize("a\n\nb")) and not params.stop(tok.tokenize("a\nb\n"))
+    assert params.stop(tok.tokenize("x") + [tok.eod])  # the end of a document ends a completion
     assert _until_stop("a foo bar and more", ns.stop) == "a foo bar"
 
 

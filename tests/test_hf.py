@@ -439,3 +439,60 @@ def test_import_continues_training_at_tp2_pp2(quickstart_run, tmp_path):
     assert "loading release distributed checkpoint" in log and "at iteration 0" in log
     first = float(log.split("lm loss: ")[1].split()[0])
     assert first < summary["first_loss"] - 1.5  # a fresh model starts near ln(vocab); this one is trained
+
+
+def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(tmp_path):
+    """A Llama folder from elsewhere (config.json names a bos_token_id) is prompted through its own
+    tokenizer: BOS first, as transformers encodes it, from tokenizer.model or from tokenizer.json alone
+    (Llama 3 ships no tokenizer.model). `generate` gives transformers' greedy tokens for that prompt and
+    stops at any eos_token_id of generation_config.json, reporting why each completion ended."""
+    import io
+    from pathlib import Path
+
+    import sentencepiece as spm
+
+    import megatron_stag
+    from megatron_stag.serving.generate_cli import prepare_prompts
+
+    sources = [line for p in sorted(Path(megatron_stag.__file__).parent.rglob("*.py"))
+               for line in p.read_text().splitlines() if line.strip()]
+    buffer = io.BytesIO()  # Llama's layout: <unk> 0, <s> 1, </s> 2, byte fallback
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sources), model_writer=buffer, vocab_size=500, model_type="bpe",
+                                   byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+                                   character_coverage=0.99)
+    folder = tmp_path / "llama2"
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=MAX_LEN, bos_token_id=1, eos_token_id=2)).eval()
+    theirs.save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes(buffer.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(tokenizer_class="LlamaTokenizer", add_bos_token=True,
+                                                               legacy=False)))  # as Llama 2 and TinyLlama ship
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    llama3 = tmp_path / "tokenizer_json_only"
+    tok.save_pretrained(llama3)
+    assert not (llama3 / "tokenizer.model").exists()
+    (llama3 / "config.json").write_text((folder / "config.json").read_text())
+
+    prompt = "def main(args):"
+    want = tok(prompt)["input_ids"]
+    assert want[0] == 1 and want[1:] == spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).encode(prompt)
+    ns = argparse.Namespace(tokenizer=None, max_new_tokens=8, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop=[])
+    for where in (folder, llama3):
+        _, ids, _, ends = prepare_prompts(ns, [prompt], where, 500, MAX_LEN)
+        assert ids == [want] and ends == {2}, where
+    with torch.no_grad():
+        continuation = theirs.generate(torch.tensor([want]), max_new_tokens=8, do_sample=False)[0, len(want):].tolist()
+    assert len(continuation) == 8 and 2 not in continuation  # ran to the budget
+
+    def generate(name: str) -> dict:
+        cli("generate", str(folder), "--prompt", prompt, "--max-new-tokens", "8", "--output", str(tmp_path / name))
+        return json.loads((tmp_path / name).read_text())
+
+    record = generate("a.jsonl")
+    assert (record["tokens"], record["finish_reason"]) == (continuation, "length")
+    end = next(i for i in range(2, 8) if continuation[i] not in continuation[:i])  # a token seen first at i
+    (folder / "generation_config.json").write_text(json.dumps(dict(bos_token_id=1, eos_token_id=[2, continuation[end]])))
+    record = generate("b.jsonl")
+    assert (record["tokens"], record["finish_reason"]) == (continuation[:end + 1], "eos")

@@ -37,16 +37,19 @@ def load_for_harness(path: Path, device: str, dtype):
     from megatron_stag.serving.convert import describe, load_serving_model
     from megatron_stag.serving.hf_model import StagConfig, StagForCausalLM
     from megatron_stag.serving.hf_tokenizer import hf_tokenizer
+    from megatron_stag.serving.prompt_tokenizer import transformers_tokenizer
 
     _, folder = describe(path)
     tokenizer = folder / "tokenizer.model"
-    if not tokenizer.is_file():
-        raise FileNotFoundError(f"{tokenizer} does not exist: the harness needs the model's sentencepiece "
-                                f"tokenizer beside it.")
-    tok = hf_tokenizer(tokenizer)
+    tok = transformers_tokenizer(folder)  # a folder from elsewhere: its own, adding its BOS
+    if tok is None:
+        if not tokenizer.is_file():
+            raise FileNotFoundError(f"{tokenizer} does not exist: the harness needs the model's sentencepiece "
+                                    f"tokenizer beside it.")
+        tok = hf_tokenizer(tokenizer)
     plain = load_serving_model(path, device=device, dtype=dtype)
-    if tok.vocab_size > plain.cfg.vocab_size:
-        raise ValueError(f"{tokenizer} has {tok.vocab_size} pieces, more than the model's vocab_size "
+    if len(tok) > plain.cfg.vocab_size:
+        raise ValueError(f"{folder}'s tokenizer has {len(tok)} pieces, more than the model's vocab_size "
                          f"{plain.cfg.vocab_size}: use the tokenizer the model was trained with.")
     with torch.device("meta"):
         model = StagForCausalLM(StagConfig.from_plain(plain.cfg, eos_token_id=tok.eos_token_id))

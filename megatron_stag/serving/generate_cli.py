@@ -37,30 +37,32 @@ def plan_ranks(world: int, sections: int, tp: int, recurrent: bool):
     return "sections"
 
 
-def prepare_prompts(ns, prompts: list[str], tok_path: Path, vocab_size: int, context: int):
-    """(tokenizer, prompt ids, sampling params), with every check done before a model is built."""
-    from megatron_stag.data.tokenizer import load_tokenizer
+def prepare_prompts(ns, prompts: list[str], tok_dir: Path, vocab_size: int, context: int):
+    """(tokenizer, prompt ids, sampling params, end tokens), every check done before a model is built. The
+    tokenizer is `--tokenizer`, else the model's (`prompt_tokenizer`); a row stops at a token that ends
+    its text (`prompt_tokenizer.end_ids`) or at a stop string."""
+    from megatron_stag.serving.prompt_tokenizer import end_ids, load_prompt_tokenizer
     from megatron_stag.serving.sampling import SamplingParams
 
     try:
-        tok = load_tokenizer(tok_path)
+        tok = load_prompt_tokenizer(tok_dir, ns.tokenizer)
     except FileNotFoundError as err:
         raise SystemExit(str(err)) from None
     if tok.vocab_size > vocab_size:
-        raise SystemExit(f"tokenizer {tok_path} has {tok.vocab_size} pieces but the model was trained "
-                         f"with vocab_size={vocab_size}: use the checkpoint's own tokenizer.")
+        raise SystemExit(f"tokenizer {ns.tokenizer or tok_dir} has {tok.vocab_size} pieces but the model was "
+                         f"trained with vocab_size={vocab_size}: use the checkpoint's own tokenizer.")
     ids = [tok.tokenize(p) for p in prompts]
     for p, i in zip(prompts, ids):
         if len(i) + ns.max_new_tokens > context:
             raise SystemExit(f"prompt {p[:40]!r}... has {len(i)} tokens; with --max-new-tokens "
                              f"{ns.max_new_tokens} it exceeds the context of {context}.")
-    stop = None
-    if ns.stop:
-        def stop(generated: list[int]) -> bool:  # the whole stop string, anywhere in the completion
-            return any(s in tok.detokenize(generated) for s in ns.stop)
+    ends = end_ids(tok_dir, tok)
+
+    def stop(generated: list[int]) -> bool:  # an end token, or a whole stop string anywhere in the completion
+        return generated[-1] in ends or any(s in tok.detokenize(generated) for s in ns.stop)
     params = SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
                             top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, stop=stop)
-    return tok, ids, params
+    return tok, ids, params, ends
 
 
 def check_options(ns) -> None:
@@ -83,13 +85,17 @@ def check_options(ns) -> None:
         raise SystemExit(f"{err} (nothing was generated).") from None
 
 
-def report(ns, tok, prompts: list[str], result) -> int:
-    """Tokens/s on stderr; completions as text on stdout or JSONL in --output."""
+def report(ns, tok, prompts: list[str], result, ends: set[int]) -> int:
+    """Tokens/s on stderr; completions as text on stdout or JSONL in --output, each with why it ended:
+    "eos" (an end token, kept in `tokens`, not in the text), "stop" (a stop string) or "length"."""
     n_tokens = sum(len(t) for t in result.tokens)
     print(f"{n_tokens} tokens in {result.seconds:.2f}s ({n_tokens / result.seconds:.1f} tokens/s)",
           file=sys.stderr)
-    records = [dict(prompt=p, completion=_until_stop(tok.detokenize(t), ns.stop), tokens=t)
-               for p, t in zip(prompts, result.tokens)]
+    records = []
+    for p, t in zip(prompts, result.tokens):
+        text = tok.detokenize(t)
+        finish = "eos" if t[-1] in ends else "stop" if any(s in text for s in ns.stop) else "length"
+        records.append(dict(prompt=p, completion=_until_stop(text, ns.stop), tokens=t, finish_reason=finish))
     if ns.output:
         write_atomic(Path(ns.output), "".join(json.dumps(r) + "\n" for r in records))
     else:
@@ -139,8 +145,7 @@ def generate_from_checkpoint(ns, prompts: list[str]) -> int:
         raise SystemExit(f"--tp {ns.tp}: tensor parallelism is DeepSpeed's AutoTP here; add --engine deepspeed.")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = plan_ranks(world, cfg.sections, ns.tp, ns.recurrent)
-    tok_path = Path(ns.tokenizer) if ns.tokenizer else tok_dir / "tokenizer.model"
-    tok, ids, params = prepare_prompts(ns, prompts, tok_path, cfg.vocab_size, cfg.max_sequence_length)
+    tok, ids, params, ends = prepare_prompts(ns, prompts, tok_dir, cfg.vocab_size, cfg.max_sequence_length)
 
     comm = _start_comm(deepspeed) if world > 1 else None
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
@@ -169,4 +174,4 @@ def generate_from_checkpoint(ns, prompts: list[str]) -> int:
     result = gen.generate(ids, params, progress=world == 1)
     if comm is not None and comm.get_rank() != (placement.sampler if placement else 0):
         return 0  # the sampling rank reports
-    return report(ns, tok, prompts, result)
+    return report(ns, tok, prompts, result, ends)
