@@ -406,6 +406,7 @@ def test_a_llama_that_transformers_wrote_imports_exactly(megatron_world, tmp_pat
     for field, change in [("rope_parameters", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
                                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                                      "original_max_position_embeddings": 32})),
+                          ("rope_parameters", dict(rope_parameters={"rope_type": "linear", "rope_theta": 5e5, "factor": 2.0})),
                           ("attention_bias", dict(attention_bias=True)), ("hidden_act", dict(hidden_act="gelu"))]:
         folder = tmp_path / field
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**base, **change})).save_pretrained(folder)
@@ -439,6 +440,52 @@ def test_import_continues_training_at_tp2_pp2(quickstart_run, tmp_path):
     assert "loading release distributed checkpoint" in log and "at iteration 0" in log
     first = float(log.split("lm loss: ")[1].split()[0])
     assert first < summary["first_loss"] - 1.5  # a fresh model starts near ln(vocab); this one is trained
+
+
+def test_llama3_rope_scaling_decodes_imports_and_exports_exactly(megatron_world, tmp_path):
+    """Llama 3's rope scaling (rope_type llama3 with Llama 3.x's constants; megatron's --use-rope-scaling):
+    a folder transformers wrote decodes and imports with transformers' logits over 300 positions, where
+    the scaling moves them, and the imported checkpoint exports back to the same config and logits."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_stag.checkpointing.checkpoint_io import load_model_weights, resolve_checkpoint
+    from megatron_stag.models.model_args import ModelArgs
+    from megatron_stag.serving.convert import import_checkpoint, to_plain_model, write_hf_folder
+    from megatron_stag.serving.model import llama3_frequencies, load_plain_model
+
+    inv = 1.0 / (5e5 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))  # Llama 3.2 1B's heads
+    megatrons = RotaryEmbedding(64, 1.0, rotary_base=500000, rope_scaling=True, rope_scaling_factor=32.0,
+                                use_cpu_initialization=True).inv_freq
+    assert torch.equal(llama3_frequencies(inv, 32.0), megatrons) and not torch.equal(megatrons, inv)
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=True, rope_parameters=rope)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "llama3")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama3").eval()
+    ids = torch.randint(0, 96, (2, 300))
+    with torch.no_grad():
+        want = theirs(ids).logits
+        ours = load_plain_model(tmp_path / "llama3")
+        assert ours.cfg.rope_scaling_factor == 32.0
+        assert (ours(ids) - want).abs().max() <= TOL
+        ours.cfg.rope_scaling_factor = None  # the scaling matters at these positions
+        assert (ours(ids) - want).abs().max() > 10 * TOL
+    checkpoint = import_checkpoint(tmp_path / "llama3", tmp_path / "ckpt")
+    args = ModelArgs.load(resolve_checkpoint(checkpoint)[1] / "model_args.json")
+    assert (args.use_rope_scaling, args.rope_scaling_factor) == (True, 32.0)
+    back = args.build(args.config()).eval()
+    load_model_weights(back, checkpoint)
+    with torch.no_grad():
+        assert (back(ids, torch.arange(300).expand(2, 300)) - want).abs().max() <= TOL
+    write_hf_folder(to_plain_model(back, args), None, tmp_path / "hf", torch.float32)  # `export --format hf`
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"] == rope
+    with torch.no_grad():
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits
+    assert (again - want).abs().max() <= TOL
 
 
 def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(tmp_path):

@@ -127,6 +127,12 @@ def test_options_the_decoder_lacks_are_refused():
 
     flags = {flag for action in megatron_parser()._actions for flag in action.option_strings}
     assert {f"--{name.replace('_', '-')}" for name in UNRECORDED} <= flags
+    # Llama 3's rope scaling is recorded (model_args.json takes megatron's argument names) and decoded
+    check_decodable(argparse.Namespace(**{**vars(defaults), "use_rope_scaling": True}))
+    from megatron_stag.models.model_args import ModelArgs
+
+    dests = {action.dest for action in megatron_parser()._actions}
+    assert {"use_rope_scaling", "rope_scaling_factor"} <= dests & set(ModelArgs.__dataclass_fields__)
 
 
 @pytest.mark.parametrize("overrides,message", [

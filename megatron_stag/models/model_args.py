@@ -48,6 +48,8 @@ class ModelArgs:
     rotary_base: int = 10000
     rotary_percent: float = 1.0
     layernorm_epsilon: float = 1e-5
+    use_rope_scaling: bool = False  # Llama 3's frequency scaling (--use-rope-scaling, --rope-scaling-factor)
+    rope_scaling_factor: float = 8.0
 
     @property
     def sections(self) -> int:
@@ -111,7 +113,8 @@ class ModelArgs:
             pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
             position_embedding_type=self.position_embedding_type, rotary_base=self.rotary_base,
-            rotary_percent=self.rotary_percent,
+            rotary_percent=self.rotary_percent, rope_scaling=self.use_rope_scaling,
+            rope_scaling_factor=self.rope_scaling_factor,
         )
         # megatron's Float16Module casts the whole module (its torch norms are built in fp32).
         return model.to(config.params_dtype) if config.params_dtype != torch.float32 else model

@@ -71,6 +71,8 @@ class StagFormerModel(LanguageModule):
         position_embedding_type: str = "learned_absolute",
         rotary_percent: float = 1.0,
         rotary_base: int = 10000,
+        rope_scaling: bool = False,
+        rope_scaling_factor: float = 8.0,
         fp16_lm_cross_entropy: bool = False,
         pg_collection: Optional[ProcessGroupCollection] = None,
     ) -> None:
@@ -109,12 +111,15 @@ class StagFormerModel(LanguageModule):
             if config.altup_enabled:
                 self.altup_widening = AltUpWidening(config, vocab_size, tp_group=self.pg_collection.tp)
         self.rotary_base = rotary_base
+        self.rope_scaling_factor = rope_scaling_factor if rope_scaling else None  # Llama 3's, as megatron's GPT
         if position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 kv_channels=config.kv_channels,
                 rotary_percent=rotary_percent,
                 rotary_interleaved=config.rotary_interleaved,
                 rotary_base=rotary_base,
+                rope_scaling=rope_scaling,
+                rope_scaling_factor=rope_scaling_factor,
                 use_cpu_initialization=config.use_cpu_initialization,
                 cp_group=self.pg_collection.cp,
             )

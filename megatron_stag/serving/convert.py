@@ -63,7 +63,8 @@ def plain_config(model, args) -> PlainConfig:
         activation="swiglu" if cfg.gated_linear_unit else "gelu", bias=cfg.add_bias_linear,
         position_embedding=model.position_embedding_type,
         rotary_dim=2 * model.rotary_pos_emb.inv_freq.numel() if rope else 0,
-        rotary_base=float(model.rotary_base), tie_embeddings=model.share_embeddings_and_output_weights,
+        rotary_base=float(model.rotary_base), rope_scaling_factor=model.rope_scaling_factor if rope else None,
+        tie_embeddings=model.share_embeddings_and_output_weights,
         altup_blocks=cfg.altup_blocks, altup_active=active, altup_embedding=cfg.altup_embedding,
         altup_output=cfg.altup_output, altup_form=cfg.altup_form, altup_coef_clip=cfg.altup_coef_clip,
         moe_experts=cfg.num_moe_experts or 0, moe_topk=cfg.moe_router_topk,
@@ -252,7 +253,9 @@ def write_hf_folder(plain: StagLM, tokenizer: Path | None, out: Path, dtype: tor
             num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_query_groups,
             head_dim=cfg.head_dim, max_position_embeddings=cfg.max_sequence_length, rms_norm_eps=cfg.norm_eps,
             tie_word_embeddings=cfg.tie_embeddings,
-            rope_parameters=dict(rope_type="default", rope_theta=cfg.rotary_base), **common)
+            rope_parameters=dict(rope_type="default", rope_theta=cfg.rotary_base) if cfg.rope_scaling_factor is None
+            else dict(rope_type="llama3", rope_theta=cfg.rotary_base, factor=cfg.rope_scaling_factor,
+                      **model_module.LLAMA3_ROPE), **common)
     else:
         config = hf_model.StagConfig.from_plain(
             cfg, architectures=["StagForCausalLM"], **common,
@@ -361,7 +364,8 @@ def model_args_for(cfg: PlainConfig) -> "ModelArgs":
         altup_embedding=cfg.altup_embedding, altup_output=cfg.altup_output, altup_form=cfg.altup_form,
         altup_coef_clip=cfg.altup_coef_clip, num_moe_experts=cfg.moe_experts or None, moe_router_topk=cfg.moe_topk,
         moe_ffn_hidden_size=cfg.moe_ffn_hidden_size, add_bias_linear=cfg.bias, rotary_base=int(cfg.rotary_base),
-        rotary_percent=percent, layernorm_epsilon=cfg.norm_eps)
+        rotary_percent=percent, layernorm_epsilon=cfg.norm_eps, use_rope_scaling=cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.rope_scaling_factor or ModelArgs.rope_scaling_factor)
 
 
 def load_into_megatron(model, cfg: PlainConfig, state: dict) -> None:

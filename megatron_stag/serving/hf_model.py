@@ -13,7 +13,7 @@ the new tokens. Batches may be left- or right-padded through `attention_mask`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 from typing import Optional
 
 import torch
@@ -42,11 +42,12 @@ class StagConfig(PretrainedConfig):
                    max_position_embeddings=cfg.max_sequence_length, **kwargs)
 
     def plain(self) -> PlainConfig:
-        names = [f.name for f in fields(PlainConfig)]
-        missing = [n for n in names if not hasattr(self, n)]
+        """The serving model's config; a field added since the folder was written takes its default."""
+        required = [f.name for f in fields(PlainConfig) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [n for n in required if not hasattr(self, n)]
         if missing:
             raise ValueError(f"config.json lacks {missing}: it was not written by `megatron-stag export --format hf`.")
-        return PlainConfig(**{n: getattr(self, n) for n in names})
+        return PlainConfig(**{f.name: getattr(self, f.name) for f in fields(PlainConfig) if hasattr(self, f.name)})
 
 
 class StagCache:

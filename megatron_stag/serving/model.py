@@ -17,6 +17,7 @@ read from the weight shapes, so the same modules run whole or tensor-parallel (s
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -54,6 +55,7 @@ class PlainConfig:
     position_embedding: str = "learned_absolute"  # or 'rope'
     rotary_dim: int = 0
     rotary_base: float = 10000.0
+    rope_scaling_factor: Optional[float] = None  # Llama 3's frequency scaling (`llama3_frequencies`); None: off
     tie_embeddings: bool = True
     altup_blocks: int = 1
     altup_active: list[list[int]] = field(default_factory=list)  # active block per layer, per section
@@ -120,6 +122,9 @@ class PlainConfig:
             raise bad("null_entry", "must be 'all' or 'first'")
         if self.cross_window is not None and (not isinstance(self.cross_window, int) or self.cross_window < 1):
             raise bad("cross_window", "must be null or a whole number >= 1")
+        factor = self.rope_scaling_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0):
+            raise bad("rope_scaling_factor", "must be null or a number > 0")
 
 
 def llama_shaped(cfg: PlainConfig) -> bool:
@@ -141,12 +146,17 @@ def llama_name(name: str, to_llama: bool = True) -> str:
 
 def _from_llama(data: dict, path) -> dict:
     """PlainConfig fields for a transformers Llama config.json, refusing what StagLM does not compute."""
-    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    key = "rope_parameters" if data.get("rope_parameters") else "rope_scaling"
+    rope = data.get(key) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    llama3 = kind == "llama3" and all(rope.get(k) == v for k, v in LLAMA3_ROPE.items())
     unsupported = dict(hidden_act=data.get("hidden_act", "silu") != "silu", attention_bias=bool(data.get("attention_bias")),
-                       mlp_bias=bool(data.get("mlp_bias")), rope_parameters=rope.get("rope_type", "default") != "default")
+                       mlp_bias=bool(data.get("mlp_bias")), **{key: kind != "default" and not llama3})
     for name, bad in unsupported.items():
         if bad:
-            raise ValueError(f"{path}: {name}={data.get(name)!r} is not implemented by megatron-stag's serving model.")
+            raise ValueError(f"{path}: {name}={data.get(name)!r} is not implemented by megatron-stag's serving model"
+                             + (f" (rope_type 'default', or 'llama3' with {LLAMA3_ROPE})" if name == key else "")
+                             + ".")
     try:
         heads = data["num_attention_heads"]
         head_dim = data.get("head_dim") or data["hidden_size"] // heads
@@ -157,9 +167,29 @@ def _from_llama(data: dict, path) -> dict:
                     norm_eps=data.get("rms_norm_eps", 1e-6), activation="swiglu", bias=False,
                     position_embedding="rope", rotary_dim=head_dim,
                     rotary_base=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
+                    rope_scaling_factor=float(rope["factor"]) if llama3 else None,
                     tie_embeddings=data.get("tie_word_embeddings", False), format_version=FORMAT_VERSION)
     except KeyError as err:
         raise ValueError(f"{path}: {err.args[0]} is missing from this Llama config.") from None
+
+
+# Llama 3's rope scaling beyond the factor: megatron's RotaryEmbedding fixes these, as every Llama 3.x
+# release sets them (3.1: factor 8, 3.2: factor 32)
+LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+def llama3_frequencies(inv: Tensor, factor: float) -> Tensor:
+    """Llama 3's rotary frequencies: wavelengths beyond the original context divided by `factor`, those
+    within a quarter of it kept, a smooth blend between; the operations of megatron's
+    `RotaryEmbedding._apply_scaling`, in its order, so both give the same fp32 frequencies."""
+    low, high, old = LLAMA3_ROPE["low_freq_factor"], LLAMA3_ROPE["high_freq_factor"], \
+        LLAMA3_ROPE["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def make_norm(cfg: PlainConfig) -> nn.Module:
@@ -759,6 +789,8 @@ class StagLM(nn.Module):
         dim = self.cfg.rotary_dim
         inv = 1.0 / (self.cfg.rotary_base ** (
             torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+        if self.cfg.rope_scaling_factor is not None:
+            inv = llama3_frequencies(inv, self.cfg.rope_scaling_factor)
         freqs = positions.float()[..., None] * inv
         freqs = torch.cat((freqs, freqs), dim=-1)[:, None]
         return torch.cos(freqs), torch.sin(freqs)

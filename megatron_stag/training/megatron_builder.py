@@ -58,7 +58,8 @@ class StagFormerModelBuilder(GPTModelBuilder):
             pre_process=pre_process, post_process=post_process, parallel_output=cfg.parallel_output,
             share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
             position_embedding_type=cfg.position_embedding_type, rotary_percent=cfg.rotary_percent,
-            rotary_base=cfg.rotary_base, fp16_lm_cross_entropy=cfg.fp16_lm_cross_entropy,
+            rotary_base=cfg.rotary_base, rope_scaling=cfg.rope_scaling, rope_scaling_factor=cfg.rope_scaling_factor,
+            fp16_lm_cross_entropy=cfg.fp16_lm_cross_entropy,
             pg_collection=pg_collection)
         # megatron keeps a finalize function the model's config already has: ours adds the
         # gradient sum of weights shared across pipeline stages before megatron's reductions

@@ -288,8 +288,8 @@ def _duration(seconds: float) -> str:
 # megatron model options that change the maths but not model_args.json: the serving model (generate,
 # export, eval) would decode another model than the one trained, so a run with them stops at start
 UNRECORDED = ("rotary_interleaved", "qk_layernorm", "qk_l2_norm", "add_qkv_bias", "attention_output_gate",
-              "apply_residual_connection_post_layernorm", "openai_gelu", "squared_relu", "use_rope_scaling",
-              "multi_latent_attention", "apply_layernorm_1p")
+              "apply_residual_connection_post_layernorm", "openai_gelu", "squared_relu", "multi_latent_attention",
+              "apply_layernorm_1p")
 
 
 def check_decodable(args) -> None:
