@@ -520,7 +520,8 @@ def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(tmp_
     llama3 = tmp_path / "tokenizer_json_only"
     tok.save_pretrained(llama3)
     assert not (llama3 / "tokenizer.model").exists()
-    (llama3 / "config.json").write_text((folder / "config.json").read_text())
+    for name in ("config.json", "model.safetensors"):
+        (llama3 / name).write_bytes((folder / name).read_bytes())
 
     prompt = "def main(args):"
     want = tok(prompt)["input_ids"]
@@ -543,3 +544,10 @@ def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(tmp_
     (folder / "generation_config.json").write_text(json.dumps(dict(bos_token_id=1, eos_token_id=[2, continuation[end]])))
     record = generate("b.jsonl")
     assert (record["tokens"], record["finish_reason"]) == (continuation[:end + 1], "eos")
+
+    from megatron_stag.serving.evaluate import load_for_harness
+
+    model, harness_tok = load_for_harness(llama3, "cpu", torch.float32)  # what `eval` hands the harness
+    assert harness_tok(prompt)["input_ids"] == want
+    with torch.no_grad():
+        assert (model(torch.tensor([want])).logits - theirs(torch.tensor([want])).logits).abs().max() <= TOL
