@@ -350,13 +350,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def hoist_job_options(argv: list[str]) -> list[str]:
+    """`submit` and `submit-generate` with their job options (--nodes, --time, ...) moved before the
+    recipe or checkpoint, from wherever they were given before `--`: the words after it are the
+    recipe's overrides or generate's options, and would otherwise swallow a job option given there."""
+    if not argv or argv[0] not in ("submit", "submit-generate"):
+        return argv
+    probe = argparse.ArgumentParser(add_help=False)
+    _add_job_options(probe)
+    flags = {o: a.nargs == 0 for a in probe._actions for o in a.option_strings}  # option -> takes no value
+    front, rest, words = [], [], iter(argv[1:])
+    for word in words:
+        if word == "--":
+            rest += [word, *words]
+            break
+        name = word.split("=", 1)[0]
+        if name in flags:
+            front.append(word)
+            if "=" not in word and not flags[name]:
+                front.append(next(words, ""))
+        else:
+            rest.append(word)
+    return [argv[0], *front, *rest]
+
+
 def main(argv=None) -> int:
     from megatron_stag.platform import quiet
     from megatron_stag.platform.slurm import adopt_slurm_rank_env
 
     quiet.install()  # known, harmless library warnings: off for this command and the ranks it starts
     adopt_slurm_rank_env()  # a task of our batch scripts: Slurm's variables -> RANK, WORLD_SIZE, ...
-    ns = build_parser().parse_args(argv)
+    ns = build_parser().parse_args(hoist_job_options(sys.argv[1:] if argv is None else list(argv)))
     try:
         return ns.func(ns)
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for it, not a traceback of wherever it landed

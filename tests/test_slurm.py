@@ -104,6 +104,16 @@ def test_submit_dry_run_and_errors(tmp_path, capsys, monkeypatch):
     assert "STAG_RUN_DIR=/shared/run" in out
     assert out.rstrip().endswith("parallelism.tensor_model_parallel_size=2 "
                                  "training.global_batch_size=512 -- --log-timers-to-tensorboard")
+    # job options after the recipe are the same job (they once reached the recipe as malformed overrides)
+    assert submit("350m-stag", *shared_data, "--nodes", "2", "parallelism.tensor_model_parallel_size=2",
+                  "--run-dir=/shared/run", "training.global_batch_size=512", "--dry-run", "--",
+                  "--log-timers-to-tensorboard", env=shared_python) == (0, out, "")
+    from megatron_stag.cli import hoist_job_options
+
+    assert hoist_job_options(["submit-generate", "ck", "--prompt", "x", "--cpu", "--time", "1:00:00", "--tp", "2"]) \
+        == ["submit-generate", "--cpu", "--time", "1:00:00", "ck", "--prompt", "x", "--tp", "2"]
+    assert hoist_job_options(["submit", "r", "a=1", "--", "--nodes", "3"]) == ["submit", "r", "a=1", "--", "--nodes", "3"]
+    assert hoist_job_options(["generate", "ck", "--nodes", "3"]) == ["generate", "ck", "--nodes", "3"]
     code, _, err = submit("--dry-run", "--nodes", "2", "--run-dir", "/dev/shm/run", "350m-stag", *shared_data,
                           "training.global_batch_size=512", env=shared_python)
     assert code != 0 and "node-local filesystem (under /dev/shm/" in err and "/dev/shm/run" in err
