@@ -24,11 +24,16 @@ def _pretrain(ns) -> int:
 
 
 def _plot(ns) -> int:
+    from megatron_stag.platform.files import refuse_existing
     from megatron_stag.training.run_logs import plot_runs, read_log
 
     labels = ns.label or []
     if labels and len(labels) != len(ns.logs):
         raise SystemExit(f"--label given {len(labels)} times for {len(ns.logs)} logs: one per log.")
+    try:
+        refuse_existing(ns.out, ns.overwrite, "--out")
+    except FileExistsError as err:
+        raise SystemExit(f"{err} (nothing was plotted).") from None
     try:
         runs = [read_log(Path(p), labels[i] if labels else None) for i, p in enumerate(ns.logs)]
     except (FileNotFoundError, ValueError) as err:
@@ -267,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="loss.png", help="PNG to write")
     p.add_argument("--label", action="append", help="legend name per log (default: folder name)")
     p.add_argument("--title", default="lm loss", help="plot title")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_plot)
 
     d = sub.add_parser("prepare-data", formatter_class=_HELP, help="text/JSONL files or folders -> megatron indexed dataset")

@@ -273,6 +273,12 @@ def test_plot_several_runs(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    first = out.read_bytes()
+    again = subprocess.run([sys.executable, "-m", "megatron_stag.cli", "plot", str(tmp_path / "a"), "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)  # an existing plot is replaced only if asked
+    assert again.returncode != 0 and "--out" in again.stderr and "--overwrite" in again.stderr
+    assert out.read_bytes() == first
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["loss.png"]  # no temporary file left
     bad = subprocess.run([sys.executable, "-m", "megatron_stag.cli", "plot", str(tmp_path / "c")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "has no log" in bad.stderr

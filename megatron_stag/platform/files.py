@@ -7,13 +7,14 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """`path` holds `text`, or (if the process dies first) whatever it held before: a job killed while
-    writing leaves no half-written file. The file gets the permissions a plain write would."""
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """`path` holds `text` (or bytes), or (if the process dies first) whatever it held before: a job
+    killed while writing leaves no half-written file. The file gets the permissions a plain write would."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w", **({} if isinstance(text, bytes) else
+                                                                         dict(encoding="utf-8"))) as f:
             f.write(text)
         umask = os.umask(0)
         os.umask(umask)

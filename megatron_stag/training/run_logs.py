@@ -10,9 +10,12 @@ mean over both: after a resume that one value is not the step's own loss.)
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from megatron_stag.platform.files import write_atomic
 
 TRAIN = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)")
 GRAD_NORM = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?grad norm: ([0-9.E+-]+)")
@@ -87,6 +90,8 @@ def plot_runs(runs: list[RunLog], out: Path, title: str = "loss") -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format="png")
     plt.close(fig)
+    write_atomic(out, image.getvalue())
     return out
