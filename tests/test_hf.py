@@ -70,10 +70,11 @@ def test_hf_logits_and_generate_equal_ours(megatron_world, tmp_path, name):
     ids, pos = batch()
     with torch.no_grad():
         assert (model(ids, pos) - hf(ids).logits).abs().max() <= TOL
-    prompt = [5, 9, 2, 33, 7]
-    ours = StaggeredGenerator(to_plain_model(model, None), MAX_LEN, 1).generate([prompt], SamplingParams(8))
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
-    assert theirs[0, len(prompt):].tolist() == ours.tokens[0]
+    prompt = [5, 9, 2, 33, 7]  # 5 + 20 columns: the HF cache grows from 16 slots to 32 on the way
+    ours = StaggeredGenerator(to_plain_model(model, None), MAX_LEN, 1).generate([prompt], SamplingParams(20))
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
+    assert theirs.sequences[0, len(prompt):].tolist() == ours.tokens[0]
+    assert theirs.past_key_values.caches[0].kv[0].shape[3] == 32
 
 
 @pytest.mark.parametrize("null_entry", ["all", "first"])

@@ -51,17 +51,36 @@ class StagConfig(PretrainedConfig):
 
 
 class StagCache:
-    """Decode state of one batch: every section's whole cache and how many columns it holds."""
+    """Decode state of one batch: every section's whole cache and how many columns it holds.
+
+    The caches hold the columns used so far rounded up to a power of two (at least 16, at most the
+    context) and grow, copied, as a generation passes that: sized to the context they would cost every
+    forward its memory and its attention over every slot (Llama 3's 131072 positions would not fit)."""
 
     def __init__(self, model: StagLM, batch: int):
-        self.caches = model.new_caches(batch, model.cfg.max_sequence_length)
+        self.model, self.batch = model, batch
+        self.caches: Optional[dict] = None
         self.length = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
+    def reserve(self, columns: int) -> None:
+        """Room for `columns` columns in every cache, the ones held kept."""
+        have = 0 if self.caches is None else self.caches[next(iter(self.caches))].kv[0].shape[3]
+        if columns <= have:
+            return
+        size = min(max(16, 1 << (columns - 1).bit_length()), self.model.cfg.max_sequence_length)
+        grown = self.model.new_caches(self.batch, size)
+        for k, cache in (self.caches or {}).items():  # self-attention slot t, cross-attention slot j: the same index
+            for old, new in zip(cache.kv, grown[k].kv):
+                new[..., :have, :].copy_(old)
+            if cache.cross is not None:
+                grown[k].cross[..., :have + 1, :].copy_(cache.cross)
+        self.caches = grown
+
     def reorder_cache(self, beam_idx: Tensor) -> None:
-        for cache in self.caches.values():
+        for cache in (self.caches or {}).values():
             cache.kv = [kv.index_select(1, beam_idx) for kv in cache.kv]
             if cache.cross is not None:
                 cache.cross = cache.cross.index_select(2, beam_idx)
@@ -101,6 +120,7 @@ class StagForCausalLM(PreTrainedModel, GenerationMixin):
         start, n = cache.length, input_ids.shape[1]
         if start + n > self.config.max_sequence_length:
             raise ValueError(f"{start + n} tokens exceed the model's context of {self.config.max_sequence_length}.")
+        cache.reserve(start + n)
         logits = self.model.extend(input_ids, cache.caches, start, attention_mask)
         cache.length = start + n
         loss = None
