@@ -97,6 +97,35 @@ def test_rope_base_fraction_and_norm_epsilon_reach_the_decoder():
     torch.testing.assert_close(result.step_logits[:, 0], ref[len(prompt): len(prompt) + 7], atol=ATOL, rtol=0)
 
 
+def test_llama3_rope_scaling_reaches_the_decoder():
+    """A run with megatron's --use-rope-scaling decodes with it: StagFormer p=2 steps at positions
+    ~300, where the scaling moves the logits, equal megatron's forward, and do not without it."""
+    from megatron_stag.models.model_args import ModelArgs
+    from megatron_stag.serving.convert import model_args_for
+    from megatron_stag.serving.engine import StaggeredGenerator
+
+    args = ModelArgs(vocab_size=64, max_sequence_length=512, num_layers=4, hidden_size=32, num_attention_heads=4,
+                     stag_sections=2, position_embedding_type="rope", rotary_base=500_000, use_rope_scaling=True,
+                     rope_scaling_factor=32.0)
+    torch.manual_seed(0)
+    model = args.build(args.config()).eval()
+    with torch.no_grad():  # peaked attention, so that where a key sits (its rotation) shows in the logits
+        for name, p in model.named_parameters():
+            if "linear_qkv" in name and name.endswith("weight"):
+                p.mul_(8)
+    back = model_args_for(serving(model).cfg)
+    assert (back.use_rope_scaling, back.rope_scaling_factor) == (True, 32.0)
+    prompt = torch.randint(0, 64, (290,), generator=torch.Generator().manual_seed(0)).tolist()
+    result = generator(model, max_len=300).generate([prompt], SamplingParams(max_new_tokens=8), keep_logits=True)
+    ref = _teacher_forced(model, prompt + result.tokens[0])[len(prompt): len(prompt) + 7]
+    torch.testing.assert_close(result.step_logits[:, 0], ref, atol=ATOL, rtol=0)
+    unscaled = serving(model)
+    unscaled.cfg.rope_scaling_factor = None
+    again = StaggeredGenerator(unscaled, max_len=300, batch=1).generate([prompt], SamplingParams(max_new_tokens=8),
+                                                                         keep_logits=True)
+    assert (again.step_logits[:, 0] - ref).abs().max() > 10 * ATOL
+
+
 def test_prompts_prefill_together_in_groups(monkeypatch):
     """Prompts of similar lengths prefill as one forward, padded on the right, at most PREFILL_TOKENS
     tokens (rows x the group's longest) each: every grouping gives the tokens and logits of prefilling
