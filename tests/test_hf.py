@@ -546,6 +546,10 @@ def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(tmp_
     record = generate("b.jsonl")
     assert (record["tokens"], record["finish_reason"]) == (continuation[:end + 1], "eos")
 
+    refused = cli("export", str(folder), str(tmp_path / "pkg"), check=False)  # would drop the BOS
+    assert refused.returncode != 0 and "only its own tokenizer prompts it so" in refused.stderr
+    assert not (tmp_path / "pkg").exists()
+
     from megatron_stag.serving.evaluate import load_for_harness
 
     model, harness_tok = load_for_harness(llama3, "cpu", torch.float32)  # what `eval` hands the harness

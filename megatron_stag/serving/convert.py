@@ -173,12 +173,18 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
     format, or (`format="hf"`) a Hugging Face transformers folder (`write_hf_folder`)."""
     from safetensors.torch import save_model
 
+    from megatron_stag.serving.prompt_tokenizer import needs_own_tokenizer
+
     if format not in ("plain", "hf"):
         raise ExportError(f"format={format!r}: choose 'plain' or 'hf'.")
     out = Path(out)
     if out.exists():
         raise ExportError(f"{out} exists: export into a new folder (nothing was written).")
     _, run_dir = describe(checkpoint)
+    if needs_own_tokenizer(run_dir):
+        raise ExportError(f"{checkpoint} is a Hugging Face folder whose model began its training documents with a "
+                          f"BOS token (config.json bos_token_id): only its own tokenizer prompts it so, and an "
+                          f"export would not carry it. Use the folder as it is: generate, eval and import read it.")
     tokenizer = Path(tokenizer) if tokenizer else run_dir / "tokenizer.model"
     if format == "hf" and not tokenizer.is_file():
         raise ExportError(f"{tokenizer} does not exist: a Hugging Face folder ships its tokenizer; pass "

@@ -39,11 +39,17 @@ def _json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def needs_own_tokenizer(folder: Path) -> bool:
+    """Whether `folder` is a Hugging Face folder whose model began its training documents with a BOS
+    (config.json names a bos_token_id), so that only its own tokenizer prompts it as trained."""
+    return _json(Path(folder) / "config.json").get("bos_token_id") is not None
+
+
 def transformers_tokenizer(folder: Path):
-    """The folder's own transformers tokenizer where its model was trained with a BOS (see above),
-    else None. Local files only, and never code from the folder."""
+    """The folder's own transformers tokenizer where `needs_own_tokenizer`, else None. Local files
+    only, and never code from the folder."""
     folder = Path(folder)
-    if _json(folder / "config.json").get("bos_token_id") is None:
+    if not needs_own_tokenizer(folder):
         return None
     from transformers import AutoTokenizer
 
