@@ -100,9 +100,10 @@ def _import(ns) -> int:
         out = import_checkpoint(Path(ns.source), Path(ns.out))
     except (ExportError, FileNotFoundError, ValueError) as err:
         raise SystemExit(str(err)) from None
+    tok = next((t for t in (out / "tokenizer", out / "tokenizer.model") if t.exists()), None)
     print(f"wrote {out} (megatron torch_dist, any TP/PP loads it): continue training with "
-          f"`megatron-stag pretrain RECIPE checkpoint.load={out} checkpoint.save=NEW_DIR` and the model "
-          f"settings in {out / 'model_args.json'}")
+          f"`megatron-stag pretrain RECIPE checkpoint.load={out} checkpoint.save=NEW_DIR"
+          f"{f' data.tokenizer_model={tok}' if tok else ''}` and the model settings in {out / 'model_args.json'}")
     return 0
 
 
@@ -119,7 +120,7 @@ def _export(ns) -> int:
         print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}"
               f"{')' if llama else ', trust_remote_code=True)'} and AutoTokenizer.from_pretrained({str(out)!r})")
     else:
-        print(f"wrote {out} (config.json, model.safetensors, tokenizer.model)")
+        print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
 
@@ -138,7 +139,7 @@ def _submit(ns) -> int:
     """Validate the recipe like `pretrain` does, derive the job's shape, sbatch slurm/pretrain.sbatch."""
     from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
     from megatron_stag.platform import slurm
-    from megatron_stag.training.megatron_pretrain import check_model, check_schedule
+    from megatron_stag.training.megatron_pretrain import check_model, check_schedule, use_tokenizer_kind
 
     argv, extra = (ns.args[:ns.args.index("--")], ns.args[ns.args.index("--") + 1:]) if "--" in ns.args \
         else (ns.args, [])
@@ -146,6 +147,7 @@ def _submit(ns) -> int:
         raise SystemExit("usage: megatron-stag submit [options] RECIPE [key=value ...] [-- megatron flags]")
     try:
         recipe = load_recipe(argv[0], argv[1:])
+        use_tokenizer_kind(recipe)
         recipe_argv(recipe)
         check_schedule(recipe)
         check_model(recipe)
@@ -279,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--input", nargs="+", required=True, help="files or directories")
     d.add_argument("--output-prefix", required=True,
                    help="writes <prefix>_text_document.bin/.idx (and <prefix>.model when it trains a tokenizer)")
-    d.add_argument("--tokenizer", help="existing sentencepiece .model (default: train one)")
+    d.add_argument("--tokenizer", help="existing sentencepiece .model, or a Hugging Face tokenizer folder "
+                                       "(tokenizer.json; BOS added where its config says) (default: train one)")
     d.add_argument("--vocab-size", type=int, default=16000, help="pieces of the trained tokenizer")
     d.add_argument("--workers", type=int, default=2, help="tokenizing processes")
     d.add_argument("--json-key", default="text", help="field holding the text in .jsonl inputs")
@@ -289,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", formatter_class=_HELP, help="staggered generation from a checkpoint")
     g.add_argument("checkpoint", help="a checkpoint directory (iter_*), a run's checkpoints folder, or an "
                                       "exported package (megatron-stag export)")
-    g.add_argument("--tokenizer", help="sentencepiece .model (default: <checkpoint>/tokenizer.model, or a Hugging "
-                                       "Face folder's own tokenizer where its config.json names a bos_token_id)")
+    g.add_argument("--tokenizer", help="sentencepiece .model or Hugging Face tokenizer folder (default: the "
+                                       "model's own: tokenizer.model, tokenizer/, or a Hugging Face folder's)")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompt-file", help="one prompt per line, or JSONL with a 'prompt' field")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
@@ -337,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="a checkpoint directory (iter_*) or a run's checkpoints folder")
     x.add_argument("out", help="new folder for config.json, model.safetensors, tokenizer.model")
     x.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype written")
-    x.add_argument("--tokenizer", help="sentencepiece .model to ship (default: the checkpoint's)")
+    x.add_argument("--tokenizer", help="sentencepiece .model or Hugging Face tokenizer folder to ship "
+                                       "(default: the checkpoint's)")
     x.add_argument("--format", choices=("plain", "hf"), default="plain",
                    help="plain: this package's serving format; hf: a Hugging Face transformers folder")
     x.set_defaults(func=_export)

@@ -493,30 +493,19 @@ def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(tmp_
     """A Llama folder from elsewhere (config.json names a bos_token_id) is prompted through its own
     tokenizer: BOS first, as transformers encodes it, from tokenizer.model or from tokenizer.json alone
     (Llama 3 ships no tokenizer.model). `generate` gives transformers' greedy tokens for that prompt and
-    stops at any eos_token_id of generation_config.json, reporting why each completion ended."""
-    import io
-    from pathlib import Path
-
+    stops at any eos_token_id of generation_config.json, reporting why each completion ended. Its
+    import and its plain export keep that tokenizer and those end tokens: the same completion."""
     import sentencepiece as spm
 
-    import megatron_stag
     from megatron_stag.serving.generate_cli import prepare_prompts
+    from tests.tokenizer_helpers import llama_tokenizer_folder
 
-    sources = [line for p in sorted(Path(megatron_stag.__file__).parent.rglob("*.py"))
-               for line in p.read_text().splitlines() if line.strip()]
-    buffer = io.BytesIO()  # Llama's layout: <unk> 0, <s> 1, </s> 2, byte fallback
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sources), model_writer=buffer, vocab_size=500, model_type="bpe",
-                                   byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-                                   character_coverage=0.99)
-    folder = tmp_path / "llama2"
+    folder = llama_tokenizer_folder(tmp_path / "llama2")
     torch.manual_seed(0)
     theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=MAX_LEN, bos_token_id=1, eos_token_id=2)).eval()
     theirs.save_pretrained(folder)
-    (folder / "tokenizer.model").write_bytes(buffer.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps(dict(tokenizer_class="LlamaTokenizer", add_bos_token=True,
-                                                               legacy=False)))  # as Llama 2 and TinyLlama ship
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     llama3 = tmp_path / "tokenizer_json_only"
     tok.save_pretrained(llama3)
@@ -535,20 +524,24 @@ def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(tmp_
         continuation = theirs.generate(torch.tensor([want]), max_new_tokens=8, do_sample=False)[0, len(want):].tolist()
     assert len(continuation) == 8 and 2 not in continuation  # ran to the budget
 
-    def generate(name: str) -> dict:
-        cli("generate", str(folder), "--prompt", prompt, "--max-new-tokens", "8", "--output", str(tmp_path / name))
+    def generate(model, name: str) -> dict:
+        cli("generate", str(model), "--prompt", prompt, "--max-new-tokens", "8", "--output", str(tmp_path / name))
         return json.loads((tmp_path / name).read_text())
 
-    record = generate("a.jsonl")
+    record = generate(folder, "a.jsonl")
     assert (record["tokens"], record["finish_reason"]) == (continuation, "length")
     end = next(i for i in range(2, 8) if continuation[i] not in continuation[:i])  # a token seen first at i
     (folder / "generation_config.json").write_text(json.dumps(dict(bos_token_id=1, eos_token_id=[2, continuation[end]])))
-    record = generate("b.jsonl")
+    record = generate(folder, "b.jsonl")
     assert (record["tokens"], record["finish_reason"]) == (continuation[:end + 1], "eos")
 
-    refused = cli("export", str(folder), str(tmp_path / "pkg"), check=False)  # would drop the BOS
-    assert refused.returncode != 0 and "only its own tokenizer prompts it so" in refused.stderr
-    assert not (tmp_path / "pkg").exists()
+    cli("import", str(folder), str(tmp_path / "ckpt"))
+    cli("export", str(folder), str(tmp_path / "pkg"))
+    assert (tmp_path / "ckpt" / "tokenizer").is_dir() and (tmp_path / "pkg" / "tokenizer").is_dir()
+    for where in (tmp_path / "ckpt", tmp_path / "pkg"):
+        _, ids, _, ends = prepare_prompts(ns, [prompt], where, 500, MAX_LEN)
+        assert ids == [want] and ends == {2, continuation[end]}, where
+    assert generate(tmp_path / "ckpt", "c.jsonl") == record  # megatron's weights, the folder's tokenizer and ends
 
     from megatron_stag.serving.evaluate import load_for_harness
 

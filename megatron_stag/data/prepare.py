@@ -2,7 +2,8 @@
 
 Documents: a plain-text file is one document; a `.jsonl` file gives one document per line (the
 `--json-key` field). Directories are walked (sorted) for the given extensions. A sentencepiece BPE model
-is trained on the documents unless `--tokenizer` names one. Tokenization runs in a process pool with a
+is trained on the documents unless `--tokenizer` names one, or names a Hugging Face tokenizer folder
+(whose config decides the BOS each document starts with). Tokenization runs in a process pool with a
 progress bar; every document ends with the tokenizer's end-of-document id. The dataset is written through
 megatron's `IndexedDatasetBuilder`. Outputs (`<prefix>.model`, `<prefix>_text_document.bin/.idx`) are
 written beside their final names and moved into place together at the end, the index last, so a dataset
@@ -114,8 +115,10 @@ def prepare_dataset(inputs: Sequence[str], output_prefix: Path, vocab_size: int 
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} exist: choose another --output-prefix, or pass "
                               f"--overwrite to replace them (nothing was written).")
-    if tokenizer is not None and not Path(tokenizer).is_file():
+    if tokenizer is not None and not Path(tokenizer).exists():
         raise FileNotFoundError(f"--tokenizer {tokenizer} does not exist.")
+    if tokenizer is not None:
+        load_tokenizer(Path(tokenizer))  # a folder that is not a usable tokenizer is named before any reading
     files = find_files(inputs, extensions)
     if not any(True for _ in iter_documents(files, json_key)):
         raise ValueError(f"the inputs ({len(files)} files) hold no text: nothing to tokenize.")

@@ -13,10 +13,8 @@ temporary sibling and renamed, so it is complete or absent.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -170,10 +168,12 @@ def to_plain_model(model, args, device="cpu") -> StagLM:
 def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.float32,
                       tokenizer: Path | None = None, format: str = "plain", max_shard_bytes: int = 5 << 30) -> Path:
     """Write the package for `checkpoint` (anything `resolve_checkpoint` accepts) to `out`: our plain
-    format, or (`format="hf"`) a Hugging Face transformers folder (`write_hf_folder`)."""
+    format, or (`format="hf"`) a Hugging Face transformers folder (`write_hf_folder`). It carries the
+    model's tokenizer (or `tokenizer`: a sentencepiece .model or a Hugging Face tokenizer folder)."""
     from safetensors.torch import save_model
 
-    from megatron_stag.serving.prompt_tokenizer import needs_own_tokenizer
+    from megatron_stag.data.tokenizer import save_hf_tokenizer
+    from megatron_stag.platform.files import staged_folder
 
     if format not in ("plain", "hf"):
         raise ExportError(f"format={format!r}: choose 'plain' or 'hf'.")
@@ -181,40 +181,56 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
     if out.exists():
         raise ExportError(f"{out} exists: export into a new folder (nothing was written).")
     _, run_dir = describe(checkpoint)
-    if needs_own_tokenizer(run_dir):
-        raise ExportError(f"{checkpoint} is a Hugging Face folder whose model began its training documents with a "
-                          f"BOS token (config.json bos_token_id): only its own tokenizer prompts it so, and an "
-                          f"export would not carry it. Use the folder as it is: generate, eval and import read it.")
-    tokenizer = Path(tokenizer) if tokenizer else run_dir / "tokenizer.model"
-    if format == "hf" and not tokenizer.is_file():
-        raise ExportError(f"{tokenizer} does not exist: a Hugging Face folder ships its tokenizer; pass "
-                          f"--tokenizer with the sentencepiece .model the model was trained with.")
+    tokenizer = model_tokenizer(run_dir, tokenizer)
+    if format == "hf" and tokenizer is None:
+        raise ExportError(f"{run_dir / 'tokenizer.model'} does not exist: a Hugging Face folder ships its tokenizer; "
+                          f"pass --tokenizer with the sentencepiece .model (or Hugging Face tokenizer folder) the "
+                          f"model was trained with.")
     _stage(f"reading {checkpoint}")
     plain = load_serving_model(checkpoint, dtype=dtype)
     if format == "hf" and (vocab := _tokenizer_vocab(tokenizer)) > plain.cfg.vocab_size:
-        raise ExportError(f"{tokenizer} has {vocab} pieces, more than the model's vocab_size "
+        raise ExportError(f"{_named(tokenizer)} has {vocab} pieces, more than the model's vocab_size "
                           f"{plain.cfg.vocab_size}: pass the tokenizer the model was trained with.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the package from the rest of a team
     _stage(f"writing {sum(p.numel() for p in plain.parameters()) / 1e6:,.1f}M parameters ({format}) to {out}")
-    try:
+    with staged_folder(out) as tmp:
         if format == "hf":
             write_hf_folder(plain, tokenizer, tmp, dtype, max_shard_bytes)
         else:
             plain.cfg.save(tmp / "config.json")
             save_model(plain, str(tmp / "model.safetensors"))
-            if tokenizer.is_file():
+            if isinstance(tokenizer, Path):
                 shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-        for written in tmp.iterdir():  # safetensors writes 0600 as well
-            os.chmod(written, 0o666 & ~umask)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            elif tokenizer is not None:
+                save_hf_tokenizer(tokenizer, tmp / "tokenizer")
+        if (run_dir / "generation_config.json").is_file():  # the end tokens it came with (imports)
+            shutil.copyfile(run_dir / "generation_config.json", tmp / "generation_config.json")
     return out
+
+
+def model_tokenizer(folder: Path, override: Path | None = None):
+    """The tokenizer a package of the model in `folder` carries: the path of its sentencepiece .model,
+    its transformers tokenizer (`prompt_tokenizer.transformers_tokenizer`: BOS and all), or None where
+    it has neither. `override` (a .model file or a tokenizer folder) replaces the model's own."""
+    from megatron_stag.data.tokenizer import load_hf_tokenizer
+    from megatron_stag.serving.prompt_tokenizer import transformers_tokenizer
+
+    if override is not None:
+        override = Path(override)
+        if not override.exists():
+            raise ExportError(f"--tokenizer {override} does not exist.")
+        return load_hf_tokenizer(override) if override.is_dir() else override
+    folder = Path(folder)
+    try:
+        own = transformers_tokenizer(folder)
+    except FileNotFoundError:
+        if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise
+        return None  # weights alone: the package has no tokenizer either
+    return own if own is not None else (folder / "tokenizer.model" if (folder / "tokenizer.model").is_file() else None)
+
+
+def _named(tokenizer) -> str:
+    return str(tokenizer) if isinstance(tokenizer, Path) else f"tokenizer {tokenizer.name_or_path}"
 
 
 def _stage(what: str) -> None:
@@ -222,36 +238,37 @@ def _stage(what: str) -> None:
     print(f"{what} ...", file=sys.stderr, flush=True)
 
 
-def _tokenizer_vocab(path: Path) -> int:
+def _tokenizer_vocab(path) -> int:
     import sentencepiece as spm
 
+    if not isinstance(path, Path):
+        return len(path)
     try:
         return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
     except (RuntimeError, OSError) as err:
         raise ExportError(f"{path} is not a sentencepiece model ({err}).") from None
 
 
-def write_hf_folder(plain: StagLM, tokenizer: Path | None, out: Path, dtype: torch.dtype,
+def write_hf_folder(plain: StagLM, tokenizer, out: Path, dtype: torch.dtype,
                     max_shard_bytes: int = 5 << 30) -> None:
     """A transformers folder. A model in Llama's shape (`model.llama_shaped`: a baseline GPT of the
     production recipes) is written as transformers' own LlamaForCausalLM; any other as
     StagForCausalLM, config.json naming `hf_model.py` (the wrapper) and `model.py` (the serving model)
     in `auto_map`, both copied here so megatron_stag is not needed to load it. Safetensors weights
     (every name of a shared or tied tensor written, so transformers finds each), sharded above
-    `max_shard_bytes` with an index; generation_config.json; the sentencepiece model and its
-    transformers tokenizer (`hf_tokenizer`; `tokenizer` None: none, e.g. for a model under test)."""
+    `max_shard_bytes` with an index; generation_config.json; the tokenizer (`model_tokenizer`'s: a
+    sentencepiece model, written with its transformers tokenizer by `write_hf_tokenizer`, or a
+    transformers tokenizer, written as it is, its BOS named in config.json; None: none, e.g. for a
+    model under test)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig
 
     from megatron_stag.serving import hf_model, model as model_module
 
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer)) if tokenizer else None
-    eos = sp.eos_id() if sp is not None and sp.eos_id() >= 0 else None
+    bos, eos = _special_ids(tokenizer)
     cfg, llama = plain.cfg, model_module.llama_shaped(plain.cfg)
-    common = dict(dtype=str(dtype).removeprefix("torch."), bos_token_id=None, eos_token_id=eos, pad_token_id=eos)
+    common = dict(dtype=str(dtype).removeprefix("torch."), bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
     if llama:
         config = LlamaConfig(
             architectures=["LlamaForCausalLM"], vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -267,7 +284,7 @@ def write_hf_folder(plain: StagLM, tokenizer: Path | None, out: Path, dtype: tor
             cfg, architectures=["StagForCausalLM"], **common,
             auto_map={"AutoConfig": "hf_model.StagConfig", "AutoModelForCausalLM": "hf_model.StagForCausalLM"})
     config.save_pretrained(out)
-    GenerationConfig(eos_token_id=eos, pad_token_id=eos).save_pretrained(out)
+    GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos).save_pretrained(out)
     name = model_module.llama_name if llama else (lambda k: f"model.{k}")
     state = {name(k): v.detach().to(dtype).contiguous().clone() for k, v in plain.state_dict().items()}
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
@@ -281,8 +298,24 @@ def write_hf_folder(plain: StagLM, tokenizer: Path | None, out: Path, dtype: tor
     if not llama:
         for module in (hf_model, model_module):
             shutil.copyfile(module.__file__, out / Path(module.__file__).name)
-    if sp is not None:
+    if isinstance(tokenizer, Path):
         write_hf_tokenizer(tokenizer, out, cfg.max_sequence_length)
+    elif tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def _special_ids(tokenizer) -> tuple[int | None, int | None]:
+    """(BOS, end of text) for `model_tokenizer`'s tokenizer: a transformers tokenizer's own (its
+    bos_token_id in config.json is what has `generate` and `eval` prompt the folder through it), none
+    for a sentencepiece model of `prepare-data` (its models were trained without a BOS)."""
+    if tokenizer is None:
+        return None, None
+    if not isinstance(tokenizer, Path):
+        return tokenizer.bos_token_id, tokenizer.eos_token_id
+    import sentencepiece as spm
+
+    eos = spm.SentencePieceProcessor(model_file=str(tokenizer)).eos_id()
+    return None, eos if eos >= 0 else None
 
 
 def write_hf_tokenizer(tokenizer: Path, out: Path, max_length: int) -> None:
@@ -418,7 +451,9 @@ def import_checkpoint(source: Path, out: Path) -> Path:
     from megatron.core import dist_checkpointing
 
     from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER, resolve_checkpoint
+    from megatron_stag.data.tokenizer import save_hf_tokenizer
     from megatron_stag.platform.distributed import initialize
+    from megatron_stag.platform.files import staged_folder
 
     source, out = Path(source), Path(out)
     if out.exists():
@@ -435,29 +470,24 @@ def import_checkpoint(source: Path, out: Path) -> Path:
     _stage(f"reading {source}")
     plain = load_plain_model(source)
     args = model_args_for(plain.cfg)
-    tokenizer = source / "tokenizer.model"
+    tokenizer = model_tokenizer(source)
     initialize(tp=1, pp=1)
     model = args.build(args.config()).eval()
     if plain_config(model, args) != plain.cfg:
         raise ExportError(f"{source / 'config.json'} describes a model megatron-stag does not build the same "
                           f"way (altup_active or a default differs): it cannot be imported.")
     load_into_megatron(model, plain.cfg, plain.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
     _stage(f"writing {sum(p.numel() for p in plain.parameters()) / 1e6:,.1f}M parameters (megatron torch_dist) to {out}")
-    try:
+    with staged_folder(out) as tmp:
         (tmp / "release").mkdir()
         dist_checkpointing.save({"model": model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0},
                                 str(tmp / "release"))
         (tmp / MEGATRON_TRACKER).write_text("release")
         args.save(tmp / "model_args.json")
-        if tokenizer.is_file():
+        if isinstance(tokenizer, Path):
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        elif tokenizer is not None:  # prompts keep their BOS; `pretrain` trains on with data.tokenizer_model=OUT/tokenizer
+            save_hf_tokenizer(tokenizer, tmp / "tokenizer")
+        if (source / "generation_config.json").is_file():  # its end tokens (`prompt_tokenizer.end_ids`)
+            shutil.copyfile(source / "generation_config.json", tmp / "generation_config.json")
     return out

@@ -41,7 +41,7 @@ def load_for_harness(path: Path, device: str, dtype):
 
     _, folder = describe(path)
     tokenizer = folder / "tokenizer.model"
-    tok = transformers_tokenizer(folder)  # a folder from elsewhere: its own, adding its BOS
+    tok = transformers_tokenizer(folder)  # the model's own where it has one (BOS included)
     if tok is None:
         if not tokenizer.is_file():
             raise FileNotFoundError(f"{tokenizer} does not exist: the harness needs the model's sentencepiece "

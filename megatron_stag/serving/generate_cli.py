@@ -46,7 +46,7 @@ def prepare_prompts(ns, prompts: list[str], tok_dir: Path, vocab_size: int, cont
 
     try:
         tok = load_prompt_tokenizer(tok_dir, ns.tokenizer)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         raise SystemExit(str(err)) from None
     if tok.vocab_size > vocab_size:
         raise SystemExit(f"tokenizer {ns.tokenizer or tok_dir} has {tok.vocab_size} pieces but the model was "

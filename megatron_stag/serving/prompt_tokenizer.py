@@ -1,12 +1,14 @@
 """The tokenizer that encodes a model's prompts and decodes its completions, and the tokens that end
 a completion.
 
-megatron-stag's own models (checkpoints, exports) were trained on sentencepiece ids with no BOS and
-`</s>` closing each document: their `tokenizer.model` is read through megatron's tokenizer, exactly as
-in training. A Hugging Face folder from elsewhere whose config names a `bos_token_id` (Llama 2,
-TinyLlama, Llama 3: trained with a BOS at every document's start) is read through its own
-transformers tokenizer instead, which adds the BOS as the model expects and also reads a
-`tokenizer.json` without a `tokenizer.model` (Llama 3)."""
+A model trained on `prepare-data`'s sentencepiece ids (no BOS, `</s>` closing each document) has a
+`tokenizer.model`, read through megatron's tokenizer exactly as in training. Every other model is
+prompted through its own transformers tokenizer, which adds the BOS where the model was trained with
+one and reads a `tokenizer.json` without a `tokenizer.model` (Llama 3): a megatron run trained on a
+Hugging Face tokenizer, or imported from a Hugging Face folder, keeps it in `tokenizer/` (and its
+plain export too); a Hugging Face folder holds it beside its config.json, and is read so where the
+config names a `bos_token_id` (Llama 2, TinyLlama, Llama 3, and our exports of models with a BOS) or
+where it has no `tokenizer.model`."""
 
 from __future__ import annotations
 
@@ -39,34 +41,41 @@ def _json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def needs_own_tokenizer(folder: Path) -> bool:
-    """Whether `folder` is a Hugging Face folder whose model began its training documents with a BOS
-    (config.json names a bos_token_id), so that only its own tokenizer prompts it as trained."""
-    return _json(Path(folder) / "config.json").get("bos_token_id") is not None
+def transformers_tokenizer_folder(folder: Path) -> Optional[Path]:
+    """Where the model in `folder` keeps the transformers tokenizer that prompts it, or None where its
+    `tokenizer.model` is a `prepare-data` sentencepiece model (see the module's docstring)."""
+    folder = Path(folder)
+    if (folder / "tokenizer").is_dir():
+        return folder / "tokenizer"
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    if _json(config).get("bos_token_id") is not None:
+        return folder
+    has_files = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+    return folder if has_files and not (folder / "tokenizer.model").is_file() else None
 
 
 def transformers_tokenizer(folder: Path):
-    """The folder's own transformers tokenizer where `needs_own_tokenizer`, else None. Local files
-    only, and never code from the folder."""
-    folder = Path(folder)
-    if not needs_own_tokenizer(folder):
-        return None
-    from transformers import AutoTokenizer
+    """The model's own transformers tokenizer where `transformers_tokenizer_folder` finds one, else
+    None. Local files only, and never code from the folder."""
+    from megatron_stag.data.tokenizer import load_hf_tokenizer
 
+    where = transformers_tokenizer_folder(folder)
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"{folder}: its model starts documents with a BOS token (config.json bos_token_id), "
-                                f"so its own transformers tokenizer encodes the prompts, and it does not load "
-                                f"({err}): add tokenizer.json or tokenizer.model and tokenizer_config.json from "
-                                f"where the model came from.") from None
+        return None if where is None else load_hf_tokenizer(where)
+    except ValueError as err:
+        raise FileNotFoundError(f"{err} The model in {folder} is prompted through that tokenizer.") from None
 
 
 def load_prompt_tokenizer(folder: Path, override: Optional[Path] = None):
-    """`override` (a sentencepiece .model) if given; else the folder's transformers tokenizer where
-    `transformers_tokenizer` takes it, else its `tokenizer.model`. Missing files raise FileNotFoundError."""
-    from megatron_stag.data.tokenizer import load_tokenizer
+    """`override` (a sentencepiece .model or a Hugging Face tokenizer folder) if given; else the
+    model's transformers tokenizer where `transformers_tokenizer` finds one, else its `tokenizer.model`.
+    Missing files raise FileNotFoundError."""
+    from megatron_stag.data.tokenizer import load_hf_tokenizer, load_tokenizer
 
+    if override is not None and Path(override).is_dir():
+        return TransformersPrompts(load_hf_tokenizer(Path(override)))
     if override is not None:
         return load_tokenizer(Path(override))
     hf = transformers_tokenizer(folder)

@@ -113,9 +113,9 @@ def check_data(recipe) -> None:
     from megatron_stag.data.token_dataset import check_indexed_dataset
 
     tokenizer = recipe.get("tokenizer_model")
-    if tokenizer and not Path(tokenizer).is_file():
+    if tokenizer and not Path(tokenizer).exists():
         raise RecipeError(f"data.tokenizer_model={tokenizer} does not exist: give the .model that "
-                          f"`megatron-stag prepare-data` wrote.")
+                          f"`megatron-stag prepare-data` wrote, or the Hugging Face tokenizer folder it used.")
     data = recipe.get("data_path") or []
     for item in data if isinstance(data, list) else [data]:
         if not str(item).replace(".", "", 1).isdigit():  # blends interleave weights and prefixes
@@ -125,9 +125,32 @@ def check_data(recipe) -> None:
                 raise RecipeError(f"data.data_path: {err}") from None
 
 
+def use_tokenizer_kind(recipe) -> None:
+    """megatron's tokenizer type follows `data.tokenizer_model`: a folder is a Hugging Face tokenizer
+    (`HuggingFaceTokenizer`, read from local files only: it is checked to load here, before any rank
+    starts), a file a sentencepiece model. The recipes name SentencePieceTokenizer, so a user who gives
+    a tokenizer folder need not also change the type."""
+    from megatron_stag.data.tokenizer import load_hf_tokenizer
+
+    tokenizer = recipe.get("tokenizer_model")
+    if not tokenizer or not Path(tokenizer).exists():
+        return  # check_data names it
+    if Path(tokenizer).is_dir():
+        try:
+            load_hf_tokenizer(Path(tokenizer))
+        except ValueError as err:
+            raise RecipeError(f"data.tokenizer_model: {err}") from None
+        recipe.set("data.tokenizer_type", "HuggingFaceTokenizer")
+    elif recipe.get("tokenizer_type") == "HuggingFaceTokenizer":
+        raise RecipeError(f"data.tokenizer_type=HuggingFaceTokenizer reads a tokenizer folder, and "
+                          f"data.tokenizer_model={tokenizer} is a file: give the folder (tokenizer.json, "
+                          f"tokenizer_config.json), or data.tokenizer_type=SentencePieceTokenizer for a .model.")
+
+
 def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
     """Validate the recipe here (cheap, before any process starts), then run it on N processes."""
     recipe = load_recipe(recipe_name, overrides)
+    use_tokenizer_kind(recipe)
     argv = recipe_argv(recipe)  # raises RecipeError naming the key
     check_schedule(recipe)
     check_model(recipe)
@@ -304,29 +327,40 @@ def check_decodable(args) -> None:
                          f"this, so it would decode another model than the one trained; train without it.")
 
 
-def _write_run_files(args) -> None:
-    """model_args.json and tokenizer.model beside Megatron's checkpoints, for `generate`."""
+def model_args_of(args):
+    """The ModelArgs (model_args.json) of the model megatron's parsed `args` build."""
     from megatron_stag.models.model_args import ModelArgs
 
-    if not args.save or int(os.environ.get("RANK", "0")) != 0:
-        return
-    save = Path(args.save)
-    save.mkdir(parents=True, exist_ok=True)
     fields = {f: getattr(args, f) for f in ModelArgs.__dataclass_fields__ if hasattr(args, f)}
     fields.update(
         vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         num_moe_experts=args.num_experts)
-    wanted = ModelArgs(**fields)
-    tokenizer = Path(args.tokenizer_model) if args.tokenizer_model and Path(args.tokenizer_model).is_file() else None
+    return ModelArgs(**fields)
+
+
+def _write_run_files(args) -> None:
+    """model_args.json and the tokenizer (`tokenizer.model`, or a Hugging Face tokenizer's files in
+    `tokenizer/`) beside Megatron's checkpoints, for `generate`, `export` and `eval`."""
+    from megatron_stag.data.tokenizer import load_hf_tokenizer, save_hf_tokenizer
+
+    if not args.save or int(os.environ.get("RANK", "0")) != 0:
+        return
+    save = Path(args.save)
+    save.mkdir(parents=True, exist_ok=True)
+    wanted = model_args_of(args)
+    tokenizer = Path(args.tokenizer_model) if args.tokenizer_model and Path(args.tokenizer_model).exists() else None
     check_run_files(save, wanted, tokenizer)
     schedule = _schedule(args)
     if not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
         check_resumed_schedule(save, schedule, resuming=args.load and Path(args.load) == save)
     write_atomic(save / "schedule.json", json.dumps(schedule, indent=2) + "\n")
     wanted.save(save / "model_args.json")
-    if tokenizer is not None:
+    if tokenizer is not None and tokenizer.is_dir():
+        if not (save / "tokenizer").is_dir():
+            save_hf_tokenizer(load_hf_tokenizer(tokenizer), save / "tokenizer")
+    elif tokenizer is not None:
         shutil.copyfile(tokenizer, save / "tokenizer.model")
 
 
@@ -369,9 +403,24 @@ def check_run_files(save: Path, wanted, tokenizer: Path | None) -> None:
         if changed:
             raise SystemExit(f"checkpoint.save={save} holds checkpoints of another model ({'; '.join(changed)}): "
                              f"use a new checkpoint.save (nothing was written).")
-    if tokenizer is not None and stored_tok.is_file() and stored_tok.read_bytes() != tokenizer.read_bytes():
+    if tokenizer is not None and not _same_tokenizer(tokenizer, stored_tok, save / "tokenizer"):
+        own = stored_tok if stored_tok.is_file() else save / "tokenizer"
         raise SystemExit(f"checkpoint.save={save} holds checkpoints trained with another tokenizer than "
-                         f"{tokenizer}: use a new checkpoint.save or the run's own {stored_tok}.")
+                         f"{tokenizer}: use a new checkpoint.save or the run's own {own}.")
+
+
+def _same_tokenizer(tokenizer: Path, stored_model: Path, stored_folder: Path) -> bool:
+    """Whether `tokenizer` (a .model file or a Hugging Face tokenizer folder) is the one a save folder
+    holds, if it holds one: the same bytes, or for folders the same ids (`same_hf_tokenizer`)."""
+    from megatron_stag.data.tokenizer import load_hf_tokenizer, same_hf_tokenizer
+
+    if not (stored_model.is_file() or stored_folder.is_dir()):
+        return True
+    if tokenizer.is_dir() != stored_folder.is_dir():
+        return False
+    if tokenizer.is_dir():
+        return same_hf_tokenizer(load_hf_tokenizer(tokenizer), load_hf_tokenizer(stored_folder))
+    return stored_model.read_bytes() == tokenizer.read_bytes()
 
 
 def use_shipped_dataset_helpers() -> None:
