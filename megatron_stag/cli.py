@@ -102,7 +102,7 @@ def _import(ns) -> int:
         raise SystemExit(str(err)) from None
     tok = next((t for t in (out / "tokenizer", out / "tokenizer.model") if t.exists()), None)
     print(f"wrote {out} (megatron torch_dist, any TP/PP loads it): continue training with "
-          f"`megatron-stag pretrain RECIPE checkpoint.load={out} checkpoint.save=NEW_DIR"
+          f"`megatron-stag pretrain RECIPE checkpoint.pretrained_checkpoint={out} checkpoint.save=NEW_DIR"
           f"{f' data.tokenizer_model={tok}' if tok else ''}` and the model settings in {out / 'model_args.json'}")
     return 0
 
@@ -147,6 +147,11 @@ def _submit(ns) -> int:
         raise SystemExit("usage: megatron-stag submit [options] RECIPE [key=value ...] [-- megatron flags]")
     try:
         recipe = load_recipe(argv[0], argv[1:])
+        if any(a.split("=", 1)[0].rsplit(".", 1)[-1] == "load" for a in argv[1:]):
+            raise RecipeError("checkpoint.load: the job loads its own checkpoints (--run-dir) so that a requeued "
+                              "job resumes; to start from other weights (an import, another run), give "
+                              "checkpoint.pretrained_checkpoint=FOLDER: megatron starts from it while the run has "
+                              "no checkpoint of its own.")
         use_tokenizer_kind(recipe)
         recipe_argv(recipe)
         check_schedule(recipe)
@@ -156,8 +161,7 @@ def _submit(ns) -> int:
         data = recipe.get("data_path") or []
         paths = [run_dir] + [Path(p) for p in (data if isinstance(data, list) else [data])
                              if not str(p).replace(".", "").isdigit()]
-        if recipe.get("tokenizer_model"):
-            paths.append(Path(recipe.get("tokenizer_model")))
+        paths += [Path(recipe.get(k)) for k in ("tokenizer_model", "pretrained_checkpoint") if recipe.get(k)]
         opts = _job_options(ns, f"stag-{Path(argv[0]).stem}", run_dir)
         slurm.check_warning_time(opts)
         slurm.check_shared_paths(paths + slurm.job_files(opts), shape.nodes)

@@ -97,3 +97,16 @@ def test_model_descriptions_on_disk_fail_by_name(tmp_path):
         path.write_text(json.dumps({**asdict(good), **change}))
         with pytest.raises(ValueError, match=f"config.json: .*{message}" if "unknown" not in message else message):
             PlainConfig.load(path)
+
+
+def test_an_even_split_written_out_is_the_same_model():
+    """An import records its layer split ([2, 2]); a recipe leaves an even one to its default (None).
+    Comparing run files, the two are one model, and any other difference is named."""
+    from megatron_stag.models.model_args import ModelArgs
+
+    fresh = ModelArgs(vocab_size=64, max_sequence_length=32, num_layers=4, hidden_size=32, num_attention_heads=4,
+                      stag_sections=2)
+    imported = ModelArgs(**{**fresh.__dict__, "stag_section_layers": [2, 2]})
+    assert fresh.differences(imported) == imported.differences(fresh) == []
+    uneven = ModelArgs(**{**fresh.__dict__, "stag_section_layers": [1, 3], "hidden_size": 64})
+    assert fresh.differences(uneven) == ["hidden_size 64 -> 32", "stag_section_layers [1, 3] -> [2, 2]"]

@@ -125,6 +125,12 @@ def test_submit_dry_run_and_errors(tmp_path, capsys, monkeypatch):
     assert "exceeds the 4 tasks per node" in err
     code, _, err = submit("--dry-run", "350m-stag", "training.nonsense=1")
     assert code != 0 and "nonsense" in err
+    code, _, err = submit("--dry-run", "350m-stag", *shared_data, "checkpoint.load=/shared/imported")
+    assert code != 0 and "give checkpoint.pretrained_checkpoint=FOLDER" in err  # a requeue would restart from it
+    code, _, err = submit("--dry-run", "--nodes", "2", "--run-dir", "/shared/run", "350m-stag", *shared_data,
+                          "training.global_batch_size=512", "checkpoint.pretrained_checkpoint=/tmp/imported",
+                          env=shared_python)
+    assert code != 0 and "/tmp/imported" in err and "node-local" in err
     for flag, value, message in (("--nodes", "0", "0 is below 1"), ("--gpus-per-node", "0", "0 is below 1"),
                                  ("--nodes", "-2", "-2 is below 1"), ("--signal-seconds", "-5", "-5 is below 1"),
                                  ("--run-dir", "/shared/run%j", "contains '%'"),  # issue 15: were defaults or passed on

@@ -117,7 +117,7 @@ def _guess_section(key: str) -> str:
         return "model"
     if key.endswith("_parallel_size") or key == "sequence_parallel":
         return "parallelism"
-    if key.startswith(("save", "load")):
+    if key.startswith(("save", "load", "pretrained_checkpoint")):
         return "checkpoint"
     if key.startswith(("log", "tensorboard", "eval")):
         return "logging"
@@ -130,7 +130,7 @@ def _guess_section(key: str) -> str:
 
 # keys whose values are paths: taken literally (YAML would read ' #' as a comment and ': ' as a mapping,
 # so a run directory such as "/shared/runs/exp #3" would silently become "/shared/runs/exp")
-LITERAL_KEYS = ("save", "load", "tokenizer_model", "log_file", "tensorboard_dir")
+LITERAL_KEYS = ("save", "load", "pretrained_checkpoint", "tokenizer_model", "log_file", "tensorboard_dir")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -56,6 +56,23 @@ class ModelArgs:
         """The serving model's (`serving.model.PlainConfig`) name for stag_sections."""
         return self.stag_sections
 
+    def differences(self, stored: "ModelArgs") -> list[str]:
+        """"field stored -> this" for each setting in which the two describe different models (an even
+        split of layers into sections, given as [2, 2] or left to its default None, is one model)."""
+        from megatron_stag.config.section_layout import section_layer_counts
+
+        def values(args: ModelArgs) -> dict:
+            data = asdict(args)
+            try:
+                data["stag_section_layers"] = section_layer_counts(args.num_layers, args.stag_sections,
+                                                                   args.stag_section_layers)
+            except ValueError:
+                pass  # an impossible split compares as written
+            return data
+
+        mine, theirs = values(self), values(stored)
+        return [f"{k} {theirs[k]!r} -> {v!r}" for k, v in mine.items() if theirs[k] != v]
+
     def save(self, path: Path) -> None:
         from megatron_stag.platform.files import write_atomic
 

@@ -92,20 +92,33 @@ def check_model(recipe) -> None:
 
 
 def check_load(recipe) -> None:
-    """The checkpoint `checkpoint.load` resumes from is plain data (`safe_unpickle`), refused in one
-    line before any process starts; each rank's loading is restricted as well."""
+    """The checkpoints a run may start from (`checkpoint.load`, and a fine-tune's
+    `checkpoint.pretrained_checkpoint`) are plain data (`safe_unpickle`), refused in one line before
+    any process starts; each rank's loading is restricted as well."""
     import pickle
 
     from megatron_stag.checkpointing import safe_unpickle
     from megatron_stag.checkpointing.checkpoint_io import megatron_latest
 
-    load = recipe.get("load")
-    try:
-        latest = megatron_latest(Path(load)) if load else None
-        if latest is not None:
-            safe_unpickle.check_metadata(latest)
-    except (ValueError, pickle.UnpicklingError) as err:
-        raise RecipeError(f"checkpoint.load={load}: {err}") from None
+    for key in ("load", "pretrained_checkpoint"):
+        folder = recipe.get(key)
+        try:
+            latest = megatron_latest(Path(folder)) if folder else None
+            if latest is not None:
+                safe_unpickle.check_metadata(latest)
+        except (ValueError, pickle.UnpicklingError) as err:
+            raise RecipeError(f"checkpoint.{key}={folder}: {err}") from None
+    pretrained = recipe.get("pretrained_checkpoint")
+    if pretrained and megatron_latest(Path(pretrained)) is None:
+        raise RecipeError(f"checkpoint.pretrained_checkpoint={pretrained} holds no checkpoint (no "
+                          f"latest_checkpointed_iteration.txt): give a run's checkpoint folder or an import's.")
+    load, save = recipe.get("load"), recipe.get("save")
+    if (load and save and Path(load).resolve() != Path(save).resolve() and megatron_latest(Path(save))
+            and megatron_latest(Path(load))):
+        raise RecipeError(f"checkpoint.save={save} holds this run's checkpoints, and checkpoint.load={load} would "
+                          f"start it again from another checkpoint and overwrite them (a requeued Slurm job would "
+                          f"lose its progress so). To start from {load} and resume from {save} after any stop, give "
+                          f"checkpoint.pretrained_checkpoint={load} and checkpoint.load={save}.")
 
 
 def check_data(recipe) -> None:
@@ -340,6 +353,36 @@ def model_args_of(args):
     return ModelArgs(**fields)
 
 
+def check_loaded_model(args) -> None:
+    """A run that starts from another run's (or an import's) checkpoint builds the model that
+    checkpoint holds: megatron would stop at the first missing or misshapen weight with a KeyError
+    listing every name in the checkpoint. Say which settings differ instead, before anything loads.
+    The checkpoint is the one megatron picks: `load` where it holds one, else `pretrained_checkpoint`
+    (a run resuming its own save folder is checked by `check_run_files`)."""
+    from megatron_stag.checkpointing.checkpoint_io import megatron_latest
+    from megatron_stag.models.model_args import ModelArgs
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        key, folder = next(((k, Path(getattr(args, k))) for k in ("load", "pretrained_checkpoint")
+                            if getattr(args, k, None) and megatron_latest(Path(getattr(args, k))) is not None),
+                           (None, None))
+    except ValueError:
+        return  # check_load names an unreadable tracker
+    if folder is None or (args.save and folder.resolve() == Path(args.save).resolve()):
+        return
+    try:
+        stored = ModelArgs.load(folder / "model_args.json")
+    except (FileNotFoundError, ValueError, TypeError):
+        return  # a checkpoint megatron-stag did not write: megatron reads the weights alone
+    changed = model_args_of(args).differences(stored)
+    if changed:
+        raise SystemExit(f"checkpoint.{key}={folder} holds another model than this recipe builds (checkpoint -> "
+                         f"recipe: {'; '.join(changed)}): set the recipe's model settings (and data.tokenizer_model, "
+                         f"which sets vocab_size) to those in {folder / 'model_args.json'} (nothing was written).")
+
+
 def _write_run_files(args) -> None:
     """model_args.json and the tokenizer (`tokenizer.model`, or a Hugging Face tokenizer's files in
     `tokenizer/`) beside Megatron's checkpoints, for `generate`, `export` and `eval`."""
@@ -388,18 +431,16 @@ def check_resumed_schedule(save: Path, schedule: dict, resuming: bool) -> None:
 def check_run_files(save: Path, wanted, tokenizer: Path | None) -> None:
     """A save folder belongs to one model: resuming with other model settings or another tokenizer
     would overwrite what `generate` reads for the checkpoints already there. Refuse before writing."""
-    from dataclasses import asdict
-
     from megatron_stag.models.model_args import ModelArgs
 
     stored_args, stored_tok = save / "model_args.json", save / "tokenizer.model"
     if stored_args.is_file():
         try:
-            stored = asdict(ModelArgs.load(stored_args))
+            stored = ModelArgs.load(stored_args)
         except (ValueError, TypeError) as err:
             raise SystemExit(f"{stored_args} is not a model description ({err}): move it away or use "
                              f"another checkpoint.save.") from None
-        changed = [f"{k} {stored[k]!r} -> {v!r}" for k, v in asdict(wanted).items() if stored.get(k) != v]
+        changed = wanted.differences(stored)
         if changed:
             raise SystemExit(f"checkpoint.save={save} holds checkpoints of another model ({'; '.join(changed)}): "
                              f"use a new checkpoint.save (nothing was written).")
@@ -478,6 +519,7 @@ def run(argv: list[str]) -> int:
     sys.argv = [sys.argv[0], *argv]
     args = parse_and_validate_args(extra_args_provider=add_megatron_stag_args)
     check_decodable(args)
+    check_loaded_model(args)
     _write_run_files(args)
     _arguments_to_file(args)
     cfg = pretrain_cfg_container_from_args(args, stag_gpt_config_from_args(args))
