@@ -433,7 +433,7 @@ def test_import_continues_training_at_tp2_pp2(quickstart_run, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     data = out / "data"
     proc = cli("pretrain", "tiny-cpu-stag", f"data.data_path=[{data / 'stdlib_text_document'}]",
-               f"data.tokenizer_model={data / 'stdlib.model'}", f"checkpoint.load={tmp_path / 'ckpt'}",
+               f"data.tokenizer_model={data / 'stdlib.model'}", f"checkpoint.pretrained_checkpoint={tmp_path / 'ckpt'}",
                f"checkpoint.save={tmp_path / 'ft'}", "training.train_iters=2", "checkpoint.save_interval=2",
                "parallelism.tensor_model_parallel_size=2", "parallelism.pipeline_model_parallel_size=2",
                "logging.eval_interval=100", "optimizer.lr_warmup_iters=1")
@@ -489,7 +489,7 @@ def test_llama3_rope_scaling_decodes_imports_and_exports_exactly(megatron_world,
     assert (again - want).abs().max() <= TOL
 
 
-def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(tmp_path):
+def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(megatron_world, tmp_path):
     """A Llama folder from elsewhere (config.json names a bos_token_id) is prompted through its own
     tokenizer: BOS first, as transformers encodes it, from tokenizer.model or from tokenizer.json alone
     (Llama 3 ships no tokenizer.model). `generate` gives transformers' greedy tokens for that prompt and
@@ -497,6 +497,7 @@ def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(tmp_
     import and its plain export keep that tokenizer and those end tokens: the same completion."""
     import sentencepiece as spm
 
+    from megatron_stag.serving.convert import export_checkpoint, import_checkpoint
     from megatron_stag.serving.generate_cli import prepare_prompts
     from tests.tokenizer_helpers import llama_tokenizer_folder
 
@@ -535,8 +536,8 @@ def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(tmp_
     record = generate(folder, "b.jsonl")
     assert (record["tokens"], record["finish_reason"]) == (continuation[:end + 1], "eos")
 
-    cli("import", str(folder), str(tmp_path / "ckpt"))
-    cli("export", str(folder), str(tmp_path / "pkg"))
+    import_checkpoint(folder, tmp_path / "ckpt")
+    export_checkpoint(folder, tmp_path / "pkg")
     assert (tmp_path / "ckpt" / "tokenizer").is_dir() and (tmp_path / "pkg" / "tokenizer").is_dir()
     for where in (tmp_path / "ckpt", tmp_path / "pkg"):
         _, ids, _, ends = prepare_prompts(ns, [prompt], where, 500, MAX_LEN)
@@ -549,3 +550,49 @@ def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(tmp_
     assert harness_tok(prompt)["input_ids"] == want
     with torch.no_grad():
         assert (model(torch.tensor([want])).logits - theirs(torch.tensor([want])).logits).abs().max() <= TOL
+
+
+def test_the_llama_recipe_builds_what_import_writes_for_llama_3_2_1b(tmp_path):
+    """`recipes/llama-3.2-1b.yaml`, as megatron parses and validates it, describes the model `import`
+    makes of Llama 3.2 1B's config.json (its published values, no weights), so fine-tuning an import
+    with it loads every weight; a setting out of step would be named by the load check instead."""
+    import os
+    from pathlib import Path
+
+    from megatron_stag.models.model_args import ModelArgs
+    from megatron_stag.serving.convert import model_args_for
+    from megatron_stag.serving.model import PlainConfig
+    from tests.tokenizer_helpers import llama_tokenizer_folder
+
+    transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        bos_token_id=128000, eos_token_id=128001,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ).save_pretrained(tmp_path / "llama")
+    imported = model_args_for(PlainConfig.load(tmp_path / "llama" / "config.json"))
+    tokenizer = llama_tokenizer_folder(tmp_path / "tokenizer")
+    parse = textwrap.dedent(f"""
+        import json, sys
+        from dataclasses import asdict
+        from megatron.training.arguments import parse_and_validate_args
+        from megatron_stag.config.recipe import load_recipe, recipe_argv
+        from megatron_stag.training.megatron_builder import add_megatron_stag_args
+        from megatron_stag.training.megatron_pretrain import model_args_of, platform_flags, use_tokenizer_kind
+        recipe = load_recipe("llama-3.2-1b", ["data.tokenizer_model={tokenizer}"])
+        use_tokenizer_kind(recipe)
+        sys.argv = ["pretrain", *recipe_argv(recipe), *platform_flags()]
+        args = parse_and_validate_args(extra_args_provider=add_megatron_stag_args)
+        args.padded_vocab_size = 128256  # megatron's padding of Llama 3's tokenizer (this one is smaller)
+        print("MODEL_ARGS", json.dumps(asdict(model_args_of(args))))
+    """)
+    repo = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", parse], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                               "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MODEL_ARGS ")), None)
+    assert line is not None, proc.stdout[-2000:] + proc.stderr[-3000:]
+    recipe = ModelArgs(**json.loads(line.removeprefix("MODEL_ARGS ")))
+    assert recipe.differences(imported) == []
+    assert (recipe.num_query_groups, recipe.use_rope_scaling, recipe.rope_scaling_factor) == (8, True, 32.0)
