@@ -489,6 +489,38 @@ def test_llama3_rope_scaling_decodes_imports_and_exports_exactly(megatron_world,
     assert (again - want).abs().max() <= TOL
 
 
+def test_fine_tuning_an_import_starts_from_it_and_resumes_its_own_checkpoints(quickstart_run, megatron_world, tmp_path):
+    """`checkpoint.pretrained_checkpoint=IMPORT` starts a run from the import and, the same command run
+    again after a stop (a Slurm requeue), resumes the run's own checkpoint, not the import. A recipe
+    of another model (megatron: a KeyError listing every weight of the checkpoint) and
+    `checkpoint.load=IMPORT` over the run's own checkpoints (it would train from the import again and
+    overwrite them) are refused by name, before anything is written."""
+    from megatron_stag.serving.convert import export_checkpoint, import_checkpoint
+
+    out, _ = quickstart_run
+    export_checkpoint(out / "checkpoints", tmp_path / "hf", format="hf")
+    imported = import_checkpoint(tmp_path / "hf", tmp_path / "import")
+    ft = tmp_path / "ft"
+
+    def pretrain(recipe, *overrides):
+        return cli("pretrain", recipe, f"data.data_path=[{out / 'data' / 'stdlib_text_document'}]",
+                   f"data.tokenizer_model={imported / 'tokenizer.model'}", f"checkpoint.save={ft}",
+                   "training.train_iters=4", "checkpoint.save_interval=2", "logging.eval_interval=100",
+                   "optimizer.lr_warmup_iters=1", *overrides, check=False)
+
+    refused = pretrain("tiny-cpu-gpt", f"checkpoint.pretrained_checkpoint={imported}")
+    assert refused.returncode == 1 and "(checkpoint -> recipe: stag_sections 2 -> 1;" in refused.stdout
+    assert "KeyError" not in refused.stdout + refused.stderr and not (ft / "model_args.json").exists()
+    first = pretrain("tiny-cpu-stag", f"checkpoint.pretrained_checkpoint={imported}", "--", "--exit-interval", "2")
+    assert first.returncode == 0 and f"loading release distributed checkpoint from {imported}" in first.stdout
+    again = pretrain("tiny-cpu-stag", f"checkpoint.pretrained_checkpoint={imported}")
+    assert again.returncode == 0 and f"from {ft} at iteration 2" in again.stdout  # not the import again
+    assert (ft / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    restart = pretrain("tiny-cpu-stag", f"checkpoint.load={imported}")
+    assert restart.returncode != 0 and f"checkpoint.pretrained_checkpoint={imported} and " in restart.stderr
+    assert (ft / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+
 def test_a_llama_from_elsewhere_generates_with_its_bos_and_stops_at_its_eos(megatron_world, tmp_path):
     """A Llama folder from elsewhere (config.json names a bos_token_id) is prompted through its own
     tokenizer: BOS first, as transformers encodes it, from tokenizer.model or from tokenizer.json alone
