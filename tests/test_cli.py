@@ -36,6 +36,7 @@ def test_quickstart_trains_and_decodes_exactly(quickstart_run):
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "100"
     recorded = json.loads((out / "checkpoints" / "model_args.json").read_text())  # megatron's names, so copied
     assert (recorded["rotary_base"], recorded["rotary_percent"], recorded["layernorm_epsilon"]) == (10000, 1.0, 1e-5)
+    assert recorded["kv_channels"] is None  # hidden / heads: recorded as the default, so older runs resume
 
 
 def test_generate_from_checkpoint(quickstart_run, tmp_path):

@@ -29,6 +29,7 @@ VARIANTS = {
     "gqa-swiglu-rmsnorm-nobias": dict(num_query_groups=2, gated_linear_unit=True, activation_func=F.silu,
                                       bias_activation_fusion=False, normalization="RMSNorm",
                                       add_bias_linear=False),
+    "head-dim-16-gqa": dict(kv_channels=16, num_query_groups=2, position_embedding_type="rope"),  # hidden/heads is 8
     "altup-gemma3n": dict(altup_blocks=2, altup_output="projected", altup_embedding="projected",
                           altup_form="gemma3n", altup_schedule="fixed", altup_coef_clip=0.5,
                           position_embedding_type="rope"),
@@ -380,10 +381,11 @@ def test_import_round_trip_is_exact(megatron_world, tmp_path, name):
 def test_a_llama_that_transformers_wrote_imports_exactly(megatron_world, tmp_path):
     """A Llama folder from elsewhere (transformers' own save_pretrained: grouped-query attention, rope
     base in `rope_parameters`, tied head, sharded) decodes and imports with transformers' logits; what
-    the serving model or megatron-stag's model does not compute is refused by its config field."""
+    the serving model or megatron-stag's model does not compute is refused by its config field. A
+    head size other than hidden / heads imports as megatron's kv_channels."""
     from megatron_stag.checkpointing.checkpoint_io import load_model_weights, resolve_checkpoint
     from megatron_stag.models.model_args import ModelArgs
-    from megatron_stag.serving.convert import ExportError, import_checkpoint
+    from megatron_stag.serving.convert import import_checkpoint
     from megatron_stag.serving.model import load_plain_model
 
     torch.manual_seed(0)
@@ -413,14 +415,18 @@ def test_a_llama_that_transformers_wrote_imports_exactly(megatron_world, tmp_pat
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**base, **change})).save_pretrained(folder)
         with pytest.raises(ValueError, match=field):
             load_plain_model(folder)
-    folder = tmp_path / "head_dim"
+    folder = tmp_path / "head_dim"  # a head size other than hidden / heads (Mistral NeMo's 128 for 5120 / 32)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**base, head_dim=24)).eval().save_pretrained(folder)
-    with torch.no_grad():  # the serving model computes it; megatron-stag's training model does not
-        assert (load_plain_model(folder)(ids) - transformers.AutoModelForCausalLM.from_pretrained(folder)(ids).logits
-                ).abs().max() <= TOL
-    with pytest.raises(ExportError, match="head_dim=24"):
-        import_checkpoint(folder, tmp_path / "no")
-    assert not (tmp_path / "no").exists()
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(folder)(ids).logits
+        assert (load_plain_model(folder)(ids) - want).abs().max() <= TOL
+    checkpoint = import_checkpoint(folder, tmp_path / "head_dim_ckpt")  # megatron's --kv-channels 24
+    args = ModelArgs.load(resolve_checkpoint(checkpoint)[1] / "model_args.json")
+    assert args.kv_channels == 24
+    back = args.build(args.config()).eval()
+    load_model_weights(back, checkpoint)
+    with torch.no_grad():
+        assert (back(ids, torch.arange(10).expand(2, 10)) - want).abs().max() <= TOL
 
 
 @pytest.mark.slow

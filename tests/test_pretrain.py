@@ -132,7 +132,7 @@ def test_options_the_decoder_lacks_are_refused():
     from megatron_stag.models.model_args import ModelArgs
 
     dests = {action.dest for action in megatron_parser()._actions}
-    assert {"use_rope_scaling", "rope_scaling_factor"} <= dests & set(ModelArgs.__dataclass_fields__)
+    assert {"use_rope_scaling", "rope_scaling_factor", "kv_channels"} <= dests & set(ModelArgs.__dataclass_fields__)
 
 
 @pytest.mark.parametrize("overrides,message", [

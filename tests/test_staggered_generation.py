@@ -75,22 +75,23 @@ def test_decode_logits_equal_megatron_forward(name, monkeypatch):
         torch.testing.assert_close(steps, ref[len(prompt): len(full) - 1], atol=ATOL, rtol=0)
 
 
-def test_rope_base_fraction_and_norm_epsilon_reach_the_decoder():
-    """A run trained with megatron's --rotary-base, --rotary-percent or --norm-epsilon has them in its
-    model_args.json, and `generate`, `export` and `import` rebuild the model with them (they used 10000,
-    1.0 and 1e-5 whatever the run had: decoding that differed from training without a word)."""
+def test_rope_base_fraction_norm_epsilon_and_head_size_reach_the_decoder():
+    """A run trained with megatron's --rotary-base, --rotary-percent, --norm-epsilon or --kv-channels
+    has them in its model_args.json, and `generate`, `export` and `import` rebuild the model with them
+    (they used 10000, 1.0 and 1e-5 whatever the run had: decoding that differed from training without a
+    word; a head size other than hidden / heads did not load at all)."""
     from megatron_stag.models.model_args import ModelArgs
     from megatron_stag.serving.convert import model_args_for
 
     args = ModelArgs(vocab_size=64, max_sequence_length=MAX_LEN, num_layers=4, hidden_size=32, num_attention_heads=4,
                      stag_sections=2, position_embedding_type="rope", normalization="RMSNorm",
-                     rotary_base=500_000, rotary_percent=0.5, layernorm_epsilon=0.05)
+                     rotary_base=500_000, rotary_percent=0.5, layernorm_epsilon=0.05, kv_channels=16)
     torch.manual_seed(0)
     model = args.build(args.config()).eval()
     plain = serving(model)
-    assert (plain.cfg.rotary_base, plain.cfg.rotary_dim, plain.cfg.norm_eps) == (500_000.0, 4, 0.05)
+    assert (plain.cfg.rotary_base, plain.cfg.rotary_dim, plain.cfg.norm_eps, plain.cfg.head_dim) == (500_000.0, 8, 0.05, 16)
     back = model_args_for(plain.cfg)
-    assert (back.rotary_base, back.rotary_percent, back.layernorm_epsilon) == (500_000, 0.5, 0.05)
+    assert (back.rotary_base, back.rotary_percent, back.layernorm_epsilon, back.kv_channels) == (500_000, 0.5, 0.05, 16)
     prompt = [5, 9, 2, 33, 7]
     result = generator(model).generate([prompt], SamplingParams(max_new_tokens=8), keep_logits=True)
     ref = _teacher_forced(model, prompt + result.tokens[0])

@@ -50,6 +50,7 @@ class ModelArgs:
     layernorm_epsilon: float = 1e-5
     use_rope_scaling: bool = False  # Llama 3's frequency scaling (--use-rope-scaling, --rope-scaling-factor)
     rope_scaling_factor: float = 8.0
+    kv_channels: Optional[int] = None  # the head size where it is not hidden_size / num_attention_heads (--kv-channels)
 
     @property
     def sections(self) -> int:
@@ -103,7 +104,7 @@ class ModelArgs:
             num_layers=self.num_layers, hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
             ffn_hidden_size=self.ffn_hidden_size, normalization=self.normalization,
-            layernorm_epsilon=self.layernorm_epsilon,
+            layernorm_epsilon=self.layernorm_epsilon, kv_channels=self.kv_channels,
             stag_sections=self.stag_sections, stag_section_layers=self.stag_section_layers,
             stag_shared_weights=self.stag_shared_weights, stag_cross_window=self.stag_cross_window,
             stag_output=self.stag_output, stag_null_entry=self.stag_null_entry, tensor_model_parallel_size=tp,

@@ -382,9 +382,6 @@ def model_args_for(cfg: PlainConfig) -> "ModelArgs":
     if int(cfg.head_dim * percent) != (cfg.rotary_dim if cfg.position_embedding == "rope" else cfg.head_dim):
         raise ExportError(f"rotary_dim={cfg.rotary_dim} is no fraction of head_dim={cfg.head_dim} that megatron's "
                           f"--rotary-percent gives; this model cannot be imported.")
-    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
-        raise ExportError(f"head_dim={cfg.head_dim} x num_attention_heads={cfg.num_attention_heads} is not "
-                          f"hidden_size={cfg.hidden_size}: this model cannot be imported.")
     schedule, fixed_block = "alternating", 0
     blocks = {b for section in cfg.altup_active for b in section}
     if cfg.altup_blocks > 1 and len(blocks) == 1 and any(len(s) > 1 for s in cfg.altup_active):
@@ -393,6 +390,7 @@ def model_args_for(cfg: PlainConfig) -> "ModelArgs":
         vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_sequence_length,
         num_layers=sum(cfg.section_layers), hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
+        kv_channels=None if cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size else cfg.head_dim,
         num_query_groups=None if cfg.num_query_groups == cfg.num_attention_heads else cfg.num_query_groups,
         ffn_hidden_size=cfg.ffn_hidden_size, normalization=cfg.normalization, swiglu=cfg.activation == "swiglu",
         position_embedding_type=cfg.position_embedding, share_embeddings_and_output_weights=cfg.tie_embeddings,

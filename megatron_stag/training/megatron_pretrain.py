@@ -349,7 +349,8 @@ def model_args_of(args):
         vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        num_moe_experts=args.num_experts)
+        num_moe_experts=args.num_experts,
+        kv_channels=None if args.kv_channels * args.num_attention_heads == args.hidden_size else args.kv_channels)
     return ModelArgs(**fields)
 
 
