@@ -117,8 +117,8 @@ def prepare_dataset(inputs: Sequence[str], output_prefix: Path, vocab_size: int 
                               f"--overwrite to replace them (nothing was written).")
     if tokenizer is not None and not Path(tokenizer).exists():
         raise FileNotFoundError(f"--tokenizer {tokenizer} does not exist.")
-    if tokenizer is not None:
-        load_tokenizer(Path(tokenizer))  # a folder that is not a usable tokenizer is named before any reading
+    # a folder that is not a usable tokenizer is named before any reading
+    given = load_tokenizer(Path(tokenizer)) if tokenizer is not None else None
     files = find_files(inputs, extensions)
     if not any(True for _ in iter_documents(files, json_key)):
         raise ValueError(f"the inputs ({len(files)} files) hold no text: nothing to tokenize.")
@@ -129,7 +129,7 @@ def prepare_dataset(inputs: Sequence[str], output_prefix: Path, vocab_size: int 
         if tokenizer is None:
             _train_tokenizer(files, json_key, staged[0], vocab_size)
         tok_path = staged[0] if tokenizer is None else Path(tokenizer)
-        tok = load_tokenizer(tok_path)
+        tok = given if given is not None else load_tokenizer(tok_path)
         docs = list(iter_documents(files, json_key))
         print(f"prepare-data: {len(files)} files, {len(docs)} documents, vocabulary {tok.vocab_size}",
               file=sys.stderr)
