@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run decode steps eagerly (no torch.compile, no CUDA graph): for debugging")
     g.add_argument("--deterministic", action="store_true",
                    help="the same output on every run at any --batch-size: above 4 prompts per step (16 heads) "
-                        "attention runs on the engine's own kernel instead of cuDNN's (1xH200, 1B GPT: +10%% at 8 "
-                        "prompts, +31%% at 32)")
+                        "attention runs on the engine's own kernel instead of cuDNN's (1xH200, 1B GPT: +7%% at 8 "
+                        "prompts, +22%% at 32)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("submit", formatter_class=_HELP, help="sbatch slurm/pretrain.sbatch for a recipe (nodes/tasks from its parallelism)",

@@ -18,7 +18,7 @@ On an H200 it halves a b=1 step's attention (24 layers: 0.150 against SDPA's 0.3
 1.165 ms/token), but at b=8 and 32 the engine's step is faster with SDPA, so steps of more than ROWS
 query heads stay there (docs/decode-engine.md). SDPA picks cuDNN there, whose one-query attention is
 not run-to-run deterministic; its deterministic memory-efficient kernel costs 25-36% of the step, and
-the engine's deterministic mode (`attention(deterministic=True)`) keeps such steps here instead (+10-31%).
+the engine's deterministic mode (`attention(deterministic=True)`) keeps such steps here instead (+7-22%).
 
 A step's self-attention (`cached_attention`) also applies the rotary embedding and writes the new key
 and value into the cache, so no kernel sits between it and the q/k/v GEMV: each program loads its first
@@ -45,6 +45,10 @@ except ImportError:  # CPU-only torch: attention stays on SDPA
 
 BLOCK = 64  # slots per loop iteration
 PROGRAMS = 256  # query heads x splits a step aims for (about two per SM on an H200)
+# the same for steps of more than ROWS query heads (the engine's deterministic mode only): at 512 query
+# heads (GPT b=32) 256 programs leave one split per head, and 1024 decode 7% faster (3.32 -> 3.11
+# ms/token on an H200; 4096 3.09; b=8 1.87 -> 1.82), docs/decode-engine.md
+LARGE_PROGRAMS = 1024
 WARPS = 4
 ROWS = 64  # at most this many query heads per step (batch x heads): where SDPA leaves the GPU idle
 
@@ -153,9 +157,11 @@ if triton is not None:
 
 
 def _splits(rows: int, slots: int) -> tuple[int, int]:
-    """(slots per split, splits): splits of whole blocks, enough that rows x splits ~ PROGRAMS."""
+    """(slots per split, splits): splits of whole blocks, enough that rows x splits ~ PROGRAMS (or
+    LARGE_PROGRAMS above ROWS rows)."""
     blocks = triton.cdiv(slots, BLOCK)
-    per = triton.cdiv(blocks, min(blocks, max(1, PROGRAMS // rows)))
+    programs = PROGRAMS if rows <= ROWS else LARGE_PROGRAMS
+    per = triton.cdiv(blocks, min(blocks, max(1, programs // rows)))
     return per * BLOCK, triton.cdiv(blocks, per)
 
 
