@@ -3,7 +3,8 @@
     # one GPU: GPT baseline, StagFormer p=2 separate / window 1 / shared / recurrent, AltUp K=2, and a
     # GPT in Llama 3.2 1B's shape (the published figure's model)
     python -m megatron_stag.benchmarks.decode_engine --out results/decode_engine_h200.json
-    # one section per GPU (StagFormer p=2 and window 1)
+    # two GPUs: the GPT baseline tensor-parallel over both (DeepSpeed AutoTP, the same engine), and
+    # StagFormer p=2 separate / window 1 / shared with one section (pass) per GPU
     torchrun --nproc_per_node 2 -m megatron_stag.benchmarks.decode_engine --out results/decode_engine_2gpu_h200.json
 
 Each model is a megatron StagFormerModel (bf16, random weights, 24 layers of hidden 2048, vocabulary
@@ -153,10 +154,11 @@ LLAMA_3_2_1B = dict(num_layers=16, hidden_size=2048, num_attention_heads=32, num
 
 def models(base: ModelArgs, world: int) -> list[tuple[str, ModelArgs, bool]]:
     stag = replace(base, stag_sections=2)
-    if world > 1:
-        return [("StagFormer p=2 separate", stag, False),
-                ("StagFormer p=2 window 1", replace(stag, stag_cross_window=1), False)]
     shared = replace(base, num_layers=base.num_layers // 2, stag_sections=2, stag_shared_weights=True)
+    if world > 1:  # the GPT tensor-parallel over every GPU; StagFormer one section per GPU
+        return [("GPT baseline", base, False), ("StagFormer p=2 separate", stag, False),
+                ("StagFormer p=2 window 1", replace(stag, stag_cross_window=1), False),
+                ("StagFormer p=2 shared (12 layers, one pass per GPU)", shared, False)]
     return [("GPT baseline", base, False), ("StagFormer p=2 separate", stag, False),
             ("StagFormer p=2 window 1", replace(stag, stag_cross_window=1), False),
             ("StagFormer p=2 shared (12 layers run twice)", shared, False),
@@ -195,11 +197,17 @@ def main(argv=None) -> None:
         if wanted and not any(w in name for w in wanted):
             continue
         plain = serving_model(a)
-        placement, comm, sections = None, None, list(range(a.stag_sections))
-        if world > 1:
+        placement, comm, sections, layout = None, None, list(range(a.stag_sections)), "1 GPU"
+        if world > 1 and a.stag_sections == 1:  # as `generate --engine deepspeed --tp WORLD` runs it
+            from megatron_stag.serving.deepspeed import init_comm, init_deepspeed_engine, section_groups
+
+            init_comm()
+            plain = init_deepspeed_engine(plain, torch.bfloat16, tp=world, group=section_groups(1, world)).module
+            comm, layout = dist, f"{world} GPUs, tensor-parallel (DeepSpeed AutoTP)"
+        elif world > 1:
             placement, comm = SectionPlacement(a.stag_sections, 1, dist.get_rank()), dist
             plain.keep_sections([placement.section])
-            sections = [placement.section]
+            sections, layout = [placement.section], f"{world} GPUs, one section per GPU"
         variants = [("", True, False)] + [(", cuBLAS matmuls, SDPA", False, False)] * ns.cublas_rows \
             + [(", deterministic", True, True)] * ns.deterministic_rows
         for b, (suffix, kernels, deterministic) in [(int(x), v) for x in ns.batches.split(",") for v in variants]:
@@ -210,7 +218,7 @@ def main(argv=None) -> None:
             floor_w = _max_over_ranks(weights) / bandwidth / 1e6
             floor = _max_over_ranks(weights + caches) / bandwidth / 1e6
             row = dict(model=name + suffix,
-                       layout="1 GPU" if world == 1 else f"{world} GPUs, one section per GPU",
+                       layout=layout,
                        batch=b, ms_per_token=r["ms_per_token"], floor_ms=floor, floor_weights_ms=floor_w,
                        x_floor=r["ms_per_token"] / floor, x_floor_weights=r["ms_per_token"] / floor_w,
                        rounds_ms=r["rounds_ms"], weight_bytes=weights, cache_bytes=caches,
