@@ -134,10 +134,11 @@ def test_deepspeed_engine_matches_exported_model_tp1_tp2(megatron_world, tmp_pat
             assert got["shards"]["sections.0.layers.0.self_attn.q_proj.weight"] == (q[0] // tp, q[1])
 
 
-@pytest.mark.parametrize("name,tp", [("stag", 1), ("p3", 1), ("p3-combine", 1), ("window4-rope", 2)])
+@pytest.mark.parametrize("name,tp", [("stag", 1), ("p3", 1), ("p3-combine", 1), ("window4-rope", 2), ("gpt", 2)])
 def test_deepspeed_one_section_per_rank_equals_single_rank(megatron_world, tmp_path, name, tp):
     """Ranks of sections before the last send the next section its entries' keys and values (output
-    'last'; tp 2: split by heads like the receiving section's own) or their output ('combine')."""
+    'last'; tp 2: split by heads like the receiving section's own) or their output ('combine'). 'gpt'
+    tp 2: one section tensor-parallel over both ranks, the two-GPU baseline of `decode_engine`."""
     from megatron_stag.serving.engine import StaggeredGenerator
     from megatron_stag.serving.sampling import SamplingParams
 
