@@ -64,7 +64,8 @@ def machine() -> dict:
                               "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
     except OSError:
         smi = ""
-    return dict(gpu=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(), nvidia_smi=smi,
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None  # a CPU smoke run records none
+    return dict(gpu=gpu, gpus=torch.cuda.device_count(), nvidia_smi=smi,
                 torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version())
 
 
