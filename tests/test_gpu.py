@@ -6,6 +6,8 @@ from unittest import mock
 import pytest
 import torch
 
+from tests.test_parallel_equivalence import CASES as PARALLEL_CASES
+
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
               pytest.mark.usefixtures("megatron_world")]
 
@@ -109,6 +111,16 @@ def test_expert_parallel_altup_moe_matches_single_rank(tmp_path):
     run_ranks(train_step, 1, 1, 1, moe, None, str(ref))
     run_ranks(train_step, 2, 1, 1, dict(moe, expert_model_parallel_size=2), str(ref / "ckpt"), str(par))
     _compare(str(ref), str(par))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("case", list(PARALLEL_CASES))
+def test_parallel_matches_single_rank_on_nccl(tmp_path, case):
+    """The CPU suite's TP/PP cases on two GPUs (the workers take CUDA and NCCL where there is a GPU):
+    loss and every gradient shard equal the one-GPU run's, and the checkpoint reshards back."""
+    from tests.test_parallel_equivalence import _run_case
+
+    _run_case(tmp_path, *PARALLEL_CASES[case])
 
 
 @pytest.mark.parametrize("k,schedule,dtype", [(2, (0, 1, 0), torch.float32), (2, (1, 0, 1), torch.bfloat16),
