@@ -94,6 +94,22 @@ def corpus_files(max_mb: float, machine: bool = False) -> tuple[list[Path], dict
                                        f"(tests skipped)")
 
 
+def corpus_dataset(folder: Path, corpus_mb: float, machine: bool = False, vocab: int = 16000,
+                   workers: int = 8) -> tuple[Path, Path, dict]:
+    """(dataset prefix, tokenizer model, description) of `corpus_files`' text in `folder`, prepared
+    there (a sentencepiece tokenizer trained on it) unless an earlier call did."""
+    from megatron_stag.data.prepare import prepare_dataset
+
+    prefix, model_path = folder / "corpus_text_document", folder / "corpus.model"
+    files, info = corpus_files(corpus_mb, machine=machine)
+    if not Path(f"{prefix}.idx").is_file():
+        t = time.time()
+        prepare_dataset([str(f) for f in files], folder / "corpus", vocab_size=vocab, workers=workers)
+        info["prepare_seconds"] = time.time() - t
+    info["tokens"] = _dataset_tokens(prefix)
+    return prefix, model_path, info
+
+
 def recurrent_eval(save: Path, prefix: Path, split: str, sequences: int, length: int) -> dict:
     """Held-out loss of the shared-weight model decoded normally and in recurrent mode. Recurrent mode
     is a generation mode (the prompt is prefilled with both passes), so each sequence's first half is
@@ -174,21 +190,14 @@ def main(argv=None) -> None:
 
     from megatron_stag.benchmarks.hardware import machine
     from megatron_stag.config.recipe import load_recipe
-    from megatron_stag.data.prepare import prepare_dataset
     from megatron_stag.training.megatron_pretrain import launch
     from megatron_stag.training.run_logs import read_log
 
     started = time.time()
     work = Path(ns.work)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = work / "data" / "corpus_text_document"
-    model_path = work / "data" / "corpus.model"
-    files, data_info = corpus_files(ns.corpus_mb, machine=ns.study == "budget")
-    if not Path(f"{prefix}.idx").is_file():
-        t = time.time()
-        prepare_dataset([str(f) for f in files], work / "data" / "corpus", vocab_size=ns.vocab, workers=ns.workers)
-        data_info["prepare_seconds"] = time.time() - t
-    data_info["tokens"] = _dataset_tokens(prefix)
+    prefix, model_path, data_info = corpus_dataset(work / "data", ns.corpus_mb, ns.study == "budget", ns.vocab,
+                                                   ns.workers)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     import sys
 

@@ -85,13 +85,9 @@ def main(argv=None) -> None:
     chosen = layouts(ns.layouts, ns.gpus)
     work = Path(ns.work)
     if ns.data is None:
-        from megatron_stag.benchmarks.quality_study import corpus_files
-        from megatron_stag.data.prepare import prepare_dataset
+        from megatron_stag.benchmarks.quality_study import corpus_dataset
 
-        prefix, tokenizer = work / "data" / "corpus_text_document", work / "data" / "corpus.model"
-        if not Path(f"{prefix}.idx").is_file():
-            files, _ = corpus_files(ns.corpus_mb)
-            prepare_dataset([str(f) for f in files], work / "data" / "corpus", workers=8)
+        prefix, tokenizer, _ = corpus_dataset(work / "data", ns.corpus_mb)
     else:
         prefix, tokenizer = Path(ns.data), Path(ns.tokenizer)
     common = [f"data.data_path=[{prefix}]", f"data.tokenizer_model={tokenizer}", f"training.train_iters={ns.iters}",
