@@ -123,6 +123,32 @@ def test_parallel_matches_single_rank_on_nccl(tmp_path, case):
     _run_case(tmp_path, *PARALLEL_CASES[case])
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("tp", [1, 2])
+def test_generate_on_two_gpus_under_deepspeed_equals_one_gpu(quickstart_run, tmp_path, tp):
+    """`deepspeed --num_gpus 2 ... generate --engine deepspeed`, one section per GPU (tp 1) or both
+    sections tensor-parallel over both GPUs (--tp 2, AutoTP), writes the one-GPU completions (greedy,
+    fp32)."""
+    import json
+    import subprocess
+    import sys
+
+    from megatron_stag.platform.distributed import free_port
+    from tests.cli_helpers import cli
+
+    pytest.importorskip("deepspeed")
+    ckpt = str(quickstart_run[0] / "checkpoints")
+    args = ["--prompt", "def f(x):", "--prompt", "import os", "--max-new-tokens", "12", "--dtype", "fp32"]
+    cli("generate", ckpt, *args, "--output", str(tmp_path / "one.jsonl"))
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                           str(free_port()), "--module", "megatron_stag.cli", "generate", ckpt, "--engine",
+                           "deepspeed", "--tp", str(tp), *args, "--output", str(tmp_path / "two.jsonl")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = ([json.loads(line) for line in (tmp_path / f).read_text().splitlines()] for f in ("one.jsonl", "two.jsonl"))
+    assert two == one
+
+
 @pytest.mark.parametrize("k,schedule,dtype", [(2, (0, 1, 0), torch.float32), (2, (1, 0, 1), torch.bfloat16),
                                               (3, (2, 0, 1), torch.float32), (4, (1, 2, 3), torch.float32),
                                               (4, (3, 3, 3), torch.bfloat16), (8, (5, 6, 7), torch.float32)])
