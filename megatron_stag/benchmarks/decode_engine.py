@@ -4,8 +4,10 @@
     # GPT in Llama 3.2 1B's shape (the published figure's model)
     python -m megatron_stag.benchmarks.decode_engine --out results/decode_engine_h200.json
     # two GPUs: the GPT baseline tensor-parallel over both (DeepSpeed AutoTP, the same engine), and
-    # StagFormer p=2 separate / window 1 / shared with one section (pass) per GPU
+    # StagFormer p=2 separate / window 1 / shared with one section (pass) per GPU; on four, p=4 and
+    # p=2 x TP=2 against GPT TP=4
     torchrun --nproc_per_node 2 -m megatron_stag.benchmarks.decode_engine --out results/decode_engine_2gpu_h200.json
+    torchrun --nproc_per_node 4 -m megatron_stag.benchmarks.decode_engine --out results/decode_engine_4gpu_h200.json
 
 Each model is a megatron StagFormerModel (bf16, random weights, 24 layers of hidden 2048, vocabulary
 32k, rope) converted in memory to the serving model, exactly what `megatron-stag generate` decodes,
@@ -153,12 +155,20 @@ LLAMA_3_2_1B = dict(num_layers=16, hidden_size=2048, num_attention_heads=32, num
 
 
 def models(base: ModelArgs, world: int) -> list[tuple[str, ModelArgs, bool]]:
+    """(name, model, recurrent). With several GPUs (`world`): the GPT tensor-parallel over all of them,
+    StagFormer p = world with one section (pass) per GPU, and from four GPUs p=2 with each section
+    tensor-parallel over half of them (`layout`)."""
     stag = replace(base, stag_sections=2)
     shared = replace(base, num_layers=base.num_layers // 2, stag_sections=2, stag_shared_weights=True)
-    if world > 1:  # the GPT tensor-parallel over every GPU; StagFormer one section per GPU
-        return [("GPT baseline", base, False), ("StagFormer p=2 separate", stag, False),
-                ("StagFormer p=2 window 1", replace(stag, stag_cross_window=1), False),
-                ("StagFormer p=2 shared (12 layers, one pass per GPU)", shared, False)]
+    if world > 1:
+        p = replace(base, stag_sections=world)
+        rows = [("GPT baseline", base, False), (f"StagFormer p={world} separate", p, False),
+                (f"StagFormer p={world} window 1", replace(p, stag_cross_window=1), False),
+                (f"StagFormer p={world} shared ({base.num_layers // world} layers, one pass per GPU)",
+                 replace(p, num_layers=base.num_layers // world, stag_shared_weights=True), False)]
+        if world >= 4 and world % 2 == 0:
+            rows.append((f"StagFormer p=2 separate, TP={world // 2} per section", stag, False))
+        return rows
     return [("GPT baseline", base, False), ("StagFormer p=2 separate", stag, False),
             ("StagFormer p=2 window 1", replace(stag, stag_cross_window=1), False),
             ("StagFormer p=2 shared (12 layers run twice)", shared, False),
@@ -196,18 +206,22 @@ def main(argv=None) -> None:
     for name, a, recurrent in models(base, world):
         if wanted and not any(w in name for w in wanted):
             continue
-        plain = serving_model(a)
-        placement, comm, sections, layout = None, None, list(range(a.stag_sections)), "1 GPU"
-        if world > 1 and a.stag_sections == 1:  # as `generate --engine deepspeed --tp WORLD` runs it
-            from megatron_stag.serving.deepspeed import init_comm, init_deepspeed_engine, section_groups
+        plain, placement, comm, sections, layout = serving_model(a), None, None, list(range(a.stag_sections)), "1 GPU"
+        if world > 1:  # as `generate` runs it under torchrun / deepspeed with --tp world // sections
+            comm, tp = dist, world // a.stag_sections
+            if a.stag_sections > 1:
+                placement = SectionPlacement(a.stag_sections, tp, dist.get_rank())
+                plain.keep_sections([placement.section])  # before DeepSpeed shards the rest
+                sections = [placement.section]
+            if tp > 1:
+                from megatron_stag.serving.deepspeed import init_comm, init_deepspeed_engine, section_groups
 
-            init_comm()
-            plain = init_deepspeed_engine(plain, torch.bfloat16, tp=world, group=section_groups(1, world)).module
-            comm, layout = dist, f"{world} GPUs, tensor-parallel (DeepSpeed AutoTP)"
-        elif world > 1:
-            placement, comm = SectionPlacement(a.stag_sections, 1, dist.get_rank()), dist
-            plain.keep_sections([placement.section])
-            sections, layout = [placement.section], f"{world} GPUs, one section per GPU"
+                init_comm()
+                plain = init_deepspeed_engine(plain, torch.bfloat16, tp=tp,
+                                              group=section_groups(a.stag_sections, tp)).module
+            layout = f"{world} GPUs: " + ", ".join(
+                (["one section per " + ("GPU" if tp == 1 else f"{tp} GPUs")] if a.stag_sections > 1 else [])
+                + ([f"tensor-parallel over {tp} (DeepSpeed AutoTP)"] if tp > 1 else []))
         variants = [("", True, False)] + [(", cuBLAS matmuls, SDPA", False, False)] * ns.cublas_rows \
             + [(", deterministic", True, True)] * ns.deterministic_rows
         for b, (suffix, kernels, deterministic) in [(int(x), v) for x in ns.batches.split(",") for v in variants]:
