@@ -7,6 +7,7 @@ import re
 import statistics
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
@@ -46,4 +47,12 @@ def test_train_parallel_times_each_model_in_the_layout(quickstart_run, tmp_path)
 def test_train_parallel_names_bad_options_before_any_run(tmp_path, args, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         train_parallel.main(args + ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "o.json")])
+    assert not (tmp_path / "work").exists()
+
+
+def test_train_parallel_refuses_more_gpus_than_the_machine_has(tmp_path):
+    with mock.patch("torch.cuda.is_available", return_value=True), \
+            mock.patch("torch.cuda.device_count", return_value=1), \
+            pytest.raises(SystemExit, match=re.escape("--gpus 2: this machine has 1 GPU(s).")):
+        train_parallel.main(["--gpus", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "o.json")])
     assert not (tmp_path / "work").exists()

@@ -82,6 +82,8 @@ def main(argv=None) -> None:
     if ns.iters < 3 * ns.log_interval:
         raise SystemExit(f"--iters {ns.iters}: at least 3 x --log-interval ({3 * ns.log_interval}), so that "
                          f"two logged intervals follow the first.")
+    if torch.cuda.is_available() and ns.gpus > torch.cuda.device_count():
+        raise SystemExit(f"--gpus {ns.gpus}: this machine has {torch.cuda.device_count()} GPU(s).")
     chosen = layouts(ns.layouts, ns.gpus)
     work = Path(ns.work)
     if ns.data is None:
