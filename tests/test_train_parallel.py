@@ -34,15 +34,19 @@ def test_train_parallel_times_each_model_in_the_layout(quickstart_run, tmp_path)
         assert r["ms_per_iteration"] == statistics.median(r["logged_ms"])
         assert r["tokens_per_s"] == pytest.approx(8 * 128 / (r["ms_per_iteration"] / 1e3))
         assert r["tflops_per_iteration"] == step_flops(ModelArgs.load(run / "model_args.json"), 8, 128) / 1e12
+        assert r["tflops_per_s"] == pytest.approx(r["tflops_per_iteration"] / (r["ms_per_iteration"] / 1e3))
         assert "mfu" not in r  # no bf16 peak on a CPU
     assert ModelArgs.load(work / "PP=2" / "tiny-cpu-stag" / "model_args.json").stag_sections == 2
     assert rows[1]["tflops_per_iteration"] > rows[0]["tflops_per_iteration"]  # its cross-attention counts
+    assert rows[0]["vs_baseline"] == 1.0
+    assert rows[1]["vs_baseline"] == pytest.approx(rows[1]["tflops_per_s"] / rows[0]["tflops_per_s"])
 
 
 @pytest.mark.parametrize("args,message", [
     (["--layouts", "pp,dp"], "--layouts pp,dp: unknown dp"),
     (["--data", "d"], "--data and --tokenizer go together"),
     (["--iters", "10"], "--iters 10: at least 3 x --log-interval (15)"),
+    (["--recipes", "tiny-cpu-gpt,tiny-cpu-stagg"], "--recipes tiny-cpu-gpt,tiny-cpu-stagg: recipe 'tiny-cpu-stagg' not found"),
 ])
 def test_train_parallel_names_bad_options_before_any_run(tmp_path, args, message):
     with pytest.raises(SystemExit, match=re.escape(message)):

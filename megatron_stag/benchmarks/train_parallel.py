@@ -10,8 +10,8 @@ local text (the quality study's corpus of this machine's Python sources), loggin
 the time per iteration is the median of megatron's logged intervals after the first (compile, warm-up).
 tokens/s = global batch x sequence / that time; MFU = the model's training FLOPs per iteration
 (`train_throughput.step_flops`, which counts the cross-attention that megatron's own TFLOP/s figure
-leaves out) / that time / (N x the bf16 peak). The ratio column is StagFormer's MFU over the baseline's
-in the same layout.
+leaves out) / that time / (N x the bf16 peak). `vs_baseline`: a model's FLOP/s over the baseline's (the
+first recipe's) in the same layout, which is its MFU over the baseline's.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def measure(recipe: str, overrides: list[str], save: Path, warmup: int) -> dict:
     ms = statistics.median(times)
     flops = step_flops(ModelArgs.load(save / "model_args.json"), batch, seq)
     return dict(ms_per_iteration=ms, logged_ms=times, global_batch=batch, seq_length=seq,
-                tokens_per_s=batch * seq / (ms / 1e3), tflops_per_iteration=flops / 1e12)
+                tokens_per_s=batch * seq / (ms / 1e3), tflops_per_iteration=flops / 1e12,
+                tflops_per_s=flops / 1e12 / (ms / 1e3))
 
 
 def main(argv=None) -> None:
@@ -85,6 +86,14 @@ def main(argv=None) -> None:
     if torch.cuda.is_available() and ns.gpus > torch.cuda.device_count():
         raise SystemExit(f"--gpus {ns.gpus}: this machine has {torch.cuda.device_count()} GPU(s).")
     chosen = layouts(ns.layouts, ns.gpus)
+    recipes = ns.recipes.split(",")
+    from megatron_stag.config.recipe import RecipeError, load_recipe
+
+    for recipe in recipes:  # a misspelt recipe is named before the corpus is prepared
+        try:
+            load_recipe(recipe)
+        except RecipeError as err:
+            raise SystemExit(f"--recipes {ns.recipes}: {err}") from None
     work = Path(ns.work)
     if ns.data is None:
         from megatron_stag.benchmarks.quality_study import corpus_dataset
@@ -98,25 +107,23 @@ def main(argv=None) -> None:
               f"logging.eval_interval={10 * ns.iters}", "logging.eval_iters=1", "optimizer.lr_warmup_iters=2"]
     peak = peak_tflops() if torch.cuda.is_available() else None
     rows = []
-    recipes = ns.recipes.split(",")
     for label, layout in chosen:
-        baseline = None
         for recipe in recipes:
             print(f"train_parallel: {recipe}, {label}", flush=True)
             row = dict(recipe=recipe, layout=label, gpus=ns.gpus,
                        **measure(recipe, common + layout, work / label / recipe, warmup=ns.log_interval))
+            baseline = next(r for r in rows + [row] if r["layout"] == label)
+            if "error" not in row and "error" not in baseline:
+                row["vs_baseline"] = row["tflops_per_s"] / baseline["tflops_per_s"]
             if "error" not in row and peak:
-                row["mfu"] = row["tflops_per_iteration"] / (row["ms_per_iteration"] / 1e3) / (ns.gpus * peak)
-                baseline = row if recipe == recipes[0] else baseline
-                if baseline is not None:
-                    row["mfu_vs_baseline"] = row["mfu"] / baseline["mfu"]
+                row["mfu"] = row["tflops_per_s"] / (ns.gpus * peak)
             rows.append(row)
             write_result(Path(ns.out), dict(settings=vars(ns), peak_bf16_tflops=peak, rows=rows))
     for row in rows:
         print(f"{row['recipe']:24s} {row['layout']:6s} " + (row["error"] if "error" in row else
               f"{row['ms_per_iteration']:9.1f} ms/iteration  {row['tokens_per_s']:10.0f} tokens/s"
               + (f"  MFU {row['mfu']:.3f}" if "mfu" in row else "")
-              + (f" ({row['mfu_vs_baseline']:.3f}x the baseline)" if "mfu_vs_baseline" in row else "")))
+              + (f"  {row['vs_baseline']:.3f}x the baseline" if "vs_baseline" in row else "")))
 
 
 if __name__ == "__main__":
