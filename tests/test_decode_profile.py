@@ -18,7 +18,7 @@ def test_overlapping_kernels_are_charged_their_share_of_the_span():
 
 
 def test_attribute_groups_replays_and_kinds():
-    step = [_k("_gemv_kernel", 0, 10), _k("_split_kernel", 9, 4), _k("triton_poi_fused_0", 12, 2),
+    step = [_k("_gemv_kernel", 0, 10), _k("_group_kernel", 9, 4), _k("triton_poi_fused_0", 12, 2),
             _k("void cutlass::Kernel2<sm90_xmma_gemm>", 13, 5)]
     events = [dict(e, ts=e["ts"] + 100 * r) for r in range(3) for e in step] + [dict(cat="cpu_op", name="x", ts=1)]
     r = attribute(events, 3)
@@ -28,6 +28,7 @@ def test_attribute_groups_replays_and_kinds():
                           "attention kernel": dict(us=3.0, kernels=1),
                           "compiled (inductor) kernels": dict(us=1.0, kernels=1)}
     assert kind("_gemv_stream_kernel") == "GEMV (fused one-row matmul)"  # not cuBLAS's "gemv"
+    assert kind("_head_kernel") == "attention kernel"
     assert kind("cudnn_generated_fmha_kernel") == "SDPA" and kind("indexSelectSmallIndex") == "other (eager torch kernels)"
     with pytest.raises(RuntimeError, match="not identical"):
         attribute(events[:-2], 3)

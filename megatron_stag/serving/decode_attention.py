@@ -3,10 +3,17 @@ the cache slots the step attends to.
 
 A decode cache holds `max_len` slots and a step at position p reads p + 1 of them (or a window's).
 SDPA with a boolean mask (cuDNN on an H200) streams every slot and, around each layer's call, runs
-kernels of its own that convert the mask and lay out the query. Here each program takes one query head
-and a split of the slots (enough splits that a batch-1 step fills the GPU), loads the mask's bytes
-for a block of 64 slots and the keys and values of the kept slots only (a block with none kept costs
-its mask bytes), and keeps a running softmax in fp32; a second small kernel combines the splits.
+kernels of its own that convert the mask and lay out the query. Here each program takes a row's
+query head (`_head_kernel`) or, where query heads share a kv head, the whole group (`_group_kernel`), and
+a split of the slots (enough splits that a batch-1 step fills the GPU); it loads the mask's bytes for a
+block of 64 slots and the keys and values of the kept slots only (a block with none kept costs its mask
+bytes), and keeps a running softmax in fp32; a second small kernel combines the splits. The grouped
+form multiplies a block with all the group's queries at once as the rows of a tensor-core product
+(padded to 16), so it reads each kv head once where one program per query head read it G times: the
+Llama 3.2 1B shape's 16 layers of attention at b=1, 0.103 -> 0.061 ms; in the engine, on an H100, its
+b=1 step 0.990 -> 0.955 ms/token and, with its b=8 steps on the kernel instead of SDPA, 1.383 -> 1.352.
+For full heads the grouped form multiplies one row and loses in the engine (GPT b=1 1.112 -> 1.122), so
+they keep the fp32 per-head form (results/decode_attention_grouped_h100.json).
 Both launch with programmatic dependent launch, like the GEMV (`serving/gemv.py`); the combine lets
 the next kernel (the out-projection's GEMV) launch before it waits, so that kernel's weight loads are
 in flight while the attention finishes (GPT b=1 0.942 -> 0.907 ms/token; letting every GEMV or the
@@ -16,7 +23,8 @@ The mask is any boolean [b, 1, 1, slots], so causal caches, cross-attention ring
 this path.
 On an H200 it halves a b=1 step's attention (24 layers: 0.150 against SDPA's 0.331 ms; GPT 1.254 ->
 1.165 ms/token), but at b=8 and 32 the engine's step is faster with SDPA, so steps of more than ROWS
-query heads stay there (docs/decode-engine.md). SDPA picks cuDNN there, whose one-query attention is
+kv heads (batch x kv heads) stay there (docs/decode-engine.md): GPT b=8 1.975 against 2.125 ms/token on
+the kernel, the Llama shape's b=32 1.547 against 1.658 (H100). SDPA picks cuDNN there, whose one-query attention is
 not run-to-run deterministic; its deterministic memory-efficient kernel costs 25-36% of the step, and
 the engine's deterministic mode (`attention(deterministic=True)`) keeps such steps here instead (+7-22%).
 
@@ -45,13 +53,17 @@ except ImportError:  # CPU-only torch: attention stays on SDPA
 
 BLOCK = 64  # slots per loop iteration
 PROGRAMS = 256  # query heads x splits a step aims for (about two per SM on an H200)
-# the same for steps of more than ROWS query heads (the engine's deterministic mode only): at 512 query
+# the same for steps of more than ROWS kv heads (the engine's deterministic mode only): at 512 query
 # heads (GPT b=32) 256 programs leave one split per head, and 1024 decode 7% faster (3.32 -> 3.11
 # ms/token on an H200; 4096 3.09; b=8 1.87 -> 1.82), docs/decode-engine.md
 LARGE_PROGRAMS = 1024
+# grouped-query steps: kv heads x splits, at most GROUP_SPLITS splits (the combine holds them all in
+# registers). 16 layers of the Llama 3.2 1B shape's attention, 768 slots, on an H100: b=8 0.169 / 0.144 /
+# 0.143 ms at 256 / 1024 / 4096, b=32 0.454 / 0.385 / 0.342 (results/decode_attention_grouped_h100.json)
+GROUP_PROGRAMS = 4096
+GROUP_SPLITS = 32
 WARPS = 4
-ROWS = 64  # at most this many query heads per step (batch x heads): where SDPA leaves the GPU idle
-
+ROWS = 64  # at most this many kv heads per step (batch x kv heads) take the kernel; SDPA beats it above
 
 if triton is not None:
     @triton.jit
@@ -68,12 +80,14 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, part_ptr, nk_ptr, nv_ptr, pos_ptr, cos_ptr, sin_ptr,
+    def _head_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, part_ptr, nk_ptr, nv_ptr, pos_ptr, cos_ptr, sin_ptr,
                       S, scale, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, keep_sb, keep_ss, nk_sb, nk_sh,
                       nv_sb, nv_sh, rope_sb, H: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
                       BLOCK: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
                       WRITE: tl.constexpr, ROT: tl.constexpr):
-        """Program (row-head, split). With WRITE, q and this step's key and value come unrotated (nk,
+        """Program (row and query head, split), fp32 products: one head's keys are reused by nothing else,
+        so tensor cores would multiply one row (the grouped kernel's form lost here: GPT b=1 1.112 -> 1.122
+        ms/token on an H100). With WRITE, q and this step's key and value come unrotated (nk,
         nv): the program rotates them, the split holding the row's position stores them in the cache
         (one program per kv head), and every program uses them for that slot whatever the cache held."""
         bh = tl.program_id(0)
@@ -140,6 +154,110 @@ if triton is not None:
             tl.store(base + HD + 1, total)
 
     @triton.jit
+    def _rotated_rows(ptr, rows, row_stride, live, cos_ptr, sin_ptr, d, ROT: tl.constexpr):
+        """Head vectors [rows, HD] (fp32) with megatron's non-interleaved rotary embedding on their first ROT
+        dims; rows where `live` is false read as 0."""
+        at = ptr + rows[:, None] * row_stride
+        x = tl.load(at + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        if ROT:
+            half: tl.constexpr = ROT // 2
+            rot = d < ROT
+            partner = tl.load(at + tl.where(d < half, d + half, d - half)[None, :], mask=live[:, None] & rot[None, :],
+                              other=0.0).to(tl.float32)
+            cos = tl.load(cos_ptr + d, mask=rot, other=1.0)
+            sin = tl.load(sin_ptr + d, mask=rot, other=0.0)
+            x = x * cos[None, :] + tl.where((d < half)[None, :], -partner, partner) * sin[None, :]
+        return x
+
+    @triton.jit
+    def _group_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, part_ptr, nk_ptr, nv_ptr, pos_ptr, cos_ptr, sin_ptr,
+                      S, scale, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, keep_sb, keep_ss, nk_sb, nk_sh,
+                      nv_sb, nv_sh, rope_sb, KVH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                      HD: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                      PDL: tl.constexpr, WRITE: tl.constexpr, ROT: tl.constexpr, IEEE: tl.constexpr):
+        """Program (row and kv head, split) of grouped-query attention: the group's G query heads as the
+        rows of one tensor-core product (padded to GP), so the split's keys and values are read once for
+        all of them (one program per query head read them G times). With WRITE,
+        q and this step's key and value come unrotated (nk, nv): the program rotates them, the split
+        holding the row's position stores them in the cache, and every split uses them for that slot
+        whatever the cache held. IEEE: fp32 products (Triton's interpreter multiplies bf16 wrongly)."""
+        bk = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bk // KVH
+        kh = bk % KVH
+        g = tl.arange(0, GP)
+        live = g < G
+        d = tl.arange(0, HD)
+        first = split * SPLIT
+        k_base = k_ptr + b * k_sb + kh * k_sh
+        v_base = v_ptr + b * v_sb + kh * v_sh
+        if WRITE:  # before the wait: earlier steps wrote positions and the cache's slots (a PDL kernel,
+            # ours or inductor's, lets its dependents start only after its own wait, and the combine, which
+            # does so before its wait, starts only after this kernel's: every kernel three back has ended here)
+            pos = tl.load(pos_ptr + b)
+            s = first + tl.arange(0, BLOCK)
+            near = (s <= pos) & (s < S)
+            k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=near[:, None], other=0.0)
+            v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=near[:, None], other=0.0)
+        if PDL:  # q (and this step's key and value, or slot) come from the previous kernel
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        heads = kh * G + g
+        if WRITE:
+            q = _rotated_rows(q_ptr + b * q_sb, heads, q_sh, live, cos_ptr + b * rope_sb, sin_ptr + b * rope_sb, d, ROT)
+            new_k = _rotated(nk_ptr + b * nk_sb + kh * nk_sh, cos_ptr + b * rope_sb, sin_ptr + b * rope_sb, d,
+                             ROT).to(k_ptr.dtype.element_ty)
+            new_v = tl.load(nv_ptr + b * nv_sb + kh * nv_sh + d).to(v_ptr.dtype.element_ty)
+            if (pos >= first) & (pos < first + SPLIT) & (pos < S):  # never past the cache
+                tl.store(k_base + pos * k_ss + d, new_k)
+                tl.store(v_base + pos * v_ss + d, new_v)
+        else:
+            q = tl.load(q_ptr + b * q_sb + heads[:, None] * q_sh + d[None, :], mask=live[:, None], other=0.0)
+        q = q.to(tl.float32) if IEEE else q.to(k_ptr.dtype.element_ty)
+        m = tl.full([GP], float("-inf"), tl.float32)
+        total = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, HD], tl.float32)
+        for start in range(first, first + SPLIT, BLOCK):
+            s = start + tl.arange(0, BLOCK)
+            keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
+            if WRITE:
+                if start > first:  # the first block was loaded before the wait
+                    near = (s <= pos) & (s < S)
+                    k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=near[:, None], other=0.0)
+                    v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=near[:, None], other=0.0)
+                own = (s == pos)[:, None]
+                k = tl.where(own, new_k[None, :], k)
+                v = tl.where(own, new_v[None, :], v)
+            if tl.max(keep.to(tl.int32), 0) > 0:  # a block past the filled slots costs its mask bytes only
+                if not WRITE:
+                    k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
+                if IEEE:
+                    scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+                else:
+                    scores = tl.dot(q, tl.trans(k))
+                scores = tl.where(keep[None, :], scores * scale, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, 1))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(scores - m_new[:, None])
+                if not WRITE:
+                    v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
+                total = total * alpha + tl.sum(p, 1)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m = m_new
+        bh = bk * G + g  # the query head's index over the batch: b * heads + kh * G + g
+        if SPLITS == 1:
+            tl.store(o_ptr + bh[:, None] * HD + d[None, :], (acc / total[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=live[:, None])
+        else:  # [acc, max, sum] per split; a split with no kept slot leaves max -inf, sum 0
+            base = part_ptr + (bh * SPLITS + split) * (HD + 2)
+            tl.store(base[:, None] + d[None, :], acc, mask=live[:, None])
+            tl.store(base + HD, m, mask=live)
+            tl.store(base + HD + 1, total, mask=live)
+
+    @triton.jit
     def _combine_kernel(part_ptr, o_ptr, HD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
                         PDL: tl.constexpr):
         bh = tl.program_id(0)
@@ -156,12 +274,11 @@ if triton is not None:
         tl.store(o_ptr + bh * HD + d, (tl.sum(weights[:, None] * acc, 0) / total).to(o_ptr.dtype.element_ty))
 
 
-def _splits(rows: int, slots: int) -> tuple[int, int]:
-    """(slots per split, splits): splits of whole blocks, enough that rows x splits ~ PROGRAMS (or
-    LARGE_PROGRAMS above ROWS rows)."""
+def _splits(rows: int, slots: int, programs: int, most: Optional[int] = None) -> tuple[int, int]:
+    """(slots per split, splits): splits of whole blocks (at most `most`), enough that `rows` programs'
+    worth of heads x splits ~ `programs`."""
     blocks = triton.cdiv(slots, BLOCK)
-    programs = PROGRAMS if rows <= ROWS else LARGE_PROGRAMS
-    per = triton.cdiv(blocks, min(blocks, max(1, programs // rows)))
+    per = triton.cdiv(blocks, min(blocks, most or blocks, max(1, programs // rows)))
     return per * BLOCK, triton.cdiv(blocks, per)
 
 
@@ -175,18 +292,27 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, pdl:
     `positions` (< slots) first. `pdl` needs Hopper or later."""
     b, heads, _, hd = q.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
-    split, splits = _splits(b * heads, slots)
+    group = heads // kv_heads
+    if group > 1:
+        split, splits = _splits(b * kv_heads, slots, GROUP_PROGRAMS, GROUP_SPLITS)
+    else:
+        split, splits = _splits(b * heads, slots, PROGRAMS if b * heads <= ROWS else LARGE_PROGRAMS)
     out = torch.empty(b, 1, heads * hd, dtype=q.dtype, device=q.device)
     part = torch.empty(b * heads * splits * (hd + 2), dtype=torch.float32, device=q.device) if splits > 1 else out
     extra = dict(launch_pdl=True) if pdl else {}
     nk, nv, pos, cos, sin = new if new is not None else (q, q, q, None, None)
     rot = cos.shape[-1] if cos is not None else 0
-    _split_kernel[(b * heads, splits)](
-        q, keys, values, keep, out, part, nk, nv, pos, cos if rot else q, sin if rot else q, slots, hd ** -0.5,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
-        values.stride(1), values.stride(2), keep.stride(0), keep.stride(3), nk.stride(0), nk.stride(1),
-        nv.stride(0), nv.stride(1), cos.stride(0) if rot else 0, H=heads, G=heads // kv_heads, HD=hd, BLOCK=BLOCK,
-        SPLIT=split, SPLITS=splits, PDL=pdl, WRITE=new is not None, ROT=rot, num_warps=WARPS, **extra)
+    args = (q, keys, values, keep, out, part, nk, nv, pos, cos if rot else q, sin if rot else q, slots, hd ** -0.5,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
+            values.stride(1), values.stride(2), keep.stride(0), keep.stride(3), nk.stride(0), nk.stride(1),
+            nv.stride(0), nv.stride(1), cos.stride(0) if rot else 0)
+    shared = dict(HD=hd, BLOCK=BLOCK, SPLIT=split, SPLITS=splits, PDL=pdl, WRITE=new is not None, ROT=rot,
+                  num_warps=WARPS, **extra)
+    if group > 1:
+        _group_kernel[(b * kv_heads, splits)](*args, KVH=kv_heads, G=group, GP=max(16, triton.next_power_of_2(group)),
+                                              IEEE=not q.is_cuda, **shared)
+    else:
+        _head_kernel[(b * heads, splits)](*args, H=heads, G=1, **shared)
     if splits > 1:
         _combine_kernel[(b * heads,)](part, out, HD=hd, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
                                       PDL=pdl, num_warps=WARPS, **extra)
@@ -220,19 +346,19 @@ def takes_head_dim(hd: int) -> bool:
 
 
 def _fits(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, deterministic: bool) -> bool:
-    """Whether the kernel takes this attention: one half-precision query per row, at most ROWS query
-    heads unless `deterministic`. The checks read shapes, dtypes and strides only: under torch.compile
+    """Whether the kernel takes this attention: one half-precision query per row, at most ROWS kv heads
+    (batch x kv heads) unless `deterministic`. The checks read shapes, dtypes and strides only: under torch.compile
     they resolve while tracing."""
     b, heads, n, hd = q.shape
-    return not (n != 1 or (b * heads > ROWS and not deterministic) or q.dtype not in (torch.bfloat16, torch.float16)
-                or keys.dtype != q.dtype or values.dtype != q.dtype or not takes_head_dim(hd)
+    return not (n != 1 or (b * keys.shape[1] > ROWS and not deterministic)
+                or q.dtype not in (torch.bfloat16, torch.float16) or keys.dtype != q.dtype or values.dtype != q.dtype or not takes_head_dim(hd)
                 or heads % keys.shape[1] or values.shape != keys.shape or keep.dtype != torch.bool
                 or keep.shape != (b, 1, 1, keys.shape[2]) or q.stride(3) != 1 or keys.stride(3) != 1
                 or values.stride(3) != 1)
 
 
 def attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, deterministic: bool = False) -> Tensor:
-    """`reference`'s signature, with one-query half-precision steps of at most ROWS query heads on the
+    """`reference`'s signature, with one-query half-precision steps of at most ROWS kv heads on the
     kernel (call only where `gemv.available`). `deterministic` puts every such step on it: SDPA's
     choice above ROWS (cuDNN on Hopper and later) is not run-to-run deterministic, while the kernel's
     splits combine in a fixed order."""

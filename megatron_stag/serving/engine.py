@@ -204,7 +204,7 @@ class StaggeredGenerator:
     the defaults, the fastest configuration, and apply on CUDA only (the kernels on Hopper and later);
     turn them off to debug or to compare. `deterministic` gives the same tokens and logits on every run
     at any batch size: every one-query attention goes to the decode attention kernel, where steps of
-    more than `decode_attention.ROWS` query heads would take SDPA, which picks cuDNN's attention on
+    more than `decode_attention.ROWS` kv heads would take SDPA, which picks cuDNN's attention on
     Hopper and later, not run-to-run deterministic (elsewhere SDPA's choice is, and it stays).
     """
 
@@ -245,14 +245,16 @@ class StaggeredGenerator:
         self.p = cfg.sections
         self.mine = list(range(self.p)) if placement is None else [placement.section]
         attn = model.sections[self.mine[0]].layers[0].self_attn
-        q_heads = attn.q_proj.weight.shape[0] // attn.head_dim  # this rank's, under tensor parallelism
+        # kv heads of this rank's widest attention (its shard, under tensor parallelism): the self-attention's,
+        # or, from the second section on, the cross-attention's, whose every query head has its own
+        kv_heads = max((attn.k_proj if k == 0 else attn.q_proj).weight.shape[0] for k in self.mine) // attn.head_dim
         if (deterministic and kernels and not _attention.takes_head_dim(attn.head_dim)
                 and next(model.parameters()).dtype in (torch.bfloat16, torch.float16)):
             raise ValueError(f"deterministic decoding: the decode attention kernel takes heads of 16-256 (a "
                              f"power of two), not {attn.head_dim}, and SDPA would take cuDNN's attention, "
                              f"which is not run-to-run deterministic; decode in fp32 (--dtype fp32) instead.")
         self.bucket = None
-        if not (kernels and (deterministic or batch * q_heads <= _attention.ROWS)):
+        if not (kernels and (deterministic or batch * kv_heads <= _attention.ROWS)):
             self.bucket = SLOT_BUCKET * -(-max_len // (SLOT_BUCKET * MAX_BUCKETS))
         # where steps read slot buckets, the caches keep a slot past max_len that no step reads: no
         # bucket's mask or cache view is then a whole tensor, so one compiled section step serves every

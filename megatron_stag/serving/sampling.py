@@ -96,7 +96,7 @@ def check_prompts(prompts: list[list[int]], params: SamplingParams, max_len: int
 def cache_slots(prompts: list[list[int]], params: SamplingParams) -> int:
     """The cache slots a decode of these prompts fills: longest prompt + max_new_tokens, what a
     generator made for them needs. Sizing by the model's context instead costs every step where the
-    context is longer: SDPA's attention (above `decode_attention.ROWS` query heads) reads every slot,
+    context is longer: SDPA's attention (above `decode_attention.ROWS` kv heads) reads every slot,
     kept or not, and the flash-decoding kernel spreads its splits over every slot."""
     return max(len(p) for p in prompts) + params.max_new_tokens
 
