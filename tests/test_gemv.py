@@ -203,6 +203,21 @@ ENGINE = textwrap.dedent("""
 """)
 
 
+def test_decode_attention_splits_cover_the_cache_in_whole_blocks():
+    """Splits are whole blocks that cover every slot once, as many as the programs a step aims for allow,
+    and a grouped step's at most GROUP_SPLITS (its combine holds every split's partial sums at once)."""
+    from megatron_stag.serving import decode_attention as da
+
+    for rows, slots, programs, most in ((8, 32768, da.GROUP_PROGRAMS, da.GROUP_SPLITS), (64, 768, 4096, 32),
+                                        (1, 5, da.PROGRAMS, None), (16, 768, da.PROGRAMS, None), (512, 769, 1024, None)):
+        split, splits = da._splits(rows, slots, programs, most)
+        assert split % da.BLOCK == 0 and split * (splits - 1) < slots <= split * splits, (rows, slots)
+        assert splits <= (most or splits) and (rows * splits <= programs or split == da.BLOCK or splits == 1)
+    assert da._splits(8, 768, da.GROUP_PROGRAMS, da.GROUP_SPLITS) == (64, 12)  # b=1, 8 kv heads: a block each
+    assert da._splits(8, 32768, da.GROUP_PROGRAMS, da.GROUP_SPLITS)[1] == da.GROUP_SPLITS
+    assert da._splits(16, 768, da.PROGRAMS) == (64, 12)  # the GPT's b=1 step, as before grouping
+
+
 def test_engine_routes_one_row_matmuls_to_the_kernel():
     """The engine's step with `gemv` on (forced onto CPU tensors through the interpreter): every
     projection kind (fused q/k/v, out, MLP, the fused cross-attention entry projection, the head) goes
