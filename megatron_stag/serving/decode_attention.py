@@ -80,6 +80,13 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _near(k_base, v_base, s, d, pos, S, k_ss, v_ss):
+        """The keys and values of slots s up to the row's position (the rest read as 0)."""
+        near = (s <= pos) & (s < S)
+        return (tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=near[:, None], other=0.0),
+                tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=near[:, None], other=0.0))
+
+    @triton.jit
     def _head_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, part_ptr, nk_ptr, nv_ptr, pos_ptr, cos_ptr, sin_ptr,
                       S, scale, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, keep_sb, keep_ss, nk_sb, nk_sh,
                       nv_sb, nv_sh, rope_sb, H: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
@@ -102,10 +109,7 @@ if triton is not None:
             # ours or inductor's, lets its dependents start only after its own wait, and the combine, which
             # does so before its wait, starts only after this kernel's: every kernel three back has ended here)
             pos = tl.load(pos_ptr + b)
-            s = first + tl.arange(0, BLOCK)
-            near = (s <= pos) & (s < S)
-            k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=near[:, None], other=0.0)
-            v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=near[:, None], other=0.0)
+            k, v = _near(k_base, v_base, first + tl.arange(0, BLOCK), d, pos, S, k_ss, v_ss)
         if PDL:  # q (and this step's key and value, or slot) come from the previous kernel
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -127,9 +131,7 @@ if triton is not None:
             keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
             if WRITE:
                 if start > first:  # the first block was loaded before the wait
-                    near = (s <= pos) & (s < S)
-                    k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=near[:, None], other=0.0)
-                    v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=near[:, None], other=0.0)
+                    k, v = _near(k_base, v_base, s, d, pos, S, k_ss, v_ss)
                 own = (s == pos)[:, None]
                 k = tl.where(own, new_k[None, :], k)
                 v = tl.where(own, new_v[None, :], v)
@@ -195,10 +197,7 @@ if triton is not None:
             # ours or inductor's, lets its dependents start only after its own wait, and the combine, which
             # does so before its wait, starts only after this kernel's: every kernel three back has ended here)
             pos = tl.load(pos_ptr + b)
-            s = first + tl.arange(0, BLOCK)
-            near = (s <= pos) & (s < S)
-            k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=near[:, None], other=0.0)
-            v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=near[:, None], other=0.0)
+            k, v = _near(k_base, v_base, first + tl.arange(0, BLOCK), d, pos, S, k_ss, v_ss)
         if PDL:  # q (and this step's key and value, or slot) come from the previous kernel
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -222,9 +221,7 @@ if triton is not None:
             keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
             if WRITE:
                 if start > first:  # the first block was loaded before the wait
-                    near = (s <= pos) & (s < S)
-                    k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=near[:, None], other=0.0)
-                    v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=near[:, None], other=0.0)
+                    k, v = _near(k_base, v_base, s, d, pos, S, k_ss, v_ss)
                 own = (s == pos)[:, None]
                 k = tl.where(own, new_k[None, :], k)
                 v = tl.where(own, new_v[None, :], v)
