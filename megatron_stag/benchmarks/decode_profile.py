@@ -2,6 +2,9 @@
 
     python -m megatron_stag.benchmarks.decode_profile --models gpt,stag --batches 1,8 \
         --out results/decode_step_profile_h200.json
+    # the Llama 3.2 1B shape at b=32: cuDNN's attention (default), then every step on the grouped kernel
+    python -m megatron_stag.benchmarks.decode_profile --models llama --batches 32
+    python -m megatron_stag.benchmarks.decode_profile --models llama --batches 32 --deterministic
 
 The step is the one `generate` replays (compiled sections, one CUDA graph per token step, sampling
 inside, the engine's kernels), on the same 24-layer, hidden-2048 models as `decode_engine`, under
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_stag.benchmarks.decode_engine import _free, serving_model
+from megatron_stag.benchmarks.decode_engine import LLAMA_3_2_1B, _free, serving_model
 from megatron_stag.benchmarks.hardware import run, write_result
 from megatron_stag.models.model_args import ModelArgs
 
@@ -81,14 +84,15 @@ def attribute(events: list[dict], steps: int) -> dict:
                 sequence=[[name[:80], round(dur, 2), round(charge, 2)] for name, dur, charge in first])
 
 
-def profile_step(plain, batch: int, prompt: int, steps: int) -> dict:
-    """`attribute` over `steps` replays of the engine's graphed token step at position `prompt`."""
+def profile_step(plain, batch: int, prompt: int, steps: int, deterministic: bool = False) -> dict:
+    """`attribute` over `steps` replays of the engine's graphed token step at position `prompt`
+    (`deterministic`: the engine's, as `generate --deterministic`)."""
     from torch.profiler import ProfilerActivity, profile
 
     from megatron_stag.serving.engine import StaggeredGenerator
     from megatron_stag.serving.sampling import SamplingParams
 
-    gen = StaggeredGenerator(plain, prompt + 64, batch)
+    gen = StaggeredGenerator(plain, prompt + 64, batch, deterministic=deterministic)
     prompts = torch.randint(0, plain.cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         tokens = gen.prefill(prompts.tolist()).argmax(-1)
@@ -110,11 +114,14 @@ def profile_step(plain, batch: int, prompt: int, steps: int) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="gpt,stag", help="comma-separated: gpt, stag, shared")
+    ap.add_argument("--models", default="gpt,stag", help="comma-separated: gpt, stag, shared, llama (Llama "
+                    "3.2 1B's shape, grouped-query attention)")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=6, help="graph replays profiled")
     ap.add_argument("--top", type=int, default=12, help="kinds printed per step")
+    ap.add_argument("--deterministic", action="store_true", help="profile `generate --deterministic`'s step "
+                    "(every attention on the engine's kernel, whatever the batch)")
     ap.add_argument("--out", default=None, help="JSON of every profiled step (kinds and one step's kernels)")
     ns = ap.parse_args(argv)
     if ns.steps < 2:
@@ -122,7 +129,8 @@ def main(argv=None) -> None:
     base = ModelArgs(vocab_size=32768, max_sequence_length=ns.prompt + 64, num_layers=24, hidden_size=2048,
                      num_attention_heads=16, position_embedding_type="rope")
     variants = {"gpt": base, "stag": replace(base, stag_sections=2),
-                "shared": replace(base, num_layers=12, stag_sections=2, stag_shared_weights=True)}
+                "shared": replace(base, num_layers=12, stag_sections=2, stag_shared_weights=True),
+                "llama": replace(base, **LLAMA_3_2_1B)}
     unknown = [m for m in ns.models.split(",") if m not in variants]
     if unknown:
         ap.error(f"--models: unknown {unknown}; choose from {sorted(variants)}")
@@ -130,7 +138,8 @@ def main(argv=None) -> None:
     for name in ns.models.split(","):
         plain = serving_model(variants[name])
         for batch in (int(b) for b in ns.batches.split(",")):
-            r = dict(model=name, batch=batch, **profile_step(plain, batch, ns.prompt, ns.steps))
+            r = dict(model=name, batch=batch, deterministic=ns.deterministic,
+                     **profile_step(plain, batch, ns.prompt, ns.steps, ns.deterministic))
             rows.append(r)
             print(f"\n== {name}, batch {batch}: {r['kernels_per_step']} kernels, span {r['span_us']:.1f} µs per step")
             for k, v in list(r["kinds"].items())[:ns.top]:
