@@ -7,7 +7,7 @@
     python -m megatron_stag.benchmarks.decode_profile --models llama --batches 32 --deterministic
 
 The step is the one `generate` replays (compiled sections, one CUDA graph per token step, sampling
-inside, the engine's kernels), on the same 24-layer, hidden-2048 models as `decode_engine`, under
+inside, the engine's kernels), on `decode_engine`'s models (24 layers of hidden 2048; llama its 16), under
 torch.profiler. With programmatic dependent launch a kernel starts while its predecessor drains and
 then waits inside, so its own duration overstates what it costs. Each kernel is charged instead with
 how far it moves the step's end: its end minus the latest end of the kernels before it
