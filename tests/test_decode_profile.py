@@ -32,3 +32,20 @@ def test_attribute_groups_replays_and_kinds():
     assert kind("cudnn_generated_fmha_kernel") == "SDPA" and kind("indexSelectSmallIndex") == "other (eager torch kernels)"
     with pytest.raises(RuntimeError, match="not identical"):
         attribute(events[:-2], 3)
+
+
+def test_cli_profiles_the_llama_shape_and_the_deterministic_step(monkeypatch, capsys):
+    """`--models llama` builds Llama 3.2 1B's shape (grouped-query attention) and `--deterministic` reaches
+    the engine; an unknown model is refused naming the choices."""
+    from megatron_stag.benchmarks import decode_profile
+
+    built, profiled = [], []
+    monkeypatch.setattr(decode_profile, "serving_model", lambda a: built.append(a) or object())
+    monkeypatch.setattr(decode_profile, "profile_step", lambda plain, batch, prompt, steps, deterministic:
+                        profiled.append((batch, deterministic)) or dict(kernels_per_step=1, span_us=1.0, kinds={}))
+    decode_profile.main(["--models", "llama", "--batches", "32", "--deterministic"])
+    assert [(a.num_layers, a.num_attention_heads, a.num_query_groups) for a in built] == [(16, 32, 8)]
+    assert profiled == [(32, True)]
+    with pytest.raises(SystemExit):
+        decode_profile.main(["--models", "nope"])
+    assert "'gpt', 'llama', 'shared', 'stag'" in capsys.readouterr().err
