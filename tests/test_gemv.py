@@ -98,6 +98,62 @@ def test_gemv_matches_f_linear_in_the_interpreter():
     assert _interpret(SCRIPT) == "ok"
 
 
+SKINNY = textwrap.dedent("""
+    import torch
+    from torch import nn
+    from megatron_stag.serving import gemv, skinny_gemm
+    from megatron_stag.serving.model import linear
+    torch.manual_seed(0)
+    # (interpreter: 2 SMs, so a 64-row block matrix splits K up to the SMs; fp16, its bf16 dot is wrong)
+    for rows, n, k, splits in ((2, 128, 256, 1), (5, 64, 1024, 2), (32, 192, 512, 1), (64, 64, 2048, 2)):
+        x = torch.randn(rows, 2 * k).to(torch.float16)[:, :k]  # strided rows, as q/k/v slices are
+        w = (torch.randn(n, k) / k ** 0.5).to(torch.float16)
+        assert skinny_gemm.takes(x, w) and skinny_gemm.splits(n, k, 2) == splits
+        part = skinny_gemm.skinny_mm(x, w, pdl=False)
+        assert part.shape == (splits, rows, n) and part.dtype == torch.float32
+        ref = linear(x.float(), w.float())
+        assert (part.sum(0) - ref).abs().max() / ref.abs().max() < 1e-3, (rows, n, k)
+    # the engine's matmul: norm before, bias, activation, residual around the kernel, under torch.compile
+    calls = []
+    op = skinny_gemm.skinny_mm
+    skinny_gemm.skinny_mm = lambda x, w, pdl: calls.append(tuple(x.shape)) or op(x, w, pdl=False)
+    k = 256
+    compiled = torch.compile(skinny_gemm.linear, dynamic=False)
+    torch.set_grad_enabled(False)  # as the engine decodes
+    for norm in (None, nn.RMSNorm(k, eps=1e-5), nn.LayerNorm(k, eps=1e-5)):
+        for activation, n in ((None, 128), ("gelu", 192), ("swiglu", 128)):
+            x = (3 * torch.randn(2, 4, k)).to(torch.float16)
+            w = (torch.randn(n, k) / k ** 0.5).to(torch.float16)
+            b = torch.randn(n).to(torch.float16)
+            out_n = n // 2 if activation == "swiglu" else n
+            res = torch.randn(2, 4, out_n).to(torch.float16)
+            half = norm.to(torch.float16) if norm is not None else None
+            ref = linear(x.float(), w.float(), b.float(), norm.float() if norm is not None else None, activation,
+                         res.float())
+            for f in (skinny_gemm.linear, compiled):
+                out = f(x, w, b, half, activation, res)
+                assert out.shape == ref.shape and out.dtype == torch.float16
+                err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                assert err < 1e-2, (type(norm).__name__, activation, err)
+    assert calls and set(calls) == {(8, k)}, calls
+    # one row, more than ROWS rows and shapes off the blocks go to gemv.linear (the GEMV, or F.linear)
+    routed = []
+    gemv.linear = lambda x, w, *rest: routed.append(tuple(x.shape)) or "gemv"
+    calls.clear()
+    for rows, n, k in ((1, 128, 256), (65, 128, 256), (4, 100, 256), (4, 128, 320)):
+        assert skinny_gemm.linear(torch.randn(rows, k).to(torch.float16), torch.randn(n, k).to(torch.float16)) == "gemv"
+    assert calls == [] and routed == [(1, 256), (65, 256), (4, 256), (4, 320)], (calls, routed)
+    print("ok")
+""")
+
+
+def test_skinny_gemm_matches_f_linear_in_the_interpreter():
+    """The 2-64-row GEMM's partial sums add up to F.linear's product for every split; the engine's
+    matmul wraps it in the norm, bias, activation and residual (eagerly and compiled) and routes one
+    row to the GEMV and other shapes to F.linear."""
+    assert _interpret(SKINNY) == "ok"
+
+
 ATTENTION = textwrap.dedent("""
     import torch
     from megatron_stag.serving import decode_attention

@@ -358,6 +358,51 @@ def test_gemv_kernel_equals_f_linear(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_skinny_gemm_equals_f_linear(dtype):
+    """The 2-64-row GEMM (`serving.skinny_gemm.linear`, what the engine routes those matmuls to) against
+    F.linear in fp32: every matrix a GPT and a Llama-shaped step has, 2 to 64 rows, a strided input, a
+    bias, compiled and replayed from a CUDA graph, to half-precision rounding; two calls are bitwise
+    equal (the partial sums add in a fixed order); the norm, activation and residual around it."""
+    import torch.nn.functional as F
+
+    from megatron_stag.serving import gemv, skinny_gemm
+    from megatron_stag.serving.model import linear
+
+    if not gemv.available(torch.device("cuda")):
+        pytest.skip("the kernel needs Hopper or later")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    op = torch.compile(skinny_gemm.linear, dynamic=False)
+    for n, k in ((6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (3072, 2048), (16384, 2048)):
+        w = torch.randn(n, k, device="cuda", dtype=dtype, generator=g) / k ** 0.5
+        b = torch.randn(n, device="cuda", dtype=dtype, generator=g)
+        for rows in (2, 8, 32, 64):
+            x = torch.randn(rows, 1, 2 * k, device="cuda", dtype=dtype, generator=g)[..., :k]  # a strided view
+            ref = F.linear(x.float(), w.float(), b.float())
+            out = skinny_gemm.linear(x, w, b)
+            assert out.shape == ref.shape and out.dtype == dtype
+            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+            assert torch.equal(skinny_gemm.linear(x, w, b), out)
+        static = op(x, w, b)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = op(x, w, b)
+        for _ in range(2):
+            x.normal_(generator=g)
+            graph.replay()
+            torch.testing.assert_close(static.float(), F.linear(x.float(), w.float(), b.float()), atol=2e-2, rtol=2e-2)
+    for norm in (torch.nn.RMSNorm(2048, eps=1e-5), torch.nn.LayerNorm(2048, eps=1e-5)):
+        torch.nn.init.normal_(norm.weight)
+        norm = norm.to("cuda", dtype).requires_grad_(False)
+        for activation, n in ((None, 2048), ("gelu", 8192), ("swiglu", 2 * 8192)):
+            w = torch.randn(n, 2048, device="cuda", dtype=dtype, generator=g) / 2048 ** 0.5
+            x = torch.randn(8, 1, 2048, device="cuda", dtype=dtype, generator=g)
+            res = torch.randn(8, 1, n // (2 if activation == "swiglu" else 1), device="cuda", dtype=dtype)
+            ref = linear(x.float(), w.float(), None, norm.float(), activation, res.float())
+            norm = norm.to(dtype)
+            torch.testing.assert_close(op(x, w, None, norm, activation, res).float(), ref, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_attention_kernel_equals_sdpa(dtype):
     """The decode attention kernel (`serving.decode_attention`) against SDPA in fp32: a causal cache
     with a different position per row, a cross-attention ring's scattered slots, GQA, slots not a
@@ -423,7 +468,7 @@ def test_decode_attention_kernel_equals_sdpa(dtype):
 def test_gemv_step_equals_cublas_step(batch):
     """Decoding (one-row matmuls with their norms, activations and residual adds on the GEMV kernel,
     compiled and graphed with programmatic dependent launch) gives the tokens of the same engine with
-    cuBLAS matmuls, and logits within bf16 rounding: GQA, a cross window; 3 rows stay on cuBLAS."""
+    cuBLAS matmuls, and logits within bf16 rounding: GQA, a cross window; 3 rows on the 2-64-row GEMM."""
     from megatron_stag.serving import gemv
     from megatron_stag.serving.convert import to_plain_model
     from megatron_stag.serving.engine import StaggeredGenerator

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from megatron_stag.serving import decode_attention as _attention
 from megatron_stag.serving import gemv as _gemv
+from megatron_stag.serving import skinny_gemm
 from megatron_stag.serving.model import Linear, StagLM, causal_keep, shared_passes_step
 from megatron_stag.serving.sampling import SamplingParams, check_prompts, decode_loop, sample
 
@@ -200,7 +201,8 @@ class StaggeredGenerator:
     `placement` None: every section on this process (which may still be one of a TP group, with
     `comm` given to share the sampled tokens); otherwise this rank's section only. `cuda_graph`,
     `compile` and `kernels` (one-row matmuls, with the norm before and the activation and residual add
-    after them, on `serving.gemv`'s kernel; small-batch attention on `serving.decode_attention`'s) are
+    after them, on `serving.gemv`'s kernel; matmuls of 2-64 rows on `serving.skinny_gemm`'s; small-batch
+    attention on `serving.decode_attention`'s) are
     the defaults, the fastest configuration, and apply on CUDA only (the kernels on Hopper and later);
     turn them off to debug or to compare. `deterministic` gives the same tokens and logits on every run
     at any batch size: every one-query attention goes to the decode attention kernel, where steps of
@@ -228,7 +230,8 @@ class StaggeredGenerator:
         model.fuse_projections()  # after DeepSpeed's sharding: each rank fuses its own shards
         # one-row matmuls, fused with their norm, activation and residual add, on the streaming GEMV
         # kernel (Hopper+): GPT b=1 on an H200 1.54 -> 1.30 ms/token (benchmarks/decode_engine.py);
-        # small-batch attention on the flash-decoding kernel: 1.25 -> 1.17 (decode_attention.py)
+        # small-batch attention on the flash-decoding kernel: 1.25 -> 1.17 (decode_attention.py); 2-64-row
+        # matmuls on a split-K tensor-core GEMM: GPT b=8 1.68 -> 1.50, b=32 2.53 -> 2.32 (skinny_gemm.py)
         device = next(model.parameters()).device
         if deterministic and not kernels and _gemv.available(device):  # the GPUs where SDPA prefers cuDNN
             raise ValueError("deterministic decoding needs the engine's kernels on this GPU: SDPA would take "
@@ -238,7 +241,7 @@ class StaggeredGenerator:
             attention, cached = _attention.attention, _attention.cached_attention
             if deterministic:
                 attention, cached = (functools.partial(f, deterministic=True) for f in (attention, cached))
-            model.use_kernels(_gemv.linear, attention, cached)
+            model.use_kernels(skinny_gemm.linear, attention, cached)
         else:
             model.use_kernels()
         self.place, self.comm = placement, comm

@@ -226,8 +226,8 @@ def apply(proj: nn.Module, x: Tensor, norm: Optional[nn.Module] = None, activati
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose matmul a serving engine may replace (`StagLM.use_kernels`: a faster one-row kernel
-    at decode time); DeepSpeed's AutoTP still sees, and shards, an nn.Linear."""
+    """nn.Linear whose matmul a serving engine may replace (`StagLM.use_kernels`: faster kernels for
+    decode steps' few rows); DeepSpeed's AutoTP still sees, and shards, an nn.Linear."""
 
     matmul = staticmethod(linear)
 
