@@ -343,18 +343,24 @@ def test_gemv_kernel_equals_f_linear(dtype):
     assert gemv._FITS  # the streaming grid was sized from a compiled kernel's residency
     two = torch.randn(2, 512, device="cuda", dtype=dtype)
     assert torch.equal(gemv.linear(two, w, b), F.linear(two, w, b))
-    from megatron_stag.serving.model import linear  # the fused forms: norm before, activation, residual
+    _fused_forms_match(gemv.linear, 1, dtype, g)
+
+
+def _fused_forms_match(matmul, rows: int, dtype, g) -> None:
+    """`matmul` (the engine's `linear`) with the norm before it (RMS, layer), GELU or SwiGLU and the
+    residual add after it, against `model.linear` in fp32, for `rows` rows of width 2048."""
+    from megatron_stag.serving.model import linear
+
     for norm in (torch.nn.RMSNorm(2048, eps=1e-5), torch.nn.LayerNorm(2048, eps=1e-5)):
         torch.nn.init.normal_(norm.weight)
         norm = norm.to("cuda", dtype).requires_grad_(False)
-        for activation, rows in ((None, 2048), ("gelu", 8192), ("swiglu", 2 * 8192)):
-            w = torch.randn(rows, 2048, device="cuda", dtype=dtype, generator=g) / 2048 ** 0.5
-            x = torch.randn(1, 1, 2048, device="cuda", dtype=dtype, generator=g)
-            res = torch.randn(1, 1, w.shape[0] // (2 if activation == "swiglu" else 1), device="cuda", dtype=dtype)
+        for activation, n in ((None, 2048), ("gelu", 8192), ("swiglu", 2 * 8192)):
+            w = torch.randn(n, 2048, device="cuda", dtype=dtype, generator=g) / 2048 ** 0.5
+            x = torch.randn(rows, 1, 2048, device="cuda", dtype=dtype, generator=g)
+            res = torch.randn(rows, 1, n // (2 if activation == "swiglu" else 1), device="cuda", dtype=dtype)
             ref = linear(x.float(), w.float(), None, norm.float(), activation, res.float())
             norm = norm.to(dtype)
-            torch.testing.assert_close(gemv.linear(x, w, None, norm, activation, res).float(), ref,
-                                       atol=3e-2, rtol=2e-2)
+            torch.testing.assert_close(matmul(x, w, None, norm, activation, res).float(), ref, atol=3e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -366,7 +372,6 @@ def test_skinny_gemm_equals_f_linear(dtype):
     import torch.nn.functional as F
 
     from megatron_stag.serving import gemv, skinny_gemm
-    from megatron_stag.serving.model import linear
 
     if not gemv.available(torch.device("cuda")):
         pytest.skip("the kernel needs Hopper or later")
@@ -390,16 +395,7 @@ def test_skinny_gemm_equals_f_linear(dtype):
             x.normal_(generator=g)
             graph.replay()
             torch.testing.assert_close(static.float(), F.linear(x.float(), w.float(), b.float()), atol=2e-2, rtol=2e-2)
-    for norm in (torch.nn.RMSNorm(2048, eps=1e-5), torch.nn.LayerNorm(2048, eps=1e-5)):
-        torch.nn.init.normal_(norm.weight)
-        norm = norm.to("cuda", dtype).requires_grad_(False)
-        for activation, n in ((None, 2048), ("gelu", 8192), ("swiglu", 2 * 8192)):
-            w = torch.randn(n, 2048, device="cuda", dtype=dtype, generator=g) / 2048 ** 0.5
-            x = torch.randn(8, 1, 2048, device="cuda", dtype=dtype, generator=g)
-            res = torch.randn(8, 1, n // (2 if activation == "swiglu" else 1), device="cuda", dtype=dtype)
-            ref = linear(x.float(), w.float(), None, norm.float(), activation, res.float())
-            norm = norm.to(dtype)
-            torch.testing.assert_close(op(x, w, None, norm, activation, res).float(), ref, atol=3e-2, rtol=2e-2)
+    _fused_forms_match(op, 8, dtype, g)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
