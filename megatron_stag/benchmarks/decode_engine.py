@@ -106,32 +106,37 @@ def step_bytes(plain, batch: int, position: float, sections, recurrent: bool) ->
 
 
 def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=None, kernels: bool = True,
-          deterministic: bool = False) -> dict:
+          deterministic: bool = False, gemm: bool = True) -> dict:
     """ms per token of `generate`'s decode loop with the engine's defaults (greedy, sampled inside the
     graphed step, no host sync until the end; `kernels=False`: cuBLAS for every matmul, SDPA for
-    attention; `deterministic`: the engine's, as `generate --deterministic`), median of ns.rounds."""
-    from megatron_stag.serving import engine
+    attention; `deterministic`: the engine's, as `generate --deterministic`; `gemm=False`: 2-64-row
+    matmuls on cuBLAS, not `serving.skinny_gemm`'s kernel), median of ns.rounds."""
+    from megatron_stag.serving import engine, skinny_gemm
     from megatron_stag.serving.engine import StaggeredGenerator
     from megatron_stag.serving.sampling import SamplingParams, decode_loop
 
-    gen = StaggeredGenerator(plain, ns.prompt + ns.new, batch, placement=placement, comm=comm, recurrent=recurrent,
-                             kernels=kernels, deterministic=deterministic)
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, plain.cfg.vocab_size, (batch, ns.prompt), generator=g).tolist()
-    with torch.no_grad():
-        last = gen.prefill(prompts)
-        prefill = dict(prefill_ms=_prefill_ms(gen, prompts, engine.PREFILL_TOKENS),
-                       prefill_per_prompt_ms=_prefill_ms(gen, prompts, 0))
-    first = last.argmax(-1) if gen._sampler else torch.zeros(batch, dtype=torch.long, device="cuda")
-    first = gen._broadcast(first)
-    start = torch.full((batch,), ns.prompt, device="cuda")
-    params = SamplingParams(max_new_tokens=ns.new)
-    def loop():  # every round rewrites the same cache slots
-        decode_loop(first, gen.stepper(params, ns.prompt), start, params)
+    default_rows, skinny_gemm.ROWS = skinny_gemm.ROWS, skinny_gemm.ROWS if gemm else 0  # read while compiling
+    try:
+        gen = StaggeredGenerator(plain, ns.prompt + ns.new, batch, placement=placement, comm=comm, recurrent=recurrent,
+                                 kernels=kernels, deterministic=deterministic)
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, plain.cfg.vocab_size, (batch, ns.prompt), generator=g).tolist()
+        with torch.no_grad():
+            last = gen.prefill(prompts)
+            prefill = dict(prefill_ms=_prefill_ms(gen, prompts, engine.PREFILL_TOKENS),
+                           prefill_per_prompt_ms=_prefill_ms(gen, prompts, 0))
+        first = last.argmax(-1) if gen._sampler else torch.zeros(batch, dtype=torch.long, device="cuda")
+        first = gen._broadcast(first)
+        start = torch.full((batch,), ns.prompt, device="cuda")
+        params = SamplingParams(max_new_tokens=ns.new)
+        def loop():  # every round rewrites the same cache slots
+            decode_loop(first, gen.stepper(params, ns.prompt), start, params)
 
-    loop()  # compile, and capture the step's graph for every bucket of cache slots it reads
-    rounds = [_timed(loop, ns.new - 1) * 1e3 for _ in range(ns.rounds)]
-    return dict(ms_per_token=statistics.median(rounds), rounds_ms=rounds, **prefill)
+        loop()  # compile, and capture the step's graph for every bucket of cache slots it reads
+        rounds = [_timed(loop, ns.new - 1) * 1e3 for _ in range(ns.rounds)]
+        return dict(ms_per_token=statistics.median(rounds), rounds_ms=rounds, **prefill)
+    finally:
+        skinny_gemm.ROWS = default_rows
 
 
 def _prefill_ms(gen, prompts: list[list[int]], budget: int) -> float:
@@ -192,6 +197,8 @@ def main(argv=None) -> None:
                     "engine's kernels=False (cuBLAS for every matmul, SDPA for attention), in the same run")
     ap.add_argument("--deterministic-rows", action="store_true", help="also time every configuration with "
                     "the engine's deterministic=True (generate --deterministic), in the same run")
+    ap.add_argument("--cublas-gemm-rows", action="store_true", help="also time every configuration with its "
+                    "2-64-row matmuls on cuBLAS instead of serving.skinny_gemm's kernel, in the same run")
     ap.add_argument("--out", required=True)
     ns = ap.parse_args(argv)
     from megatron_stag.serving.engine import SectionPlacement
@@ -222,10 +229,11 @@ def main(argv=None) -> None:
             layout = f"{world} GPUs: " + ", ".join(
                 (["one section per " + ("GPU" if tp == 1 else f"{tp} GPUs")] if a.stag_sections > 1 else [])
                 + ([f"tensor-parallel over {tp} (DeepSpeed AutoTP)"] if tp > 1 else []))
-        variants = [("", True, False)] + [(", cuBLAS matmuls, SDPA", False, False)] * ns.cublas_rows \
-            + [(", deterministic", True, True)] * ns.deterministic_rows
-        for b, (suffix, kernels, deterministic) in [(int(x), v) for x in ns.batches.split(",") for v in variants]:
-            r = bench(plain, b, ns, recurrent, placement, comm, kernels, deterministic)
+        variants = [("", True, False, True)] + [(", cuBLAS matmuls, SDPA", False, False, False)] * ns.cublas_rows \
+            + [(", deterministic", True, True, True)] * ns.deterministic_rows \
+            + [(", 2-64-row matmuls on cuBLAS", True, False, False)] * ns.cublas_gemm_rows
+        for b, (suffix, kernels, deterministic, gemm) in [(int(x), v) for x in ns.batches.split(",") for v in variants]:
+            r = bench(plain, b, ns, recurrent, placement, comm, kernels, deterministic, gemm)
             torch.compiler.reset()  # every configuration compiles afresh (dynamo's per-function cache is bounded)
             _free()
             weights, caches = step_bytes(plain, b, ns.prompt + (ns.new - 1) / 2, sections, recurrent)
