@@ -16,7 +16,7 @@ In the engine, one process on one H200, cuBLAS against this kernel for every 2-6
 (results/decode_skinny_gemm_ab_h200.json): GPT b=8 1.678 -> 1.496 ms/token, b=32 2.527 -> 2.324,
 the Llama 3.2 1B shape b=8 1.132 -> 1.006, b=32 1.283 -> 1.189. Forms and tile sizes were chosen on
 chains of 24 layers' matmuls (results/skinny_gemm_sweep_h200.json): 64 x 128 tiles won every shape;
-there 5 stages beat these 4 by 1-10% per shape, not yet timed in the engine."""
+there 5 stages beat these 4 by 4-11% per shape, not yet timed in the engine."""
 
 from __future__ import annotations
 
