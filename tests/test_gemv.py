@@ -136,13 +136,16 @@ SKINNY = textwrap.dedent("""
                 err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
                 assert err < 1e-2, (type(norm).__name__, activation, err)
     assert calls and set(calls) == {(8, k)}, calls
-    # one row, more than ROWS rows and shapes off the blocks go to gemv.linear (the GEMV, or F.linear)
+    # one row, more than ROWS rows, shapes off the blocks and a bias of another dtype go to gemv.linear
+    # (the GEMV, or F.linear)
     routed = []
     gemv.linear = lambda x, w, *rest: routed.append(tuple(x.shape)) or "gemv"
     calls.clear()
     for rows, n, k in ((1, 128, 256), (65, 128, 256), (4, 100, 256), (4, 128, 320)):
         assert skinny_gemm.linear(torch.randn(rows, k).to(torch.float16), torch.randn(n, k).to(torch.float16)) == "gemv"
-    assert calls == [] and routed == [(1, 256), (65, 256), (4, 256), (4, 320)], (calls, routed)
+    x, w = torch.randn(4, 256).to(torch.float16), torch.randn(128, 256).to(torch.float16)
+    assert skinny_gemm.linear(x, w, torch.randn(128)) == "gemv"  # an fp32 bias
+    assert calls == [] and routed == [(1, 256), (65, 256), (4, 256), (4, 320), (4, 256)], (calls, routed)
     print("ok")
 """)
 

@@ -51,11 +51,13 @@ def splits(n: int, k: int, sms: int) -> int:
     return s
 
 
-def takes(x: Tensor, weight: Tensor) -> bool:
-    """Whether `skinny_mm` takes x [rows, K] @ weight.T: half precision, 2 to ROWS rows, whole blocks."""
+def takes(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
+    """Whether the kernel takes x [..., K] @ weight.T (+ bias): half precision, 2 to ROWS rows (all
+    dimensions but the last), whole blocks."""
     n, k = weight.shape
-    return (2 <= x.shape[0] <= ROWS and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and weight.is_contiguous() and n % BLOCK_N == 0 and k % (2 * BLOCK_K) == 0)
+    return (2 <= x.numel() // x.shape[-1] <= ROWS and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and weight.is_contiguous() and n % BLOCK_N == 0 and k % (2 * BLOCK_K) == 0
+            and (bias is None or bias.dtype == x.dtype))
 
 
 if triton is not None:
@@ -118,11 +120,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm: Optio
     through this kernel, with the partial sums' reduction, the bias and what surrounds the matmul left
     for inductor to fuse; one-row steps (and any other shape) to `gemv.linear`. The checks read shapes
     and dtypes only, so under torch.compile they resolve while tracing."""
-    k = x.shape[-1]
-    rows = x.numel() // k
-    if rows == 1 or not takes(x.reshape(rows, k), weight) or (bias is not None and bias.dtype != x.dtype):
+    if not takes(x, weight, bias):
         return gemv.linear(x, weight, bias, norm, activation, residual)
-    h = (x if norm is None else norm(x)).reshape(rows, k)
+    h = (x if norm is None else norm(x)).reshape(-1, x.shape[-1])
     y = torch.ops.megatron_stag.skinny_mm(h, weight).sum(0)
     y = (y if bias is None else y + bias.float()).to(x.dtype)
     return _around(y.view(*x.shape[:-1], weight.shape[0]), activation, residual)
