@@ -113,15 +113,22 @@ SKINNY = textwrap.dedent("""
         assert part.shape == (splits, rows, n) and part.dtype == torch.float32
         ref = linear(x.float(), w.float())
         assert (part.sum(0) - ref).abs().max() / ref.abs().max() < 1e-3, (rows, n, k)
+        b = torch.randn(n).to(torch.float16)
+        for activation in ("gelu", "swiglu")[:1 + (n % 128 == 0)]:  # in the kernel: bias, activation, rounding
+            out = skinny_gemm.skinny_mm(x, w, b, activation, pdl=False)
+            ref = linear(x.float(), w.float(), b.float(), None, activation)
+            assert out.dtype == torch.float16 and out.shape == ref.shape
+            assert (out.float() - ref).abs().max() / ref.abs().max() < 2e-3, (rows, n, k, activation)
     # the engine's matmul: norm before, bias, activation, residual around the kernel, under torch.compile
     calls = []
     op = skinny_gemm.skinny_mm
-    skinny_gemm.skinny_mm = lambda x, w, pdl: calls.append(tuple(x.shape)) or op(x, w, pdl=False)
-    k = 256
+    skinny_gemm.skinny_mm = lambda x, w, b, a, pdl: calls.append((tuple(x.shape), a)) or op(x, w, b, a, pdl=False)
     compiled = torch.compile(skinny_gemm.linear, dynamic=False)
     torch.set_grad_enabled(False)  # as the engine decodes
-    for norm in (None, nn.RMSNorm(k, eps=1e-5), nn.LayerNorm(k, eps=1e-5)):
-        for activation, n in ((None, 128), ("gelu", 192), ("swiglu", 128)):
+    # (2 SMs: an activation goes into the kernel where its output features take one K split, k=256)
+    for activation, n, k in ((None, 128, 256), ("gelu", 192, 256), ("gelu", 64, 1024), ("swiglu", 128, 256),
+                             ("swiglu", 128, 1024)):
+        for norm in (None, nn.RMSNorm(k, eps=1e-5), nn.LayerNorm(k, eps=1e-5)):
             x = (3 * torch.randn(2, 4, k)).to(torch.float16)
             w = (torch.randn(n, k) / k ** 0.5).to(torch.float16)
             b = torch.randn(n).to(torch.float16)
@@ -135,7 +142,7 @@ SKINNY = textwrap.dedent("""
                 assert out.shape == ref.shape and out.dtype == torch.float16
                 err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
                 assert err < 1e-2, (type(norm).__name__, activation, err)
-    assert calls and set(calls) == {(8, k)}, calls
+    assert set(calls) == {((8, 256), ""), ((8, 256), "gelu"), ((8, 1024), ""), ((8, 256), "swiglu")}, calls
     # one row, more than ROWS rows, shapes off the blocks and a bias of another dtype go to gemv.linear
     # (the GEMV, or F.linear)
     routed = []
@@ -151,9 +158,10 @@ SKINNY = textwrap.dedent("""
 
 
 def test_skinny_gemm_matches_f_linear_in_the_interpreter():
-    """The 2-64-row GEMM's partial sums add up to F.linear's product for every split; the engine's
-    matmul wraps it in the norm, bias, activation and residual (eagerly and compiled) and routes one
-    row to the GEMV and other shapes to F.linear."""
+    """The 2-64-row GEMM's partial sums add up to F.linear's product for every split, and its one-split
+    form applies the bias and GELU or SwiGLU itself; the engine's matmul wraps it in the norm, bias,
+    activation and residual (eagerly and compiled, the activation in the kernel where it has one split)
+    and routes one row to the GEMV and other shapes to F.linear."""
     assert _interpret(SKINNY) == "ok"
 
 

@@ -23,7 +23,6 @@ matmuls use it."""
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -44,7 +43,7 @@ NORMS = {None: 0, "RMSNorm": 1, "LayerNorm": 2}
 ACTIVATIONS = {None: 0, "gelu": 1, "swiglu": 2}
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # read while tracing, as a constant (no lru_cache for dynamo to warn of)
 def _sms(device: torch.device) -> int:
     """Streaming multiprocessors (CPU tensors, in Triton's interpreter: 2, so tests take several blocks)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2

@@ -1,5 +1,5 @@
 """The decode step's matmuls at 2-64 rows as a split-K tensor-core GEMM that leaves its partial sums
-to the kernel after it.
+to the kernel after it, or applies the MLP's activation itself.
 
 At batch 8-32 a step still reads every weight once, and cuBLAS streams the 2048-wide matrices at
 ~0.55 of copy bandwidth (docs/decode-engine.md): each matmul pays a ramp-up, a tail and, for the
@@ -7,16 +7,22 @@ K=8192 down projection, a separate split-K reduction. This kernel computes y.T =
 weight fills the tensor cores' wide side (64 output features a program) and the rows the narrow one,
 and gives a matrix about one program per SM: K is split where the output features alone would leave
 SMs idle (the 2048-wide out and down projections: 32 row blocks x 4 splits). It writes fp32 partial
-sums [splits, rows, N] and does nothing else: their sum, the bias, the activation, the residual add
-and the next norm are pointwise over rows, so inductor fuses them into the kernel that follows (the
-split-K reduction costs no launch, and the sum's order is fixed: the result is deterministic). It
-launches with programmatic dependent launch and asks L2 for its first PREFETCH weight blocks before
-it waits on the kernel before it.
+sums [splits, rows, N] and does nothing else: their sum, the bias, the residual add and the next norm
+are pointwise over rows, so inductor fuses them into the kernel that follows (the split-K reduction
+costs no launch, and the sum's order is fixed: the result is deterministic). The MLP's up projection
+has one split (8192 features are 128 programs), so there the kernel adds the bias and applies GELU or
+SwiGLU (a program takes the gate's 64 features and the up projection's same 64), and the compiled
+activation kernel between the two MLP matmuls goes. It launches with programmatic dependent launch
+and asks L2 for its first PREFETCH weight blocks before it waits on the kernel before it.
 In the engine, one process on one H200, cuBLAS against this kernel for every 2-64-row matmul
 (results/decode_skinny_gemm_ab_h200.json): GPT b=8 1.678 -> 1.496 ms/token, b=32 2.527 -> 2.324,
 the Llama 3.2 1B shape b=8 1.132 -> 1.006, b=32 1.283 -> 1.189. Forms and tile sizes were chosen on
-chains of 24 layers' matmuls (results/skinny_gemm_sweep_h200.json): 64 x 128 tiles won every shape;
-there 5 stages beat these 4 by 4-11% per shape, not yet timed in the engine."""
+chains of 24 layers' matmuls (results/skinny_gemm_sweep_h200.json): 64 x 128 tiles won every shape,
+5 stages beat 4 by 4-11% per shape. In the engine (one process on one H100,
+results/decode_skinny_gemm_epilogue_ab_h100.json), 4 stages -> the activation in the kernel -> and 5
+stages: GPT b=8 1.745 -> 1.730 -> 1.723 ms/token, b=32 2.753 -> 2.750 -> 2.710; the Llama shape b=8
+1.211 -> 1.200 -> 1.196, b=32 1.447 -> 1.400 -> 1.400 (its SwiGLU tiles fit only 4 stages)."""
+"""
 
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from megatron_stag.serving import gemv
-from megatron_stag.serving.gemv import _sms
+from megatron_stag.serving.gemv import ACTIVATIONS, _outputs, _sms
 from megatron_stag.serving.model import _around
 
 try:
@@ -37,7 +43,7 @@ except ImportError:  # CPU-only torch: every matmul stays F.linear
 
 BLOCK_N = 64  # output features per program: wgmma's M
 BLOCK_K = 128
-STAGES = 4
+STAGES = 5  # K blocks in flight per program (fewer where shared memory is short: `_stages`)
 PREFETCH = 2  # K blocks each program asks L2 for before it waits on the kernel before it
 ROWS = 64  # most rows a matmul may have to take this kernel
 
@@ -62,9 +68,12 @@ def takes(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _skinny_kernel(x_ptr, w_ptr, p_ptr, M, N, K, KS, x_stride, BM: tl.constexpr, BN: tl.constexpr,
-                       BK: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
-        """Program (n, s): partial sums of output features [n*BN, (n+1)*BN) over K split s, for every row."""
+    def _skinny_kernel(x_ptr, w_ptr, y_ptr, b_ptr, M, N, K, KS, x_stride, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+                       ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Program (n, s): output features [n*BN, (n+1)*BN) for every row. ACT 0: fp32 partial sums over
+        K split s. ACT 1 (gelu), 2 (swiglu: w's rows N.. are the up projection's): the whole of K, then
+        activation(y + bias) in y's dtype, rounded where the unfused ops round."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -81,48 +90,94 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BN, BM], tl.float32)
+        up = tl.zeros([BN, BM], tl.float32)
         for k in tl.range(0, KS, BK, num_stages=STAGES):
             w = tl.load(w_ptrs + k, eviction_policy="evict_first")
             x = tl.load(x_ptrs + k, mask=rm[None, :] < M, other=0.0)
             acc = tl.dot(w, x, acc)
-        tl.store(p_ptr + (pid_k * M + rm[None, :]) * N + rn[:, None], acc, mask=rm[None, :] < M)
+            if ACT == 2:
+                up = tl.dot(tl.load(w_ptrs + N * K + k, eviction_policy="evict_first"), x, up)
+        out = y_ptr + rm[None, :] * N + rn[:, None]
+        if ACT == 0:
+            tl.store(out + pid_k * M * N, acc, mask=rm[None, :] < M)
+        else:
+            dtype = y_ptr.dtype.element_ty
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn).to(tl.float32)[:, None]
+            y = acc.to(dtype).to(tl.float32)
+            if ACT == 1:
+                y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+            else:
+                if HAS_BIAS:
+                    up += tl.load(b_ptr + N + rn).to(tl.float32)[:, None]
+                y = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+            tl.store(out, y.to(dtype), mask=rm[None, :] < M)
 
 
-def skinny_mm(x: Tensor, weight: Tensor, pdl: bool = True) -> Tensor:
-    """Partial sums of x [rows, K] @ weight.T over K splits: [splits, rows, N] fp32 (sum dim 0 for the
-    product; `takes` says which shapes). `pdl` needs Hopper or later."""
-    (m, k), n = x.shape, weight.shape[0]
+def _stages(bm: int, act: int) -> int:
+    """STAGES, or fewer where that many K blocks (weights, and swiglu's up rows, and x) would overflow
+    the 227 KB of shared memory an H100 or H200 program may have."""
+    per_stage = 2 * BLOCK_K * (BLOCK_N * (2 if act == 2 else 1) + bm)
+    return max(2, min(STAGES, 200 * 1024 // per_stage))
+
+
+def skinny_mm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "",
+              pdl: bool = True) -> Tensor:
+    """x [rows, K] @ weight.T. No activation: partial sums over K splits, [splits, rows, N] fp32 (sum dim
+    0, then add the bias, for the product); 'gelu' or 'swiglu' (weight [gate; up]): the activated
+    product with its bias, [rows, N] (N/2 for swiglu) in x's dtype. `takes` says which shapes, `fused`
+    when the activation goes in. `pdl` needs Hopper or later."""
+    (m, k), act = x.shape, ACTIVATIONS[activation or None]
+    n = _outputs(weight, activation or None)
     if x.stride(1) != 1:
         x = x.contiguous()
-    s = splits(n, k, _sms(x.device))
-    out = torch.empty(s, m, n, dtype=torch.float32, device=x.device)
+    s = splits(n, k, _sms(x.device)) if not act else 1
+    out = (torch.empty(s, m, n, dtype=torch.float32, device=x.device) if not act else
+           torch.empty(m, n, dtype=x.dtype, device=x.device))
+    bm = max(16, triton.next_power_of_2(m))
+    stages = _stages(bm, act)
     _skinny_kernel[(n // BLOCK_N, s)](
-        x, weight, out, m, n, k, k // s, x.stride(0), BM=max(16, triton.next_power_of_2(m)), BN=BLOCK_N,
-        BK=BLOCK_K, STAGES=STAGES, PREFETCH=PREFETCH, PDL=pdl, num_warps=4, num_stages=STAGES,
-        **(dict(launch_pdl=True) if pdl else {}))
+        x, weight, out, bias if bias is not None else weight, m, n, k, k // s, x.stride(0), BM=bm, BN=BLOCK_N,
+        BK=BLOCK_K, STAGES=stages, PREFETCH=PREFETCH, PDL=pdl, ACT=act, HAS_BIAS=bias is not None, num_warps=4,
+        num_stages=stages, **(dict(launch_pdl=True) if pdl else {}))
     return out
 
 
 @torch.library.custom_op("megatron_stag::skinny_mm", mutates_args=())
-def _skinny_op(x: Tensor, weight: Tensor) -> Tensor:
-    return skinny_mm(x, weight, pdl=x.is_cuda)  # not on CPU tensors (Triton's interpreter, in the tests)
+def _skinny_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
+    return skinny_mm(x, weight, bias, activation, pdl=x.is_cuda)  # not on CPU tensors (Triton's interpreter)
 
 
 @_skinny_op.register_fake
-def _(x, weight) -> Tensor:
-    (m, k), n = x.shape, weight.shape[0]
+def _(x, weight, bias, activation) -> Tensor:
+    (m, k), n = x.shape, _outputs(weight, activation or None)
+    if activation:
+        return x.new_empty(m, n)
     return x.new_empty(splits(n, k, _sms(x.device)), m, n, dtype=torch.float32)
+
+
+def fused(x: Tensor, weight: Tensor, activation: Optional[str]) -> bool:
+    """Whether the activation (and the bias) go into the kernel: where one K split already gives the
+    output features a program per SM or more, so nothing is left to add up (the MLP's up projections),
+    and the compiled activation kernel between the two MLP matmuls goes."""
+    n = _outputs(weight, activation)
+    return activation in ("gelu", "swiglu") and n % BLOCK_N == 0 and splits(n, x.shape[-1], _sms(x.device)) == 1
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm: Optional[nn.Module] = None,
            activation: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
     """`model.linear` as the engine runs it (call only where `gemv.available`): steps of 2 to ROWS rows
-    through this kernel, with the partial sums' reduction, the bias and what surrounds the matmul left
-    for inductor to fuse; one-row steps (and any other shape) to `gemv.linear`. The checks read shapes
-    and dtypes only, so under torch.compile they resolve while tracing."""
+    through this kernel, with the MLP's activation inside it (`fused`) or the partial sums' reduction,
+    the bias and the activation left for inductor to fuse; one-row steps (and any other shape) to
+    `gemv.linear`. The checks read shapes and dtypes only, so under torch.compile they resolve while
+    tracing."""
     if not takes(x, weight, bias):
         return gemv.linear(x, weight, bias, norm, activation, residual)
     h = (x if norm is None else norm(x)).reshape(-1, x.shape[-1])
-    y = torch.ops.megatron_stag.skinny_mm(h, weight).sum(0)
+    if fused(h, weight, activation):
+        y = torch.ops.megatron_stag.skinny_mm(h, weight, bias, activation)
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        return y if residual is None else residual + y
+    y = torch.ops.megatron_stag.skinny_mm(h, weight, None, "").sum(0)
     y = (y if bias is None else y + bias.float()).to(x.dtype)
     return _around(y.view(*x.shape[:-1], weight.shape[0]), activation, residual)
