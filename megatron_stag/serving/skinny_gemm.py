@@ -22,7 +22,6 @@ chains of 24 layers' matmuls (results/skinny_gemm_sweep_h200.json): 64 x 128 til
 results/decode_skinny_gemm_epilogue_ab_h100.json), 4 stages -> the activation in the kernel -> and 5
 stages: GPT b=8 1.745 -> 1.730 -> 1.723 ms/token, b=32 2.753 -> 2.750 -> 2.710; the Llama shape b=8
 1.211 -> 1.200 -> 1.196, b=32 1.447 -> 1.400 -> 1.400 (its SwiGLU tiles fit only 4 stages)."""
-"""
 
 from __future__ import annotations
 
