@@ -21,7 +21,7 @@ chains of 24 layers' matmuls (results/skinny_gemm_sweep_h200.json): 64 x 128 til
 5 stages beat 4 by 4-11% per shape. In the engine (one process on one H100,
 results/decode_skinny_gemm_epilogue_ab_h100.json), 4 stages -> the activation in the kernel -> and 5
 stages: GPT b=8 1.745 -> 1.730 -> 1.723 ms/token, b=32 2.753 -> 2.750 -> 2.710; the Llama shape b=8
-1.211 -> 1.200 -> 1.196, b=32 1.447 -> 1.400 -> 1.400 (its SwiGLU tiles fit only 4 stages)."""
+1.211 -> 1.200 -> 1.196, b=32 1.447 -> 1.400 -> 1.400."""
 
 from __future__ import annotations
 
@@ -114,8 +114,8 @@ if triton is not None:
 
 
 def _stages(bm: int, act: int) -> int:
-    """STAGES, or fewer where that many K blocks (weights, and swiglu's up rows, and x) would overflow
-    the 227 KB of shared memory an H100 or H200 program may have."""
+    """STAGES, or fewer where that many K blocks (weights, swiglu's up rows, x) would pass 200 KB of
+    shared memory (an H100 or H200 program may have 227; the rest is left to Triton's own buffers)."""
     per_stage = 2 * BLOCK_K * (BLOCK_N * (2 if act == 2 else 1) + bm)
     return max(2, min(STAGES, 200 * 1024 // per_stage))
 
