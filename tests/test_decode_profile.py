@@ -29,6 +29,7 @@ def test_attribute_groups_replays_and_kinds():
                           "compiled (inductor) kernels": dict(us=1.0, kernels=1)}
     assert kind("_gemv_stream_kernel") == "GEMV (fused one-row matmul)"  # not cuBLAS's "gemv"
     assert kind("_head_kernel") == "attention kernel"
+    assert kind("_skinny_kernel") == "GEMM (2-64-row split-K matmul)"  # not "other": no "triton_" in its name
     assert kind("cudnn_generated_fmha_kernel") == "SDPA" and kind("indexSelectSmallIndex") == "other (eager torch kernels)"
     with pytest.raises(RuntimeError, match="not identical"):
         attribute(events[:-2], 3)

@@ -33,6 +33,7 @@ from megatron_stag.models.model_args import ModelArgs
 
 KINDS = (  # (substring of the kernel's name, kind), first match wins
     ("_gemv_", "GEMV (fused one-row matmul)"),  # _gemv_kernel and _gemv_stream_kernel
+    ("_skinny_kernel", "GEMM (2-64-row split-K matmul)"),
     ("_head_kernel", "attention kernel"), ("_group_kernel", "attention kernel"),
     ("_combine_kernel", "attention kernel: combine"),
     ("splitKreduce", "cuBLAS matmul: split-K reduction"),
