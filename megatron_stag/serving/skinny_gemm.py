@@ -156,9 +156,10 @@ def _(x, weight, bias, activation) -> Tensor:
 
 
 def fused(x: Tensor, weight: Tensor, activation: Optional[str]) -> bool:
-    """Whether the activation (and the bias) go into the kernel: where one K split already gives the
-    output features a program per SM or more, so nothing is left to add up (the MLP's up projections),
-    and the compiled activation kernel between the two MLP matmuls goes."""
+    """Whether the activation (and the bias) go into the kernel: where the product takes one K split
+    anyway (the MLP's up projections: their output features alone give each SM a program), so no
+    partial sums are left to add up, and the compiled activation kernel between the MLP's two matmuls
+    goes."""
     n = _outputs(weight, activation)
     return activation in ("gelu", "swiglu") and n % BLOCK_N == 0 and splits(n, x.shape[-1], _sms(x.device)) == 1
 
