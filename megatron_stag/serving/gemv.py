@@ -43,10 +43,15 @@ NORMS = {None: 0, "RMSNorm": 1, "LayerNorm": 2}
 ACTIVATIONS = {None: 0, "gelu": 1, "swiglu": 2}
 
 
-@torch.compiler.assume_constant_result  # read while tracing, as a constant (no lru_cache for dynamo to warn of)
+_SMS: dict = {}
+
+
+@torch.compiler.assume_constant_result  # a constant while tracing (dynamo warns of an lru_cache here)
 def _sms(device: torch.device) -> int:
     """Streaming multiprocessors (CPU tensors, in Triton's interpreter: 2, so tests take several blocks)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return _SMS[device]
 
 
 _FITS: dict = {}  # (kernel, dtype, device, constexprs) -> programs an SM holds at once
