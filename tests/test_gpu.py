@@ -368,7 +368,8 @@ def test_skinny_gemm_equals_f_linear(dtype):
     """The 2-64-row GEMM (`serving.skinny_gemm.linear`, what the engine routes those matmuls to) against
     F.linear in fp32: every matrix a GPT and a Llama-shaped step has, 2 to 64 rows, a strided input, a
     bias, compiled and replayed from a CUDA graph, to half-precision rounding; two calls are bitwise
-    equal (the partial sums add in a fixed order); the norm, activation and residual around it."""
+    equal (the partial sums add in a fixed order); the norm before it, the residual after it, and GELU
+    and SwiGLU, which the MLP's up projections (one K split) apply inside the kernel."""
     import torch.nn.functional as F
 
     from megatron_stag.serving import gemv, skinny_gemm
