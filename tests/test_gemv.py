@@ -169,46 +169,50 @@ ATTENTION = textwrap.dedent("""
     import torch
     from megatron_stag.serving import decode_attention
     from megatron_stag.serving.model import attention, cached_attention as reference_cached
-    torch.manual_seed(0)
-    # GQA, slots not a multiple of the block, blocks with no kept slot, one split and several
-    for b, heads, kv_heads, slots, hd, programs in ((2, 4, 2, 100, 32, 256), (3, 2, 2, 130, 16, 1),
-                                                    (1, 4, 4, 200, 64, 8)):
-        decode_attention.PROGRAMS = programs
-        qkv = torch.randn(b, 1, (heads + 2 * kv_heads) * hd).to(torch.float16)
-        q = qkv[..., :heads * hd].view(b, 1, heads, hd).transpose(1, 2)  # strided, as a step's
-        kv = torch.randn(2, b, kv_heads, slots, hd).to(torch.float16)
-        keep = torch.rand(b, 1, 1, slots) < 0.3
-        keep[0, ..., 64:] = False
-        keep[..., 3] = True
-        out = decode_attention.decode_attention(q, kv[0], kv[1], keep, pdl=False)
-        ref = attention(q.float(), kv[0].float(), kv[1].float(), keep)
-        assert out.shape == ref.shape and out.dtype == torch.float16
-        err = (out.float() - ref).abs().max().item()
-        assert err < 2e-3, (b, heads, kv_heads, slots, hd, err)
-    # the self-attention step with its rotary embedding and cache write in the kernel: rope on part of the
-    # head or none, a row whose position is in a later block of its split, padded slots, the last slot
-    for b, heads, kv_heads, slots, hd, rot, programs in ((2, 4, 2, 200, 32, 16, 8), (3, 2, 1, 130, 16, 0, 256),
-                                                         (1, 4, 4, 70, 64, 64, 4)):
-        decode_attention.PROGRAMS = programs
-        qkv = torch.randn(b, 1, (heads + 2 * kv_heads) * hd).to(torch.float16)
-        q, k, v = (t.view(b, 1, -1, hd).transpose(1, 2) for t in qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], -1))
-        kv = torch.randn(2, b, kv_heads, slots, hd).to(torch.float16)
-        positions = torch.tensor([[slots - 1], [5], [slots - 3]][:b])
-        slot = torch.arange(slots)
-        keep = ((slot <= positions) & (torch.rand(b, slots) < 0.7) | (slot == positions))[:, None, None]
-        rope = None
-        if rot:
-            angles = positions.float()[..., None] * torch.rand(rot // 2) * 3
-            rope = tuple(f(torch.cat((angles, angles), -1))[:, None] for f in (torch.cos, torch.sin))
-        ref_kv = kv.float()
-        ref = reference_cached(q.float(), k.float(), v.float(), rope, ref_kv, None, positions, keep)
-        out = decode_attention.cached_attention(q, k, v, rope, kv, None, positions, keep)
-        assert out.shape == ref.shape and out.dtype == torch.float16
-        assert (out.float() - ref).abs().max().item() < 2e-3, (b, heads, hd, rot)
-        written = (slot == positions)[:, None, :, None]  # [b, 1, slots, 1]
-        assert (kv.float() - ref_kv).abs().max().item() < 2e-3  # the new slots, rotated
-        assert torch.equal(kv.float()[:, ~written.expand(b, kv_heads, slots, hd)],
-                           ref_kv[:, ~written.expand(b, kv_heads, slots, hd)])  # nothing else
+    # the small steps' form, then large steps' (more than ROWS kv heads: here every step) pipelined form
+    for rows in (64, 0):
+        torch.manual_seed(0)
+        decode_attention.ROWS = rows
+        # GQA, slots not a multiple of the block, blocks with no kept slot, one split and several
+        for b, heads, kv_heads, slots, hd, programs in ((2, 4, 2, 100, 32, 256), (3, 2, 2, 130, 16, 1),
+                                                        (1, 4, 4, 200, 64, 8)):
+            decode_attention.PROGRAMS = decode_attention.LARGE_PROGRAMS = decode_attention.GROUP_PROGRAMS = programs
+            qkv = torch.randn(b, 1, (heads + 2 * kv_heads) * hd).to(torch.float16)
+            q = qkv[..., :heads * hd].view(b, 1, heads, hd).transpose(1, 2)  # strided, as a step's
+            kv = torch.randn(2, b, kv_heads, slots, hd).to(torch.float16)
+            keep = torch.rand(b, 1, 1, slots) < 0.3
+            keep[0, ..., 64:] = False
+            keep[..., 3] = True
+            out = decode_attention.decode_attention(q, kv[0], kv[1], keep, pdl=False)
+            ref = attention(q.float(), kv[0].float(), kv[1].float(), keep)
+            assert out.shape == ref.shape and out.dtype == torch.float16
+            err = (out.float() - ref).abs().max().item()
+            assert err < 2e-3, (b, heads, kv_heads, slots, hd, err)
+        # the self-attention step with its rotary embedding and cache write in the kernel: rope on part of the
+        # head or none, a row whose position is in a later block of its split, padded slots, the last slot
+        for b, heads, kv_heads, slots, hd, rot, programs in ((2, 4, 2, 200, 32, 16, 8), (3, 2, 1, 130, 16, 0, 256),
+                                                             (1, 4, 4, 70, 64, 64, 4)):
+            decode_attention.PROGRAMS = decode_attention.LARGE_PROGRAMS = decode_attention.GROUP_PROGRAMS = programs
+            qkv = torch.randn(b, 1, (heads + 2 * kv_heads) * hd).to(torch.float16)
+            q, k, v = (t.view(b, 1, -1, hd).transpose(1, 2) for t in qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], -1))
+            kv = torch.randn(2, b, kv_heads, slots, hd).to(torch.float16)
+            positions = torch.tensor([[slots - 1], [5], [slots - 3]][:b])
+            slot = torch.arange(slots)
+            keep = ((slot <= positions) & (torch.rand(b, slots) < 0.7) | (slot == positions))[:, None, None]
+            rope = None
+            if rot:
+                angles = positions.float()[..., None] * torch.rand(rot // 2) * 3
+                rope = tuple(f(torch.cat((angles, angles), -1))[:, None] for f in (torch.cos, torch.sin))
+            ref_kv = kv.float()
+            ref = reference_cached(q.float(), k.float(), v.float(), rope, ref_kv, None, positions, keep)
+            out = decode_attention.cached_attention(q, k, v, rope, kv, None, positions, keep,
+                                                     deterministic=True)
+            assert out.shape == ref.shape and out.dtype == torch.float16
+            assert (out.float() - ref).abs().max().item() < 2e-3, (b, heads, hd, rot)
+            written = (slot == positions)[:, None, :, None]  # [b, 1, slots, 1]
+            assert (kv.float() - ref_kv).abs().max().item() < 2e-3  # the new slots, rotated
+            assert torch.equal(kv.float()[:, ~written.expand(b, kv_heads, slots, hd)],
+                               ref_kv[:, ~written.expand(b, kv_heads, slots, hd)])  # nothing else
     print("ok")
 """)
 

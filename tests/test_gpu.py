@@ -405,8 +405,9 @@ def test_decode_attention_kernel_equals_sdpa(dtype):
     with a different position per row, a cross-attention ring's scattered slots, GQA, slots not a
     multiple of the block, one split and many, compiled and replayed from a CUDA graph; a step's
     self-attention with its rotary embedding and cache write in the kernel (grouped queries on the
-    grouped kernel, full heads on the per-head one); more than one query per row, or more kv heads per
-    step than `ROWS`, stays SDPA's."""
+    grouped kernel, full heads on the per-head one), in the small steps' form and, above `ROWS` kv
+    heads, the pipelined one; more than one query per row, or full heads above `ROWS` per step (unless
+    deterministic), stays SDPA's."""
     from megatron_stag.serving import decode_attention, gemv
     from megatron_stag.serving.model import attention as sdpa
     from megatron_stag.serving.model import cached_attention as reference_cached
@@ -416,7 +417,8 @@ def test_decode_attention_kernel_equals_sdpa(dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
     op = torch.compile(torch.ops.megatron_stag.decode_attention, dynamic=False)
     for b, heads, kv_heads, slots, hd in ((1, 16, 16, 768, 128), (8, 16, 4, 769, 128), (64, 8, 8, 300, 64),
-                                          (3, 4, 2, 5, 256), (8, 32, 8, 640, 64), (24, 8, 4, 300, 64)):
+                                          (3, 4, 2, 5, 256), (8, 32, 8, 640, 64), (24, 8, 4, 300, 64),
+                                          (32, 32, 8, 640, 64), (80, 4, 4, 1000, 128)):
         qkv = torch.randn(b, 1, (heads + 2 * kv_heads) * hd, device="cuda", dtype=dtype, generator=g)
         q = qkv[..., :heads * hd].view(b, 1, heads, hd).transpose(1, 2)  # a strided view, as a step has
         kv = torch.randn(2, b, kv_heads, slots, hd, device="cuda", dtype=dtype, generator=g)
@@ -424,16 +426,17 @@ def test_decode_attention_kernel_equals_sdpa(dtype):
         causal = (torch.arange(slots, device="cuda")[None] <= pos[:, None])[:, None, None]
         ring = torch.rand(b, 1, 1, slots, device="cuda", generator=g) < 0.2
         ring[..., 0] = True
-        if b * kv_heads <= decode_attention.ROWS:  # a step's self-attention: rope and the cache write in the kernel
-            k, v = (qkv[..., (heads + i * kv_heads) * hd:(heads + (i + 1) * kv_heads) * hd]
-                    .view(b, 1, kv_heads, hd).transpose(1, 2) for i in (0, 1))
-            angles = pos.float()[:, None] * torch.rand(hd // 4, device="cuda", generator=g)
-            rope = tuple(f(torch.cat((angles, angles), -1))[:, None, None] for f in (torch.cos, torch.sin))
-            ref_kv = kv.float()
-            ref = reference_cached(q.float(), k.float(), v.float(), rope, ref_kv, None, pos[:, None], causal)
-            out = decode_attention.cached_attention(q, k, v, rope, kv, None, pos[:, None], causal)
-            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-            torch.testing.assert_close(kv.float(), ref_kv, atol=2e-2, rtol=2e-2)
+        # a step's self-attention, rope and the cache write in the kernel (every form, deterministic routing)
+        k, v = (qkv[..., (heads + i * kv_heads) * hd:(heads + (i + 1) * kv_heads) * hd]
+                .view(b, 1, kv_heads, hd).transpose(1, 2) for i in (0, 1))
+        angles = pos.float()[:, None] * torch.rand(hd // 4, device="cuda", generator=g)
+        rope = tuple(f(torch.cat((angles, angles), -1))[:, None, None] for f in (torch.cos, torch.sin))
+        ref_kv = kv.float()
+        ref = reference_cached(q.float(), k.float(), v.float(), rope, ref_kv, None, pos[:, None], causal)
+        with mock.patch.object(decode_attention, "reference_cached", None):  # the kernel, not its fallback
+            out = decode_attention.cached_attention(q, k, v, rope, kv, None, pos[:, None], causal, deterministic=True)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(kv.float(), ref_kv, atol=2e-2, rtol=2e-2)
         for keep in (causal, ring):
             ref = sdpa(q.float(), kv[0].float(), kv[1].float(), keep)
             out = decode_attention.decode_attention(q, kv[0], kv[1], keep)
@@ -442,8 +445,8 @@ def test_decode_attention_kernel_equals_sdpa(dtype):
             # the routing rule, without relying on two SDPA calls being bitwise equal (not guaranteed)
             with mock.patch.object(decode_attention, "reference", lambda *a: "sdpa"):
                 routed = decode_attention.attention(q, kv[0], kv[1], keep)
-            if b * kv_heads > decode_attention.ROWS:
-                assert isinstance(routed, str)
+            if not decode_attention.takes(b, heads, kv_heads):
+                assert heads == kv_heads and b * kv_heads > decode_attention.ROWS and isinstance(routed, str)
             else:
                 assert torch.equal(routed, out)
             static = op(q, kv[0], kv[1], keep)

@@ -304,8 +304,9 @@ def test_more_prompts_than_the_batch_decode_in_groups():
 
 def test_steps_read_the_slots_their_rows_fill(monkeypatch):
     """SDPA steps read the caches' first slots in whole buckets, enough for every row's position (the
-    cross cache as many; a window's ring all of it); steps on the flash-decoding kernel (at most
-    `decode_attention.ROWS` kv heads) read every slot."""
+    cross cache as many; a window's ring all of it); where every step is the flash-decoding kernel's
+    (`decode_attention.takes`: grouped queries, full heads up to `ROWS` per step, or deterministic) they
+    read every slot."""
     from megatron_stag.serving import decode_attention, engine
     from megatron_stag.serving.model import Attention
 
@@ -334,13 +335,13 @@ def test_steps_read_the_slots_their_rows_fill(monkeypatch):
     monkeypatch.setattr(engine._gemv, "available", lambda device: True)
     monkeypatch.setattr(engine.StagLM, "use_kernels", lambda self, *fns: None)
     assert generator(tiny_model(), 16, batch=1).bucket is None
-    assert generator(tiny_model(), 16, batch=decode_attention.ROWS // q_heads + 1).bucket == 4
-    # grouped queries: the kernel takes steps of at most ROWS kv heads, so a GPT of 4 query heads over one kv
-    # head decodes 4x the batch unbucketed; a StagFormer's cross-attention has a kv head per query head
     batch = decode_attention.ROWS // q_heads + 1
-    assert generator(tiny_model(num_query_groups=1, stag_sections=1), 16, batch=batch).bucket is None
+    assert generator(tiny_model(), 16, batch=batch).bucket == 4
+    assert generator(tiny_model(), 16, batch=batch, deterministic=True).bucket is None
+    # grouped queries take the kernel at any batch; a StagFormer's cross-attention has a kv head per query
+    # head, so its steps of that batch take SDPA
     assert generator(tiny_model(num_query_groups=1, stag_sections=1), 16,
-                     batch=decode_attention.ROWS + 1).bucket == 4
+                     batch=decode_attention.ROWS + 1).bucket is None
     assert generator(tiny_model(num_query_groups=1), 16, batch=batch).bucket == 4
 
 

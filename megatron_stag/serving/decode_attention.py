@@ -22,11 +22,12 @@ lost: 0.943 -> 0.979 for the out-projection's alone, as its bytes queued ahead o
 The mask is any boolean [b, 1, 1, slots], so causal caches, cross-attention rings and windows all take
 this path.
 On an H200 it halves a b=1 step's attention (24 layers: 0.150 against SDPA's 0.331 ms; GPT 1.254 ->
-1.165 ms/token), but at b=8 and 32 the engine's step is faster with SDPA, so steps of more than ROWS
-kv heads (batch x kv heads) stay there (docs/decode-engine.md): GPT b=8 1.975 against 2.125 ms/token on
-the kernel, the Llama shape's b=32 1.547 against 1.658 (H100). SDPA picks cuDNN there, whose one-query attention is
-not run-to-run deterministic; its deterministic memory-efficient kernel costs 25-36% of the step, and
-the engine's deterministic mode (`attention(deterministic=True)`) keeps such steps here instead (+7-22%).
+1.165 ms/token). Steps of more than ROWS kv heads (batch x kv heads) take a large form whose loads
+Triton pipelines (see ROWS below): there grouped queries stay on the kernel, while full heads take SDPA,
+which picks cuDNN and is as fast (`takes`; docs/decode-engine.md). cuDNN's one-query attention is not
+run-to-run deterministic; its deterministic memory-efficient kernel costs 25-36% of the step, and the
+engine's deterministic mode (`attention(deterministic=True)`) keeps every step here instead (GPT b=32 on
+an H100 +0.5%).
 
 A step's self-attention (`cached_attention`) also applies the rotary embedding and writes the new key
 and value into the cache, so no kernel sits between it and the q/k/v GEMV: each program loads its first
@@ -52,18 +53,23 @@ except ImportError:  # CPU-only torch: attention stays on SDPA
     triton = None
 
 BLOCK = 64  # slots per loop iteration
-PROGRAMS = 256  # query heads x splits a step aims for (about two per SM on an H200)
-# the same for steps of more than ROWS kv heads (the engine's deterministic mode only): at 512 query
-# heads (GPT b=32) 256 programs leave one split per head, and 1024 decode 7% faster (3.32 -> 3.11
-# ms/token on an H200; 4096 3.09; b=8 1.87 -> 1.82), docs/decode-engine.md
-LARGE_PROGRAMS = 1024
-# grouped-query steps: kv heads x splits, at most GROUP_SPLITS splits (the combine holds them all in
+PROGRAMS = 256  # query heads x splits a small step aims for (about two per SM on an H200)
+# small grouped-query steps: kv heads x splits, at most GROUP_SPLITS splits (the combine holds them all in
 # registers). 16 layers of the Llama 3.2 1B shape's attention, 768 slots, on an H100: b=8 0.169 / 0.144 /
-# 0.143 ms at 256 / 1024 / 4096, b=32 0.454 / 0.385 / 0.342 (results/decode_attention_grouped_h100.json)
+# 0.143 ms at 256 / 1024 / 4096 (results/decode_attention_grouped_h100.json)
 GROUP_PROGRAMS = 4096
 GROUP_SPLITS = 32
 WARPS = 4
-ROWS = 64  # at most this many kv heads per step (batch x kv heads) take the kernel; SDPA beats it above
+# Steps of more than ROWS kv heads (batch x kv heads) take the large form: a block's loads unconditional
+# (masked by keep) and pipelined LARGE_STAGES deep, the row's own slot outside the loop, which stops at
+# the position, and LARGE_PROGRAMS heads (or kv heads) x splits. GPT b=32's 24 layers of self-attention
+# (601 of 640 slots, 1xH100) 1.73 -> 1.51 ms against the small form, 1.20x their floor; 3 stages 2.06,
+# 1024 programs 1.62. In the engine full heads stay on SDPA there (GPT b=32 2.840 ms/token against 2.854
+# on the kernel) and grouped queries take the kernel (the Llama shape's b=32 1.393 -> 1.377 in one
+# process): `takes` (results/decode_attention_large_h100.json)
+ROWS = 64
+LARGE_STAGES = 2
+LARGE_PROGRAMS = 512
 
 if triton is not None:
     @triton.jit
@@ -87,11 +93,46 @@ if triton is not None:
                 tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=near[:, None], other=0.0))
 
     @triton.jit
+    def _own_slot(keep_row, keep_ss, pos, first, SPLIT, S):
+        """Whether this split holds the row's position and the mask keeps it."""
+        inside = (pos >= first) & (pos < first + SPLIT) & (pos < S)
+        return inside & (tl.load(keep_row + pos * keep_ss, mask=inside, other=0) != 0)
+
+    @triton.jit
+    def _head_update(q, k, v, keep, m, total, acc):
+        """The running softmax (max m, sum total, weighted values acc) after one block of kept slots, for
+        one query (q scaled). A block with none kept leaves it as it was."""
+        scores = tl.where(keep, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)
+        p = tl.exp(scores - shift)
+        return m_new, total * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+
+    @triton.jit
+    def _group_update(q, k, v, keep, m, total, acc, scale, IEEE: tl.constexpr):
+        """`_head_update` for a group's queries as the rows of tensor-core products (fp32 ones with IEEE)."""
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(keep[None, :], scores * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)
+        p = tl.exp(scores - shift[:, None])
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, total * alpha + tl.sum(p, 1), acc
+
+    @triton.jit
     def _head_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, part_ptr, nk_ptr, nv_ptr, pos_ptr, cos_ptr, sin_ptr,
                       S, scale, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, keep_sb, keep_ss, nk_sb, nk_sh,
                       nv_sb, nv_sh, rope_sb, H: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
                       BLOCK: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
-                      WRITE: tl.constexpr, ROT: tl.constexpr):
+                      WRITE: tl.constexpr, ROT: tl.constexpr, STAGES: tl.constexpr):
         """Program (row and query head, split), fp32 products: one head's keys are reused by nothing else,
         so tensor cores would multiply one row (the grouped kernel's form lost here: GPT b=1 1.112 -> 1.122
         ms/token on an H100). With WRITE, q and this step's key and value come unrotated (nk,
@@ -109,7 +150,8 @@ if triton is not None:
             # ours or inductor's, lets its dependents start only after its own wait, and the combine, which
             # does so before its wait, starts only after this kernel's: every kernel three back has ended here)
             pos = tl.load(pos_ptr + b)
-            k, v = _near(k_base, v_base, first + tl.arange(0, BLOCK), d, pos, S, k_ss, v_ss)
+            if not STAGES:
+                k, v = _near(k_base, v_base, first + tl.arange(0, BLOCK), d, pos, S, k_ss, v_ss)
         if PDL:  # q (and this step's key and value, or slot) come from the previous kernel
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -126,27 +168,38 @@ if triton is not None:
         m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
         total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
         acc = tl.zeros([HD], tl.float32)
-        for start in range(first, first + SPLIT, BLOCK):
-            s = start + tl.arange(0, BLOCK)
-            keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
-            if WRITE:
-                if start > first:  # the first block was loaded before the wait
-                    k, v = _near(k_base, v_base, s, d, pos, S, k_ss, v_ss)
-                own = (s == pos)[:, None]
-                k = tl.where(own, new_k[None, :], k)
-                v = tl.where(own, new_v[None, :], v)
-            if tl.max(keep.to(tl.int32), 0) > 0:  # a block past the filled slots costs its mask bytes only
-                if not WRITE:
-                    k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
-                scores = tl.where(keep, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
-                m_new = tl.maximum(m, tl.max(scores, 0))
-                alpha = tl.exp(m - m_new)
-                p = tl.exp(scores - m_new)
-                if not WRITE:
-                    v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
-                total = total * alpha + tl.sum(p, 0)
-                acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-                m = m_new
+        if STAGES:  # every block's loads unconditional (masked by keep), so Triton pipelines them STAGES deep
+            stop = first + SPLIT
+            if WRITE:  # the row's own slot starts the softmax and the blocks skip it: no select per block;
+                # a self-attention cache's mask keeps no slot past the position, so the loop stops there
+                stop = tl.minimum(stop, pos + 1).to(tl.int32)
+                mine = _own_slot(keep_ptr + b * keep_sb, keep_ss, pos, first, SPLIT, S)
+                m = tl.where(mine, tl.sum(new_k.to(tl.float32) * q, 0), m)
+                total = tl.where(mine, 1.0, total)
+                acc = tl.where(mine, new_v.to(tl.float32), acc)
+            for start in tl.range(first, stop, BLOCK, num_stages=STAGES):
+                s = start + tl.arange(0, BLOCK)
+                keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
+                if WRITE:
+                    keep = keep & (s != pos)
+                k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
+                v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
+                m, total, acc = _head_update(q, k, v, keep, m, total, acc)
+        else:
+            for start in range(first, first + SPLIT, BLOCK):
+                s = start + tl.arange(0, BLOCK)
+                keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
+                if WRITE:
+                    if start > first:  # the first block was loaded before the wait
+                        k, v = _near(k_base, v_base, s, d, pos, S, k_ss, v_ss)
+                    own = (s == pos)[:, None]
+                    k = tl.where(own, new_k[None, :], k)
+                    v = tl.where(own, new_v[None, :], v)
+                if tl.max(keep.to(tl.int32), 0) > 0:  # a block past the filled slots costs its mask bytes only
+                    if not WRITE:
+                        k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
+                        v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
+                    m, total, acc = _head_update(q, k, v, keep, m, total, acc)
         if SPLITS == 1:
             tl.store(o_ptr + b * H * HD + h * HD + d, (acc / total).to(o_ptr.dtype.element_ty))
         else:  # [acc, max, sum] per split; a split with no kept slot leaves max -inf, sum 0
@@ -176,7 +229,8 @@ if triton is not None:
                       S, scale, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, keep_sb, keep_ss, nk_sb, nk_sh,
                       nv_sb, nv_sh, rope_sb, KVH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                       HD: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-                      PDL: tl.constexpr, WRITE: tl.constexpr, ROT: tl.constexpr, IEEE: tl.constexpr):
+                      PDL: tl.constexpr, WRITE: tl.constexpr, ROT: tl.constexpr, IEEE: tl.constexpr,
+                      STAGES: tl.constexpr):
         """Program (row and kv head, split) of grouped-query attention: the group's G query heads as the
         rows of one tensor-core product (padded to GP), so the split's keys and values are read once for
         all of them (one program per query head read them G times). With WRITE,
@@ -197,7 +251,8 @@ if triton is not None:
             # ours or inductor's, lets its dependents start only after its own wait, and the combine, which
             # does so before its wait, starts only after this kernel's: every kernel three back has ended here)
             pos = tl.load(pos_ptr + b)
-            k, v = _near(k_base, v_base, first + tl.arange(0, BLOCK), d, pos, S, k_ss, v_ss)
+            if not STAGES:
+                k, v = _near(k_base, v_base, first + tl.arange(0, BLOCK), d, pos, S, k_ss, v_ss)
         if PDL:  # q (and this step's key and value, or slot) come from the previous kernel
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -216,34 +271,38 @@ if triton is not None:
         m = tl.full([GP], float("-inf"), tl.float32)
         total = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, HD], tl.float32)
-        for start in range(first, first + SPLIT, BLOCK):
-            s = start + tl.arange(0, BLOCK)
-            keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
-            if WRITE:
-                if start > first:  # the first block was loaded before the wait
-                    k, v = _near(k_base, v_base, s, d, pos, S, k_ss, v_ss)
-                own = (s == pos)[:, None]
-                k = tl.where(own, new_k[None, :], k)
-                v = tl.where(own, new_v[None, :], v)
-            if tl.max(keep.to(tl.int32), 0) > 0:  # a block past the filled slots costs its mask bytes only
-                if not WRITE:
-                    k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
-                if IEEE:
-                    scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-                else:
-                    scores = tl.dot(q, tl.trans(k))
-                scores = tl.where(keep[None, :], scores * scale, float("-inf"))
-                m_new = tl.maximum(m, tl.max(scores, 1))
-                alpha = tl.exp(m - m_new)
-                p = tl.exp(scores - m_new[:, None])
-                if not WRITE:
-                    v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
-                total = total * alpha + tl.sum(p, 1)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m = m_new
+        if STAGES:  # every block's loads unconditional (masked by keep), so Triton pipelines them STAGES deep
+            stop = first + SPLIT
+            if WRITE:  # the row's own slot starts the softmax and the blocks skip it: no select per block;
+                # a self-attention cache's mask keeps no slot past the position, so the loop stops there
+                stop = tl.minimum(stop, pos + 1).to(tl.int32)
+                mine = _own_slot(keep_ptr + b * keep_sb, keep_ss, pos, first, SPLIT, S)
+                m = tl.where(mine, tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], 1) * scale, m)
+                total = tl.where(mine, 1.0, total)
+                acc = tl.where(mine, new_v.to(tl.float32)[None, :] + acc, acc)
+            for start in tl.range(first, stop, BLOCK, num_stages=STAGES):
+                s = start + tl.arange(0, BLOCK)
+                keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
+                if WRITE:
+                    keep = keep & (s != pos)
+                k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
+                v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
+                m, total, acc = _group_update(q, k, v, keep, m, total, acc, scale, IEEE)
+        else:
+            for start in range(first, first + SPLIT, BLOCK):
+                s = start + tl.arange(0, BLOCK)
+                keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
+                if WRITE:
+                    if start > first:  # the first block was loaded before the wait
+                        k, v = _near(k_base, v_base, s, d, pos, S, k_ss, v_ss)
+                    own = (s == pos)[:, None]
+                    k = tl.where(own, new_k[None, :], k)
+                    v = tl.where(own, new_v[None, :], v)
+                if tl.max(keep.to(tl.int32), 0) > 0:  # a block past the filled slots costs its mask bytes only
+                    if not WRITE:
+                        k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
+                        v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
+                    m, total, acc = _group_update(q, k, v, keep, m, total, acc, scale, IEEE)
         bh = bk * G + g  # the query head's index over the batch: b * heads + kh * G + g
         if SPLITS == 1:
             tl.store(o_ptr + bh[:, None] * HD + d[None, :], (acc / total[:, None]).to(o_ptr.dtype.element_ty),
@@ -289,11 +348,13 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, pdl:
     `positions` (< slots) first. `pdl` needs Hopper or later."""
     b, heads, _, hd = q.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
-    group = heads // kv_heads
-    if group > 1:
+    group, large = heads // kv_heads, b * kv_heads > ROWS
+    if large:
+        split, splits = _splits(b * kv_heads, slots, LARGE_PROGRAMS)
+    elif group > 1:
         split, splits = _splits(b * kv_heads, slots, GROUP_PROGRAMS, GROUP_SPLITS)
     else:
-        split, splits = _splits(b * heads, slots, PROGRAMS if b * heads <= ROWS else LARGE_PROGRAMS)
+        split, splits = _splits(b * heads, slots, PROGRAMS)
     out = torch.empty(b, 1, heads * hd, dtype=q.dtype, device=q.device)
     part = torch.empty(b * heads * splits * (hd + 2), dtype=torch.float32, device=q.device) if splits > 1 else out
     extra = dict(launch_pdl=True) if pdl else {}
@@ -304,7 +365,7 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, pdl:
             values.stride(1), values.stride(2), keep.stride(0), keep.stride(3), nk.stride(0), nk.stride(1),
             nv.stride(0), nv.stride(1), cos.stride(0) if rot else 0)
     shared = dict(HD=hd, BLOCK=BLOCK, SPLIT=split, SPLITS=splits, PDL=pdl, WRITE=new is not None, ROT=rot,
-                  num_warps=WARPS, **extra)
+                  STAGES=LARGE_STAGES if large else 0, num_warps=WARPS, **extra)
     if group > 1:
         _group_kernel[(b * kv_heads, splits)](*args, KVH=kv_heads, G=group, GP=max(16, triton.next_power_of_2(group)),
                                               IEEE=not q.is_cuda, **shared)
@@ -342,12 +403,18 @@ def takes_head_dim(hd: int) -> bool:
     return not hd & (hd - 1) and 16 <= hd <= 256
 
 
+def takes(batch: int, heads: int, kv_heads: int, deterministic: bool = False) -> bool:
+    """Whether a step of `batch` rows' one-query attention goes to the kernel rather than SDPA: grouped
+    queries at any batch, full heads up to ROWS per step (above, cuDNN's attention is as fast), and every
+    step when `deterministic` (cuDNN's one-query attention is not run-to-run deterministic)."""
+    return deterministic or heads != kv_heads or batch * kv_heads <= ROWS
+
+
 def _fits(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, deterministic: bool) -> bool:
-    """Whether the kernel takes this attention: one half-precision query per row, at most ROWS kv heads
-    (batch x kv heads) unless `deterministic`. The checks read shapes, dtypes and strides only: under torch.compile
-    they resolve while tracing."""
+    """Whether the kernel takes this attention: one half-precision query per row, routed by `takes`. The
+    checks read shapes, dtypes and strides only: under torch.compile they resolve while tracing."""
     b, heads, n, hd = q.shape
-    return not (n != 1 or (b * keys.shape[1] > ROWS and not deterministic)
+    return not (n != 1 or not takes(b, heads, keys.shape[1], deterministic)
                 or q.dtype not in (torch.bfloat16, torch.float16) or keys.dtype != q.dtype or values.dtype != q.dtype or not takes_head_dim(hd)
                 or heads % keys.shape[1] or values.shape != keys.shape or keep.dtype != torch.bool
                 or keep.shape != (b, 1, 1, keys.shape[2]) or q.stride(3) != 1 or keys.stride(3) != 1
@@ -355,10 +422,10 @@ def _fits(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, deterministic: 
 
 
 def attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, deterministic: bool = False) -> Tensor:
-    """`reference`'s signature, with one-query half-precision steps of at most ROWS kv heads on the
-    kernel (call only where `gemv.available`). `deterministic` puts every such step on it: SDPA's
-    choice above ROWS (cuDNN on Hopper and later) is not run-to-run deterministic, while the kernel's
-    splits combine in a fixed order."""
+    """`reference`'s signature, with one-query half-precision steps on the kernel where `takes` says
+    (call only where `gemv.available`). `deterministic` puts every such step on it: SDPA's choice for
+    full heads above ROWS (cuDNN on Hopper and later) is not run-to-run deterministic, while the
+    kernel's splits combine in a fixed order."""
     if not _fits(q, keys, values, keep, deterministic):
         return reference(q, keys, values, keep)
     return torch.ops.megatron_stag.decode_attention(q, keys, values, keep)
