@@ -86,11 +86,20 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _kept(k_base, v_base, s, d, k_ss, v_ss, kept):
+        """The keys and values of slots s where `kept` (the rest read as 0)."""
+        return (tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=kept[:, None], other=0.0),
+                tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=kept[:, None], other=0.0))
+
+    @triton.jit
     def _near(k_base, v_base, s, d, pos, S, k_ss, v_ss):
         """The keys and values of slots s up to the row's position (the rest read as 0)."""
-        near = (s <= pos) & (s < S)
-        return (tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=near[:, None], other=0.0),
-                tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=near[:, None], other=0.0))
+        return _kept(k_base, v_base, s, d, k_ss, v_ss, (s <= pos) & (s < S))
+
+    @triton.jit
+    def _mask(keep_row, keep_ss, s, S):
+        """Which of slots s the row attends to (none past the cache)."""
+        return tl.load(keep_row + s * keep_ss, mask=s < S, other=0) != 0
 
     @triton.jit
     def _own_slot(keep_row, keep_ss, pos, first, SPLIT, S):
@@ -179,16 +188,15 @@ if triton is not None:
                 acc = tl.where(mine, new_v.to(tl.float32), acc)
             for start in tl.range(first, stop, BLOCK, num_stages=STAGES):
                 s = start + tl.arange(0, BLOCK)
-                keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
+                keep = _mask(keep_ptr + b * keep_sb, keep_ss, s, S)
                 if WRITE:
                     keep = keep & (s != pos)
-                k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
-                v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
+                k, v = _kept(k_base, v_base, s, d, k_ss, v_ss, keep)
                 m, total, acc = _head_update(q, k, v, keep, m, total, acc)
         else:
             for start in range(first, first + SPLIT, BLOCK):
                 s = start + tl.arange(0, BLOCK)
-                keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
+                keep = _mask(keep_ptr + b * keep_sb, keep_ss, s, S)
                 if WRITE:
                     if start > first:  # the first block was loaded before the wait
                         k, v = _near(k_base, v_base, s, d, pos, S, k_ss, v_ss)
@@ -197,8 +205,7 @@ if triton is not None:
                     v = tl.where(own, new_v[None, :], v)
                 if tl.max(keep.to(tl.int32), 0) > 0:  # a block past the filled slots costs its mask bytes only
                     if not WRITE:
-                        k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
-                        v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
+                        k, v = _kept(k_base, v_base, s, d, k_ss, v_ss, keep)
                     m, total, acc = _head_update(q, k, v, keep, m, total, acc)
         if SPLITS == 1:
             tl.store(o_ptr + b * H * HD + h * HD + d, (acc / total).to(o_ptr.dtype.element_ty))
@@ -282,16 +289,15 @@ if triton is not None:
                 acc = tl.where(mine, new_v.to(tl.float32)[None, :] + acc, acc)
             for start in tl.range(first, stop, BLOCK, num_stages=STAGES):
                 s = start + tl.arange(0, BLOCK)
-                keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
+                keep = _mask(keep_ptr + b * keep_sb, keep_ss, s, S)
                 if WRITE:
                     keep = keep & (s != pos)
-                k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
-                v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
+                k, v = _kept(k_base, v_base, s, d, k_ss, v_ss, keep)
                 m, total, acc = _group_update(q, k, v, keep, m, total, acc, scale, IEEE)
         else:
             for start in range(first, first + SPLIT, BLOCK):
                 s = start + tl.arange(0, BLOCK)
-                keep = tl.load(keep_ptr + b * keep_sb + s * keep_ss, mask=s < S, other=0) != 0
+                keep = _mask(keep_ptr + b * keep_sb, keep_ss, s, S)
                 if WRITE:
                     if start > first:  # the first block was loaded before the wait
                         k, v = _near(k_base, v_base, s, d, pos, S, k_ss, v_ss)
@@ -300,8 +306,7 @@ if triton is not None:
                     v = tl.where(own, new_v[None, :], v)
                 if tl.max(keep.to(tl.int32), 0) > 0:  # a block past the filled slots costs its mask bytes only
                     if not WRITE:
-                        k = tl.load(k_base + s[:, None] * k_ss + d[None, :], mask=keep[:, None], other=0.0)
-                        v = tl.load(v_base + s[:, None] * v_ss + d[None, :], mask=keep[:, None], other=0.0)
+                        k, v = _kept(k_base, v_base, s, d, k_ss, v_ss, keep)
                     m, total, acc = _group_update(q, k, v, keep, m, total, acc, scale, IEEE)
         bh = bk * G + g  # the query head's index over the batch: b * heads + kh * G + g
         if SPLITS == 1:
