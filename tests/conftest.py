@@ -36,6 +36,17 @@ def megatron_world():
 
 
 @pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small indexed dataset of stdlib sources with its sentencepiece model (vocabulary 512), prepared
+    once for the pretraining and Slurm tests: (prefix, tokenizer model)."""
+    from megatron_stag.data.local_corpus import stdlib_files
+    from megatron_stag.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("corpus")
+    return prepare_dataset([str(f) for f in stdlib_files(max_bytes=600_000)], out / "stdlib", vocab_size=512)
+
+
+@pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
     """One shortened quickstart (prepare-data -> pretrain -> generate), shared by every test that
     needs a trained checkpoint: (output folder, the finished process)."""

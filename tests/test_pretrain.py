@@ -162,20 +162,8 @@ def test_bad_recipe_from_the_command_line_is_one_clear_line():
 
 
 # ---------------------------------------------------------------------------- training runs
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A small indexed dataset of stdlib sources with its sentencepiece model."""
-    from megatron_stag.data.local_corpus import stdlib_files
-    from megatron_stag.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data")
-    files = stdlib_files(max_bytes=600_000)
-    prefix, model = prepare_dataset([str(f) for f in files], out / "stdlib", vocab_size=512)
-    return prefix, model
-
-
-def pretrain(recipe, data, save, *overrides, popen=False):
-    prefix, model = data
+def pretrain(recipe, corpus, save, *overrides, popen=False):
+    prefix, model = corpus
     args = [sys.executable, "-m", "megatron_stag.cli", "pretrain", recipe,
             f"data.data_path=[{prefix}]", f"data.tokenizer_model={model}",
             f"checkpoint.save={save}", f"checkpoint.load={save}", "model.hidden_size=64",
@@ -206,11 +194,11 @@ FAMILIES = {
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in ("stag-pp2", "altup-dp2")
                                     else f for f in FAMILIES])  # stag-altup-pp2 covers PP; the Slurm job DP
-def test_short_pretrain_on_two_ranks(family, data, tmp_path):
+def test_short_pretrain_on_two_ranks(family, corpus, tmp_path):
     """Megatron's loop on 2 gloo ranks: the loss falls, a checkpoint and the run files appear."""
     recipe, layout = FAMILIES[family]
     save = tmp_path / "ckpt"
-    proc = pretrain(recipe, data, save, "training.train_iters=24", "checkpoint.save_interval=24", *layout)
+    proc = pretrain(recipe, corpus, save, "training.train_iters=24", "checkpoint.save_interval=24", *layout)
     loss = losses(save)
     assert max(loss) == 24
     assert sum(loss[i] for i in (22, 23, 24)) < sum(loss[i] for i in (1, 2, 3)) - 1.0, loss
@@ -219,7 +207,7 @@ def test_short_pretrain_on_two_ranks(family, data, tmp_path):
     assert "tokens/s" in proc.stdout and "ETA" in proc.stdout
 
 
-def test_kill_and_resume_is_exact(data, tmp_path):
+def test_kill_and_resume_is_exact(corpus, tmp_path):
     """A run killed after a checkpoint resumes from it on the same data and logs exactly the
     uninterrupted run's losses; an interrupted later save is never loaded.
 
@@ -229,7 +217,7 @@ def test_kill_and_resume_is_exact(data, tmp_path):
     (exit_interval) six iterations later with the same LR schedule."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["training.train_iters=1000", "pipeline_model_parallel_size=2"]
-    job = pretrain("tiny-cpu-stag", data, resumed, *common, "checkpoint.save_interval=8", popen=True)
+    job = pretrain("tiny-cpu-stag", corpus, resumed, *common, "checkpoint.save_interval=8", popen=True)
     tracker = resumed / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 300
     while not (tracker.is_file() and int(tracker.read_text().strip() or 0) >= 8):
@@ -244,8 +232,8 @@ def test_kill_and_resume_is_exact(data, tmp_path):
     (partial / "__0_0.distcp").write_bytes(b"truncated")
 
     stop = f"training.exit_interval={start + 6}"
-    pretrain("tiny-cpu-stag", data, straight, *common, "checkpoint.save_interval=1000", stop)
-    proc = pretrain("tiny-cpu-stag", data, resumed, *common, "checkpoint.save_interval=1000", stop)
+    pretrain("tiny-cpu-stag", corpus, straight, *common, "checkpoint.save_interval=1000", stop)
+    proc = pretrain("tiny-cpu-stag", corpus, resumed, *common, "checkpoint.save_interval=1000", stop)
     assert re.search(rf"successfully loaded checkpoint from .* at iteration {start}\b", proc.stdout)
     from megatron_stag.training.run_logs import read_log
 

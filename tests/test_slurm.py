@@ -194,13 +194,9 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from megatron_stag.data.local_corpus import stdlib_files
-    from megatron_stag.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data")
-    prefix, model = prepare_dataset([str(f) for f in stdlib_files(max_bytes=400_000)], out / "stdlib",
-                                    vocab_size=512)
+def data(corpus):
+    """The shared corpus as recipe overrides."""
+    prefix, model = corpus
     return [f"data.data_path=[{prefix}]", f"data.tokenizer_model={model}"]
 
 
