@@ -65,8 +65,9 @@ WARPS = 4
 # the position, and LARGE_PROGRAMS heads (or kv heads) x splits. GPT b=32's 24 layers of self-attention
 # (601 of 640 slots, 1xH100) 1.73 -> 1.51 ms against the small form, 1.20x their floor; 3 stages 2.06,
 # 1024 programs 1.62. In the engine full heads stay on SDPA there (GPT b=32 2.840 ms/token against 2.854
-# on the kernel) and grouped queries take the kernel (the Llama shape's b=32 1.393 -> 1.377 in one
-# process): `takes` (results/decode_attention_large_h100.json)
+# on the kernel; neither the per-head nor the grouped form with G=1 beat it on every shape by 1%,
+# results/decode_full_head_routes_h100.json) and grouped queries take the kernel (the Llama shape's b=32
+# 1.393 -> 1.377 in one process): `takes` (results/decode_attention_large_h100.json)
 ROWS = 64
 LARGE_STAGES = 2
 LARGE_PROGRAMS = 512
