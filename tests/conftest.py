@@ -1,4 +1,5 @@
-"""Shared pytest set-up: the CPU adapter, one single-process megatron world, and the slow marker."""
+"""Shared pytest set-up: the CPU adapter, one single-process megatron world, one prepared corpus, one
+trained quickstart checkpoint, and the slow marker."""
 
 import os
 
