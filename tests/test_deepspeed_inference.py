@@ -193,8 +193,8 @@ def test_export_from_a_tp2_checkpoint(megatron_world, tmp_path):
     stag = dict(stag_sections=2, num_query_groups=2)
     run = tmp_path / "run"
     run_ranks(train_step, 2, 2, 1, stag, None, str(run))  # saves run/ckpt at TP=2
-    (run / "ckpt").rename(run / "model")
-    (run / "COMPLETE").write_text("")
+    (run / "ckpt").rename(run / "iter_0000001")  # a pretrain save folder's layout
+    (run / "latest_checkpointed_iteration.txt").write_text("1")
     args = ModelArgs(vocab_size=VOCAB, max_sequence_length=SEQ, num_layers=4, hidden_size=32,
                      num_attention_heads=4, num_query_groups=2, stag_sections=2,
                      share_embeddings_and_output_weights=False)
