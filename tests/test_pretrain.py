@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
 
@@ -247,6 +248,30 @@ def test_kill_and_resume_is_exact(corpus, tmp_path):
     second = start + 2
     assert [b.train[i] for i in after if i != second] == [a.train[i] for i in after if i != second]
     assert b.train[second] == pytest.approx((a.train[second - 1] + a.train[second]) / 2, abs=2e-6)
+
+
+def test_a_synchronous_save_starts_no_helper_process(megatron_world, tmp_path, monkeypatch):
+    """megatron hands a save's write results over through a spawned `multiprocessing.Manager` (a fresh
+    interpreter importing torch, seconds per job); after `write_results_in_process` a synchronous save
+    starts no process, and what it wrote loads back equal."""
+    import multiprocessing
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_stag.checkpointing.checkpoint_io import write_results_in_process
+    from tests.model_factory import tiny_model
+
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)  # as at a process's first save
+    write_results_in_process()
+    model, back = tiny_model(seed=0), tiny_model(seed=1)
+    before = set(multiprocessing.active_children())
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
+    assert set(multiprocessing.active_children()) == before
+    back.load_state_dict(dist_checkpointing.load(back.sharded_state_dict(), str(tmp_path)))
+    for key, value in model.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(back.state_dict()[key], value), key
 
 
 def test_plot_several_runs(tmp_path):

@@ -14,6 +14,22 @@ from pathlib import Path
 from typing import Optional
 
 
+def write_results_in_process() -> None:
+    """Synchronous torch_dist saves in this process hand their write results over in-process.
+
+    megatron's writer threads run in the saving process, yet megatron passes their results through a
+    `multiprocessing.Manager` queue that it starts with spawn at the first save: a fresh interpreter
+    that imports torch to unpickle them (3-5 s of a small job's first save, then one more process to
+    join at exit). Only `--async-save`, whose writer is another process, needs that queue; callers
+    that save synchronously install a plain one."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 
 

@@ -448,7 +448,8 @@ def import_checkpoint(source: Path, out: Path) -> Path:
     it to the layout of whatever run loads it. Written to a temporary sibling and renamed."""
     from megatron.core import dist_checkpointing
 
-    from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER, resolve_checkpoint
+    from megatron_stag.checkpointing.checkpoint_io import (MEGATRON_TRACKER, resolve_checkpoint,
+                                                           write_results_in_process)
     from megatron_stag.data.tokenizer import save_hf_tokenizer
     from megatron_stag.platform.distributed import initialize
     from megatron_stag.platform.files import staged_folder
@@ -476,6 +477,7 @@ def import_checkpoint(source: Path, out: Path) -> Path:
                           f"way (altup_active or a default differs): it cannot be imported.")
     load_into_megatron(model, plain.cfg, plain.state_dict())
     _stage(f"writing {sum(p.numel() for p in plain.parameters()) / 1e6:,.1f}M parameters (megatron torch_dist) to {out}")
+    write_results_in_process()
     with staged_folder(out) as tmp:
         (tmp / "release").mkdir()
         dist_checkpointing.save({"model": model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0},

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER
+from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER, write_results_in_process
 from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
 from megatron_stag.platform.distributed import launched
 from megatron_stag.platform.files import write_atomic
@@ -521,6 +521,8 @@ def run(argv: list[str]) -> int:
     args = parse_and_validate_args(extra_args_provider=add_megatron_stag_args)
     check_decodable(args)
     check_loaded_model(args)
+    if not args.async_save:
+        write_results_in_process()
     _write_run_files(args)
     _arguments_to_file(args)
     cfg = pretrain_cfg_container_from_args(args, stag_gpt_config_from_args(args))
