@@ -120,3 +120,19 @@ def test_distributed_optimizer_step_matches_single_rank(tmp_path, stag):
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
     for key, value in ref["params"].items():
         torch.testing.assert_close(got["params"][key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_initializing_again_at_the_same_sizes_keeps_megatron_groups(megatron_world):
+    """Every in-process export, import or benchmark calls `initialize(tp=1, pp=1)`. Re-made, megatron's
+    groups leaked (its destroy leaves them in torch's registry, each gloo group with three polling
+    threads): a test session reached 500 of them and two thirds of a core."""
+    from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d
+
+    from megatron_stag.platform.distributed import initialize
+
+    groups, tp_group = len(distributed_c10d._world.pg_map), parallel_state.get_tensor_model_parallel_group()
+    for _ in range(3):
+        initialize(tp=1, pp=1)
+    assert len(distributed_c10d._world.pg_map) == groups
+    assert parallel_state.get_tensor_model_parallel_group() is tp_group

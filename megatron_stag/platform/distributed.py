@@ -44,15 +44,39 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, ep: int = 1) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep)
+    if not _initialized_as(tp, pp, ep):
+        _destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep)
     model_parallel_cuda_manual_seed(seed)
 
 
-def shutdown() -> None:
+def _initialized_as(tp: int, pp: int, ep: int) -> bool:
+    """megatron's groups exist already with these sizes (a process that exports, imports or
+    benchmarks several models in turn keeps them, and the models built on them stay usable)."""
     from megatron.core import parallel_state
 
+    return parallel_state.model_parallel_is_initialized() and (tp, pp, ep) == (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_expert_model_parallel_world_size())
+
+
+def _destroy_model_parallel() -> None:
+    """megatron's `destroy_model_parallel` forgets the groups it made but leaves most of them alive in
+    torch's registry, each gloo group with three threads that keep polling (a test session that
+    re-made them at every in-process export held 524 groups, whose 1,572 threads took two thirds of
+    a core). The groups megatron lists as its own are destroyed here first."""
+    from megatron.core import parallel_state
+
+    live = dist.distributed_c10d._world.pg_map
+    for group in getattr(parallel_state, "_global_process_group_list", None) or []:
+        if group is not None and group in live:
+            dist.destroy_process_group(group)
     parallel_state.destroy_model_parallel()
+
+
+def shutdown() -> None:
+    _destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
