@@ -102,6 +102,10 @@ def test_generate_errors(quickstart_run, tmp_path):
     (broken / "metadata.json").unlink()
     incomplete = cli("generate", str(broken), "--prompt", "x", check=False)
     assert "incomplete" in incomplete.stderr
+    from megatron_stag.checkpointing.checkpoint_io import resolve_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint yet"):  # no tracker written
+        resolve_checkpoint(broken.parent)
     not_ckpt = cli("generate", str(tmp_path), "--prompt", "x", check=False)
     assert "is not a checkpoint" in not_ckpt.stderr
     too_long = cli("generate", str(ckpt), "--prompt", "x = 1\n" * 200, check=False)
