@@ -30,6 +30,7 @@ import argparse
 import gc
 import os
 import statistics
+import time
 from dataclasses import replace
 
 import torch
@@ -209,7 +210,7 @@ def main(argv=None) -> None:
     base = ModelArgs(vocab_size=ns.vocab, max_sequence_length=ns.prompt + ns.new, num_layers=ns.layers,
                      hidden_size=ns.hidden, num_attention_heads=ns.heads, position_embedding_type="rope")
     wanted = [w for w in ns.models.split(",") if w]
-    rows = []
+    rows, began = [], time.perf_counter()
     for name, a, recurrent in models(base, world):
         if wanted and not any(w in name for w in wanted):
             continue
@@ -250,7 +251,8 @@ def main(argv=None) -> None:
                 _write(ns, bandwidth, rows)  # after every row: a run cut short keeps what it measured
                 print(f"{row['model']:62s} b={b:<3d} {row['ms_per_token']:7.3f} ms/token  floor {floor:6.3f} "
                       f"(weights {floor_w:6.3f})  x{row['x_floor']:.2f} / x{row['x_floor_weights']:.2f}  prefill "
-                      f"{row['prefill_ms']:.1f} ms (one prompt per forward {row['prefill_per_prompt_ms']:.1f})",
+                      f"{row['prefill_ms']:.1f} ms (one prompt per forward {row['prefill_per_prompt_ms']:.1f})  "
+                      f"[{time.perf_counter() - began:.0f} s]",
                       flush=True)
         del plain
         _free()
