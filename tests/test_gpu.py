@@ -162,17 +162,18 @@ def test_altup_triton_kernels_match_the_equations(k, schedule, dtype, loss):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
-def test_default_step_equals_eager_step(dtype, tol):
+@pytest.mark.parametrize("variant", [dict(stag_cross_window=4), dict(stag_shared_weights=True)])
+def test_default_step_equals_eager_step(dtype, tol, variant):
     """The fused (compiled, graphed) step against the eager step of the same serving model: the same
-    greedy tokens; logits equal to fp32 rounding, or within bf16's (inductor reorders bf16 sums)."""
+    greedy tokens; logits equal to fp32 rounding, or within bf16's (inductor reorders bf16 sums).
+    Shared weights: the fused step runs the passes as one batch (`shared_passes_step`)."""
     from megatron_stag.serving.convert import to_plain_model
     from megatron_stag.serving.engine import StaggeredGenerator
     from megatron_stag.serving.sampling import SamplingParams
     from tests.model_factory import tiny_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    plain = to_plain_model(tiny_model(stag_cross_window=4, position_embedding_type="rope"), None,
-                           device="cuda").to(dtype)
+    plain = to_plain_model(tiny_model(position_embedding_type="rope", **variant), None, device="cuda").to(dtype)
     prompts = [[5, 9, 2, 33, 7], [1, 2, 3]]
     params = SamplingParams(max_new_tokens=12)
     fast = StaggeredGenerator(plain, max_len=24, batch=2).generate(prompts, params, keep_logits=True)

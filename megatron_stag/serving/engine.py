@@ -265,7 +265,9 @@ class StaggeredGenerator:
         # bucket (at the whole width, dynamo specialised on the mask being contiguous and compiled again)
         self._slots = max_len + (self.bucket is not None)
         _check_cache_memory(model, batch, max_len, self._slots, self.mine)
-        self.caches = model.new_caches(batch, self._slots, self.mine, bounded=True)
+        # shared weights, every pass here: a step runs all passes as one batch over the shared weights
+        batched = cfg.shared_weights and placement is None and not recurrent
+        self.caches = model.new_caches(batch, self._slots, self.mine, bounded=True, passes_together=batched)
         param = next(model.parameters())
         self.device, self.dtype, self.hidden = param.device, param.dtype, cfg.hidden_size
         self.combine = cfg.output == "combine"
@@ -292,7 +294,6 @@ class StaggeredGenerator:
         # the section and its cache are arguments, not attributes of this generator: compiled code is
         # guarded on their shapes, so a later generator of the same model and shapes reuses it
         sections = {k: (model.sections[k], self.caches[k]) for k in self.mine}
-        batched = cfg.shared_weights and placement is None and not recurrent
         # the last section's final norm runs inside the head's matmul where its output feeds nothing
         # else (output 'last'; not recurrent, whose outputs are entries; not batched passes): one
         # kernel fewer per step (with the mask made once in `_inputs`, GPT b=1 0.905 -> 0.899 ms/token)
@@ -307,7 +308,6 @@ class StaggeredGenerator:
         self._logits = functools.partial(wrap(_logits), model, norm=model.sections[-1].norm if fold else None)
         self._advance_greedy = wrap(_advance_greedy)
         self._project = wrap(model.next_entries) if self._upstream and model.next_entries is not None else None
-        # shared weights, every pass here: a step runs all passes as one batch over the shared weights
         self._shared = None
         if batched:
             self._shared = functools.partial(wrap(shared_passes_step), list(model.sections),

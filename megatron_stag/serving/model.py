@@ -465,10 +465,14 @@ class SectionCache:
     entry j (the previous section's output at position j - 1, entry 0 the null entry) in slot j mod C.
     C = T + 1 holds every entry; with a cross-attention window W a decoding cache is a ring of
     C = W + 1 slots, bounded whatever the context: a step at position i reads entries i-W+1..i while
-    entry i+1 (one slot further, holding entry i-W, already outside the window) may be written at once."""
+    entry i+1 (one slot further, holding entry i-W, already outside the window) may be written at once.
+    passes_kv (shared weights decoded as batched passes, `StagLM.new_caches(passes_together=True)`): per
+    layer [2, P * b, kv heads, T, hd], the self-attention caches of every pass together, pass p's rows
+    p*b..(p+1)*b being its `kv`; one attention call then serves all passes (`shared_passes_step`)."""
 
     kv: list[Tensor]
     cross: Optional[Tensor]
+    passes_kv: Optional[list[Tensor]] = None
 
 
 def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -498,13 +502,16 @@ class Section(nn.Module):
             self.collapse_projections = nn.ParameterList(
                 [nn.Parameter(torch.zeros(d, d)) for _ in range(cfg.altup_blocks - 1)])
 
-    def new_cache(self, batch: int, max_len: int, dtype, device, bounded: bool = False) -> SectionCache:
-        """Caches for `max_len` positions; `bounded`: the cross cache as a ring of window + 1 slots."""
+    def new_cache(self, batch: int, max_len: int, dtype, device, bounded: bool = False,
+                  kv: Optional[list[Tensor]] = None) -> SectionCache:
+        """Caches for `max_len` positions; `bounded`: the cross cache as a ring of window + 1 slots; `kv`:
+        the self-attention caches, where the caller made them (`StagLM.new_caches`)."""
         def zeros(attn: Attention, slots: int, *layers: int) -> Tensor:
             heads = attn.k_proj.weight.shape[0] // attn.head_dim
             return torch.zeros(*layers, 2, batch, heads, slots, attn.head_dim, dtype=dtype, device=device)
 
-        kv = [zeros(layer.self_attn, max_len) for layer in self.layers]
+        if kv is None:
+            kv = [zeros(layer.self_attn, max_len) for layer in self.layers]
         slots = max_len + 1
         if bounded and self.cfg.cross_window is not None:
             slots = min(slots, self.cfg.cross_window + 1)
@@ -657,24 +664,24 @@ def shared_passes_step(sections: list[Section], caches: list[SectionCache], h: T
     """Every pass of a shared-weight model on the same new positions [b, n] of every cache row, in one
     pass over the shared weights: the rows of all passes [P * b] go through each norm, projection and
     MLP together; self-attention reads each pass's own cache, cross-attention (passes >= 1, their own
-    weights) its cross cache. Returns each pass's normed output [b, n, d], equal to running
-    `sections[k](h, positions, None, caches[k], rope, keep=keep)` one after another."""
+    weights) its cross cache. `caches` come from `StagLM.new_caches(passes_together=True)`. Returns each
+    pass's normed output [b, n, d], equal to running `sections[k](h, positions, None, caches[k], rope,
+    keep=keep)` one after another."""
     b, passes = h.shape[0], len(sections)
     if keep is None:
         keep = causal_keep(positions, caches[0].kv[0].shape[3])
     cross_kv = [s._cross_read(c, keep) if s.index else None for s, c in zip(sections, caches)]
     cross_keep = [s._cross_keep(positions, c.shape[4]) if s.index else None for s, c in zip(sections, cross_kv)]
+    # self-attention: every pass's rows at once, each row over its own pass's cache (`passes_kv`)
+    kv = caches[0].passes_kv
+    rows_rope = None if rope is None else tuple(t.repeat(passes, *[1] * (t.dim() - 1)) for t in rope)
+    rows_positions, rows_keep = positions.repeat(passes, 1), keep.repeat(passes, 1, 1, 1)
     h = h.repeat(passes, 1, 1)
     for i, layer in enumerate(sections[-1].layers):  # the shared modules, and the last pass's cross ones
         x, prediction = layer.altup.predict(h) if hasattr(layer, "altup") else (h, None)
         attn = layer.self_attn
         q, k, v = attn.project_qkv(x, layer.input_layernorm)
-        cores = []
-        for p, cache in enumerate(caches):  # each pass's rows: the same positions, its own cache
-            rows = slice(p * b, (p + 1) * b)
-            cores.append(attn.cached_attention(q[rows], k[rows], v[rows], rope, cache.kv[i], None, positions, keep,
-                                               attn.attention))
-        x = apply(attn.o_proj, torch.cat(cores), residual=x)
+        x = attn.attend_cached(q, k, v, rows_rope, kv[i], None, rows_positions, rows_keep, residual=x)
         passes_x = list(x.split(b))
         for p in range(1, passes):
             cross_layer = sections[p].layers[i]
@@ -796,10 +803,23 @@ class StagLM(nn.Module):
         return torch.cos(freqs), torch.sin(freqs)
 
     def new_caches(self, batch: int, max_len: int, sections: Optional[list[int]] = None,
-                   bounded: bool = False) -> dict:
+                   bounded: bool = False, passes_together: bool = False) -> dict:
+        """{section: SectionCache} for `batch` rows of `max_len` positions. `passes_together` (shared
+        weights, every section): each layer's self-attention caches of all passes in one tensor
+        (`SectionCache.passes_kv`), so that `shared_passes_step` attends for every pass in one call."""
         p = next(self.parameters())
-        wanted = range(self.cfg.sections) if sections is None else sections
-        return {s: self.sections[s].new_cache(batch, max_len, p.dtype, p.device, bounded) for s in wanted}
+        wanted = list(range(self.cfg.sections) if sections is None else sections)
+        if not passes_together:
+            return {s: self.sections[s].new_cache(batch, max_len, p.dtype, p.device, bounded) for s in wanted}
+        if not self.cfg.shared_weights or wanted != list(range(self.cfg.sections)):
+            raise ValueError("new_caches(passes_together=True) needs shared weights and every section")
+        joint = self.sections[0].new_cache(len(wanted) * batch, max_len, p.dtype, p.device).kv
+        caches = {s: self.sections[s].new_cache(batch, max_len, p.dtype, p.device, bounded,
+                                                kv=[t[:, s * batch:(s + 1) * batch] for t in joint])
+                  for s in wanted}
+        for cache in caches.values():
+            cache.passes_kv = joint
+        return caches
 
     def null_entry(self, like: Tensor) -> Tensor:
         """The cross-attention's entry 0 (no previous position): a zero vector, like megatron's shift."""
