@@ -50,3 +50,29 @@ def test_cli_profiles_the_llama_shape_and_the_deterministic_step(monkeypatch, ca
     with pytest.raises(SystemExit):
         decode_profile.main(["--models", "nope"])
     assert "'gpt', 'llama', 'shared', 'stag'" in capsys.readouterr().err
+
+
+def test_decode_benchmarks_compare_models_of_the_baselines_depth():
+    """Every StagFormer and AltUp row of `decode_engine` (one GPU and several) and `decode_profile`
+    runs as many layers per token as the GPT baseline it is compared with: shared weights run
+    num_layers / p distinct layers p times, not fewer (a shallower row would decode faster for that
+    alone). The Llama row is its own published shape."""
+    from megatron_stag.benchmarks import decode_engine, decode_profile
+    from megatron_stag.config.stagformer_config import section_layer_counts
+    from megatron_stag.models.model_args import ModelArgs
+
+    base = ModelArgs(vocab_size=32768, max_sequence_length=768, num_layers=24, hidden_size=2048,
+                     num_attention_heads=16, position_embedding_type="rope")
+
+    def depth(a):
+        return sum(section_layer_counts(a.num_layers, a.stag_sections, a.stag_section_layers))
+
+    for world in (1, 2, 4):
+        rows = [(n, a) for n, a, _ in decode_engine.models(base, world) if "Llama" not in n]
+        assert {depth(a) for _, a in rows} == {24}, [(n, depth(a)) for n, a in rows]
+        shared = [(n, a) for n, a in rows if a.stag_shared_weights]
+        labelled = [(n, a) for n, a in shared if "layers" in n]  # the row's name says how many it runs
+        assert labelled and all(f"({24 // a.stag_sections} layers" in n for n, a in labelled)
+    profiled = decode_profile.profiled(base)
+    assert {name: depth(a) for name, a in profiled.items()} == dict(gpt=24, stag=24, shared=24, llama=16)
+    assert profiled["shared"].stag_shared_weights and profiled["stag"].stag_sections == 2

@@ -165,19 +165,21 @@ def models(base: ModelArgs, world: int) -> list[tuple[str, ModelArgs, bool]]:
     StagFormer p = world with one section (pass) per GPU, and from four GPUs p=2 with each section
     tensor-parallel over half of them (`layout`)."""
     stag = replace(base, stag_sections=2)
-    shared = replace(base, num_layers=base.num_layers // 2, stag_sections=2, stag_shared_weights=True)
+    # shared weights: the same depth as the others (num_layers counts every section's layers), so p=2
+    # runs num_layers / 2 distinct layers twice
+    shared = replace(stag, stag_shared_weights=True)
     if world > 1:
         p = replace(base, stag_sections=world)
         rows = [("GPT baseline", base, False), (f"StagFormer p={world} separate", p, False),
                 (f"StagFormer p={world} window 1", replace(p, stag_cross_window=1), False),
                 (f"StagFormer p={world} shared ({base.num_layers // world} layers, one pass per GPU)",
-                 replace(p, num_layers=base.num_layers // world, stag_shared_weights=True), False)]
+                 replace(p, stag_shared_weights=True), False)]
         if world >= 4 and world % 2 == 0:
             rows.append((f"StagFormer p=2 separate, TP={world // 2} per section", stag, False))
         return rows
     return [("GPT baseline", base, False), ("StagFormer p=2 separate", stag, False),
             ("StagFormer p=2 window 1", replace(stag, stag_cross_window=1), False),
-            ("StagFormer p=2 shared (12 layers run twice)", shared, False),
+            (f"StagFormer p=2 shared ({base.num_layers // 2} layers run twice)", shared, False),
             ("StagFormer p=2 shared, recurrent", shared, True),
             ("AltUp K=2 recycled", replace(base, altup_blocks=2), False),
             ("Llama 3.2 1B shape", replace(base, **LLAMA_3_2_1B), False)]

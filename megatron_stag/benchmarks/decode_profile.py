@@ -22,12 +22,11 @@ import functools
 import json
 import tempfile
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from megatron_stag.benchmarks.decode_engine import LLAMA_3_2_1B, _free, serving_model
+from megatron_stag.benchmarks.decode_engine import _free, models, serving_model
 from megatron_stag.benchmarks.hardware import run, write_result
 from megatron_stag.models.model_args import ModelArgs
 
@@ -85,6 +84,17 @@ def attribute(events: list[dict], steps: int) -> dict:
                 sequence=[[name[:80], round(dur, 2), round(charge, 2)] for name, dur, charge in first])
 
 
+# decode_engine's one-GPU rows that --models names
+PROFILED = {"gpt": "GPT baseline", "stag": "StagFormer p=2 separate", "shared": "StagFormer p=2 shared (",
+            "llama": "Llama 3.2 1B shape"}
+
+
+def profiled(base: ModelArgs) -> dict:
+    """{--models name: ModelArgs}, the models of decode_engine's table of the same names."""
+    rows = {name: a for name, a, recurrent in models(base, 1) if not recurrent}
+    return {short: next(a for name, a in rows.items() if name.startswith(prefix)) for short, prefix in PROFILED.items()}
+
+
 def profile_step(plain, batch: int, prompt: int, steps: int, deterministic: bool = False) -> dict:
     """`attribute` over `steps` replays of the engine's graphed token step at position `prompt`
     (`deterministic`: the engine's, as `generate --deterministic`)."""
@@ -129,9 +139,7 @@ def main(argv=None) -> None:
         ap.error("--steps: at least 2 (the first replay is left out)")
     base = ModelArgs(vocab_size=32768, max_sequence_length=ns.prompt + 64, num_layers=24, hidden_size=2048,
                      num_attention_heads=16, position_embedding_type="rope")
-    variants = {"gpt": base, "stag": replace(base, stag_sections=2),
-                "shared": replace(base, num_layers=12, stag_sections=2, stag_shared_weights=True),
-                "llama": replace(base, **LLAMA_3_2_1B)}
+    variants = profiled(base)
     unknown = [m for m in ns.models.split(",") if m not in variants]
     if unknown:
         ap.error(f"--models: unknown {unknown}; choose from {sorted(variants)}")
