@@ -402,3 +402,18 @@ def test_window_bounds_cross_cache():
     result = large.generate([prompt], SamplingParams(max_new_tokens=12), keep_logits=True)
     ref = _teacher_forced(model, prompt + result.tokens[0])
     torch.testing.assert_close(result.step_logits[:, 0], ref[len(prompt): len(prompt) + 11], atol=ATOL, rtol=0)
+
+
+def test_compile_options_time_no_pick_when_deterministic():
+    """The fused step compiles with every inductor option that pays (multi-kernel among them) by default on
+    CUDA; deterministic decoding takes none that picks a kernel by timing it, which may pick differently
+    in another process; on CPU or with compile off the step runs eagerly."""
+    from megatron_stag.serving.engine import compile_options
+
+    cuda, timed = torch.device("cuda"), ("triton.multi_kernel", "max_autotune", "coordinate_descent_tuning")
+    fastest = compile_options(cuda, compile=True, deterministic=False)
+    assert fastest["triton.multi_kernel"] and fastest["triton.enable_pdl"] and fastest["combo_kernels"]
+    repeatable = compile_options(cuda, compile=True, deterministic=True)
+    assert repeatable and not any(repeatable.get(k) for k in timed)
+    assert {k: v for k, v in fastest.items() if k not in timed} == repeatable
+    assert compile_options(torch.device("cpu"), True, False) == {} == compile_options(cuda, False, False)

@@ -195,6 +195,21 @@ def distinct_streams(n: int) -> list[torch.cuda.Stream]:
     raise RuntimeError(f"{n} different CUDA streams: torch's pool has fewer (at most 32 sections per process).")
 
 
+def compile_options(device: torch.device, compile: bool, deterministic: bool) -> dict:
+    """Inductor's options for the step's compiled functions (none: run them eagerly). Programmatic
+    dependent launch lets each compiled kernel start while the previous one drains (Hopper and later;
+    on an H200 StagFormer p=2 1.44 -> 1.38 ms/token at b=1); combo kernels put independent pointwise
+    kernels of a step into one launch (GPT b=1 1.308 -> 1.255; results/decode_combo_kernels_h200.json).
+    Multi-kernel compiles a reduction of up to 16k features (the split-K sum + residual + norm over 2048,
+    looped by default past 1024) both persistent and looped and keeps the faster at its first call (a
+    warm-up, before capture): on an H100 GPT b=8 1.745 -> 1.637, b=32 2.783 -> 2.679 ms/token
+    (results/decode_multi_kernel_ab_h100.json). That pick is timed and may differ from one process to
+    the next, so deterministic decoding compiles without it."""
+    if not compile or device.type != "cuda":
+        return {}
+    return {"triton.enable_pdl": True, "combo_kernels": True, **({} if deterministic else {"triton.multi_kernel": 1})}
+
+
 class StaggeredGenerator:
     """Greedy or sampled generation from a StagLM (possibly DeepSpeed-sharded).
 
@@ -281,18 +296,7 @@ class StaggeredGenerator:
         streams = distinct_streams(len(self.mine) + 1) if self.cuda_graph else [None]
         self._capture_stream = streams.pop()  # graphs are captured here, never on a section's stream
         self._streams = streams if len(streams) > 1 else []
-        # programmatic dependent launch lets each compiled kernel start while the previous one drains
-        # (Hopper and later; measured on H200: StagFormer p=2 1.44 -> 1.38 ms/token at batch 1)
-        # and combo kernels put independent pointwise kernels of a step into one launch (GPT b=1 1.308 ->
-        # 1.255 ms/token; results/decode_combo_kernels_h200.json). Multi-kernel compiles a reduction of
-        # up to 16k features (the split-K sum + residual + norm over 2048, looped by default past 1024) in
-        # both forms, persistent and looped, and keeps the faster at its first call (a warm-up, before
-        # capture): on an H100 GPT b=8 1.744 -> 1.637, b=32 2.783 -> 2.679 ms/token
-        # (results/decode_multi_kernel_ab_h100.json). The pick is timed, so it may differ from one process
-        # to the next; the deterministic mode compiles without it.
-        options = {"triton.enable_pdl": True, "combo_kernels": True} if compile and self.device.type == "cuda" else {}
-        if options and not deterministic:
-            options["triton.multi_kernel"] = 1
+        options = compile_options(self.device, compile, deterministic)
         wrap = (lambda fn: torch.compile(fn, dynamic=False, options=options)) if options else (lambda fn: fn)
         if options:  # the sections share one compiled function, which dynamo guards on the section and
             # compiles per batch shape: dynamo's default budget of 8 compilations per function becomes 8
