@@ -88,9 +88,10 @@ def _read_prompts(ns) -> list[str]:
 
 
 def _generate(ns) -> int:
+    prompts = _read_prompts(ns)  # before torch is imported: a bad prompt file fails at once
     from megatron_stag.serving.generate_cli import generate_from_checkpoint
 
-    return generate_from_checkpoint(ns, _read_prompts(ns))
+    return generate_from_checkpoint(ns, prompts)
 
 
 def _import(ns) -> int:

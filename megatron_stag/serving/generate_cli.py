@@ -129,9 +129,10 @@ def _until_stop(text: str, stops: list[str]) -> str:
 
 
 def generate_from_checkpoint(ns, prompts: list[str]) -> int:
+    """Every check on the options, the checkpoint and the prompts runs before the engine (Triton,
+    dynamo: seconds of imports) and DeepSpeed are imported, so bad input fails at once."""
     from megatron_stag.serving.convert import ExportError, describe, load_serving_model
     from megatron_stag.serving.deepspeed import check_tensor_parallel
-    from megatron_stag.serving.engine import CacheMemoryError, SectionPlacement, StaggeredGenerator
     from megatron_stag.serving.sampling import cache_slots
 
     deepspeed = ns.engine == "deepspeed"
@@ -146,6 +147,7 @@ def generate_from_checkpoint(ns, prompts: list[str]) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = plan_ranks(world, cfg.sections, ns.tp, ns.recurrent)
     tok, ids, params, ends = prepare_prompts(ns, prompts, tok_dir, cfg.vocab_size, cfg.max_sequence_length)
+    from megatron_stag.serving.engine import CacheMemoryError, SectionPlacement, StaggeredGenerator
 
     comm = _start_comm(deepspeed) if world > 1 else None
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
