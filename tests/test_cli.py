@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -191,21 +192,28 @@ def test_generate_checks_its_options_before_loading(quickstart_run, tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip() == "--top-p: top_p=0.0: choose a probability in (0, 1]."
     # every case through the CLI's entry point in one process, which then must not have imported the
     # engine (Triton, dynamo) or DeepSpeed: the checks come before any heavy work
-    check = ("import contextlib, io, json, sys\nfrom megatron_stag.cli import main\nout = []\n"
-             "for args in json.loads(sys.argv[1]):\n    err = io.StringIO()\n"
-             "    with contextlib.redirect_stdout(err), contextlib.redirect_stderr(err):\n"
-             "        try:\n            code = main(['generate', *args])\n"
-             "        except SystemExit as stop:\n            code = stop.code\n"
-             "    out.append([code if isinstance(code, int) else 1, err.getvalue() + str(code)])\n"
-             "heavy = [m for m in ('megatron_stag.serving.engine', 'deepspeed', 'triton') if m in sys.modules]\n"
-             "print(json.dumps([out, heavy]))")
+    check = textwrap.dedent("""
+        import contextlib, io, json, sys
+        from megatron_stag.cli import main
+        out = []
+        for args in json.loads(sys.argv[1]):
+            err = io.StringIO()
+            with contextlib.redirect_stdout(err), contextlib.redirect_stderr(err):
+                try:
+                    code = main(["generate", *args])
+                except SystemExit as stop:
+                    code = stop.code
+            out.append([code if isinstance(code, int) else 1, err.getvalue() + str(code)])
+        heavy = [m for m in ("megatron_stag.serving.engine", "deepspeed", "triton") if m in sys.modules]
+        print(json.dumps([out, heavy]))
+    """)
     run = subprocess.run([sys.executable, "-c", check, json.dumps([[ckpt, *args] for args in cases.values()])],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results, heavy = json.loads(run.stdout.splitlines()[-1])
     for message, (code, text) in zip(cases, results):
         assert code != 0 and message in text, (message, text[-2000:])
-        assert "generating" not in text
+        assert "Traceback" not in text and "generating" not in text
     assert heavy == []
     assert done.read_text() == "kept\n"
 
