@@ -81,10 +81,30 @@ def test_switches_and_lists():
     (["swiglu=3"], "swiglu is a switch"),
     (["num_layers"], "write key=value"),
     (["altup_output=median"], "altup_output='median' is not accepted"),
+    # megatron: "num_layers is missing" (0 read as unset), a negative tensor dimension, a bare assert,
+    # a division by zero in a rank
+    (["model.num_layers=0"], r"\[model\]: num_layers=0 is out of range: use a value of at least 1\.$"),
+    (["model.ffn_hidden_size=-5"], "ffn_hidden_size=-5 is out of range"),
+    (["training.micro_batch_size=0"], r"\[training\]: micro_batch_size=0 is out of range"),
+    (["logging.log_interval=0"], "log_interval=0 is out of range"),
+    (["optimizer.lr=-0.1"], r"lr=-0.1 is out of range: use a value of at least 0\.$"),
+    (["hidden_dropout=1.5"], r"hidden_dropout=1.5 is out of range: use a value from 0 to 1\.$"),
 ])
 def test_override_errors_name_the_key(overrides, message):
     with pytest.raises(RecipeError, match=message):
         recipe_argv(load_recipe("tiny-cpu-stag", overrides))
+
+
+def test_bounds_name_megatron_arguments_and_allow_their_edges():
+    """A misspelt key in BOUNDS would check nothing; the lowest and highest values are allowed."""
+    from megatron_stag.config.recipe import BOUNDS, _actions, megatron_parser
+
+    parser = megatron_parser()
+    assert set(BOUNDS) <= set(_actions(parser))
+    edges = ["model.num_layers=1", "optimizer.lr=0", "model.hidden_dropout=0", "model.attention_dropout=1",
+             "logging.eval_iters=0", "model.ffn_hidden_size=null"]
+    argv = recipe_argv(load_recipe("tiny-cpu-stag", edges), parser)
+    assert argv[argv.index("--num-layers") + 1] == "1" and "--ffn-hidden-size" not in argv
 
 
 def test_recipe_file_errors(tmp_path):

@@ -207,8 +207,33 @@ def _flag_args(key: str, value, action: argparse.Action, where: str) -> list[str
     return [flag, str(value)]
 
 
+# Megatron's ranges that its parser does not check: out of them a run fails deep in a rank (a bare
+# assert, a division by zero, a negative tensor dimension, SIGFPE in the dataset index) or, for sizes
+# of 0, reads them as unset. {key: (lowest, highest or None)}, both allowed
+BOUNDS = {
+    **dict.fromkeys((
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+        "seq_length", "max_position_embeddings", "make_vocab_size_divisible_by", "num_experts", "moe_router_topk",
+        "micro_batch_size", "global_batch_size", "train_iters", "train_samples", "lr_decay_iters", "exit_interval",
+        "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+        "expert_model_parallel_size", "num_layers_per_virtual_pipeline_stage", "save_interval", "log_interval",
+        "eval_interval", "tensorboard_log_interval"), (1, None)),
+    **dict.fromkeys(("lr_warmup_iters", "eval_iters", "num_workers", "seed", "lr", "min_lr", "weight_decay",
+                     "clip_grad", "init_method_std"), (0, None)),
+    **dict.fromkeys(("hidden_dropout", "attention_dropout"), (0, 1)),
+}
+
+
+def _check_bounds(key: str, value, where: str) -> None:
+    low, high = BOUNDS[key]
+    if value < low or (high is not None and value > high):
+        wanted = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise RecipeError(f"{where}: {key}={value!r} is out of range: use a value {wanted}.")
+
+
 def recipe_argv(recipe: Recipe, parser: argparse.ArgumentParser | None = None) -> list[str]:
-    """The Megatron argv of a recipe; every key and value is checked by parsing it."""
+    """The Megatron argv of a recipe; every key and value is checked by parsing it (and against
+    `BOUNDS`)."""
     parser = parser or megatron_parser()
     actions = _actions(parser)
     where_base = recipe.sources[-1].name if recipe.sources else "recipe"
@@ -225,9 +250,11 @@ def recipe_argv(recipe: Recipe, parser: argparse.ArgumentParser | None = None) -
                                   f"(--num-layers -> num_layers).")
             args = _flag_args(key, value, actions[key], where)
             try:
-                parser.parse_known_args(args)
+                parsed, _ = parser.parse_known_args(args)
             except (argparse.ArgumentError, SystemExit) as err:
                 raise RecipeError(f"{where}: {key}={value!r} is not accepted: {err}") from None
+            if key in BOUNDS and getattr(parsed, key) is not None:
+                _check_bounds(key, getattr(parsed, key), where)
             argv += args
     return argv
 
