@@ -288,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="writes <prefix>_text_document.bin/.idx (and <prefix>.model when it trains a tokenizer)")
     d.add_argument("--tokenizer", help="existing sentencepiece .model, or a Hugging Face tokenizer folder "
                                        "(tokenizer.json; BOS added where its config says) (default: train one)")
-    d.add_argument("--vocab-size", type=int, default=16000, help="pieces of the trained tokenizer")
-    d.add_argument("--workers", type=int, default=2, help="tokenizing processes")
+    d.add_argument("--vocab-size", type=_at_least(1), default=16000, help="pieces of the trained tokenizer")
+    d.add_argument("--workers", type=_at_least(1), default=2, help="tokenizing processes")
     d.add_argument("--json-key", default="text", help="field holding the text in .jsonl inputs")
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs of --output-prefix")
     d.set_defaults(func=_prepare_data)

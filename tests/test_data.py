@@ -110,7 +110,27 @@ def test_bad_corpora_are_refused_by_name(tmp_path):
     small.write_text("a tiny corpus with very few distinct pieces\n" * 3)
     with pytest.raises(ValueError, match="--vocab-size 5000"):
         prepare_dataset([str(small)], tmp_path / "s", vocab_size=5000)
+    with pytest.raises(ValueError, match="--vocab-size 5000"):  # the folders made for it go too
+        prepare_dataset([str(small)], tmp_path / "new" / "deeper" / "s", vocab_size=5000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt", "latin1.txt", "small.txt"]
+
+
+def test_a_file_that_is_not_a_sentencepiece_model_is_named(tmp_path):
+    """sentencepiece's own error (a RuntimeError, "INTERNAL: could not parse ModelProto") came as a
+    traceback from prepare-data and generate, and from a rank of pretrain; now each names the file
+    (pretrain's launcher before any process starts)."""
+    from megatron_stag.config.recipe import RecipeError, load_recipe
+    from megatron_stag.data.tokenizer import load_tokenizer
+    from megatron_stag.training.megatron_pretrain import use_tokenizer_kind
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a tokenizer\n")
+    for call in (lambda: load_tokenizer(text), lambda: prepare_dataset([str(text)], tmp_path / "d", tokenizer=text)):
+        with pytest.raises(ValueError, match=f"^{text} is not a sentencepiece model .*prepare-data"):
+            call()
+    with pytest.raises(RecipeError, match=f"^data.tokenizer_model: {text} is not a sentencepiece model"):
+        use_tokenizer_kind(load_recipe("tiny-cpu-stag", [f"data.tokenizer_model={text}"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_tokenizer_is_the_same_in_every_process(tmp_path):
@@ -138,3 +158,12 @@ def test_tokenizer_is_the_same_in_every_process(tmp_path):
         subprocess.run([sys.executable, "-c", script, str(path)], check=True)
         digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("option", ["--vocab-size", "--workers"])
+def test_prepare_data_sizes_are_whole_numbers_of_at_least_one(option, tmp_path, capsys):
+    from megatron_stag.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["prepare-data", "--input", str(tmp_path), "--output-prefix", str(tmp_path / "d"), option, "0"])
+    assert stop.value.code == 2 and f"argument {option}: 0 is below 1" in capsys.readouterr().err

@@ -15,6 +15,7 @@ test splits and weighted blends of several prepared datasets are megatron's own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import shutil
@@ -122,9 +123,11 @@ def prepare_dataset(inputs: Sequence[str], output_prefix: Path, vocab_size: int 
     files = find_files(inputs, extensions)
     if not any(True for _ in iter_documents(files, json_key)):
         raise ValueError(f"the inputs ({len(files)} files) hold no text: nothing to tokenize.")
+    made = [d for d in (output_prefix.parent, *output_prefix.parent.parents) if not d.exists()]
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
     stage = output_prefix.with_name(f".{output_prefix.name}.partial")
     staged = outputs(stage, tokenizer is None)
+    done = False
     try:
         if tokenizer is None:
             _train_tokenizer(files, json_key, staged[0], vocab_size)
@@ -141,9 +144,13 @@ def prepare_dataset(inputs: Sequence[str], output_prefix: Path, vocab_size: int 
             p.unlink(missing_ok=True)
         for src, dst in zip(staged, final):
             src.replace(dst)
+        done = True
     finally:
         for p in staged:
             p.unlink(missing_ok=True)
+        for d in made if not done else ():  # deepest first: folders made for outputs that never came
+            with contextlib.suppress(OSError):
+                d.rmdir()
     return Path(f"{output_prefix}_text_document"), final[0] if tokenizer is None else Path(tokenizer)
 
 

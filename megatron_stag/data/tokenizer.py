@@ -68,8 +68,22 @@ def load_tokenizer(model_path: Path):
         raise FileNotFoundError(f"tokenizer model {model_path} does not exist: pass the .model file "
                                 f"written by training (e.g. <checkpoint>/tokenizer.model), or a Hugging Face "
                                 f"tokenizer folder.")
+    check_sentencepiece(model_path)
     return MegatronTokenizer.from_pretrained(tokenizer_path=str(model_path),
                                              metadata_path={"library": "sentencepiece"})
+
+
+def check_sentencepiece(model_path: Path) -> None:
+    """ValueError naming the file where it is not a sentencepiece model (sentencepiece's own error is
+    an INTERNAL RuntimeError that does not say which file, raised wherever the model is first read)."""
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=str(model_path))
+    except (RuntimeError, OSError) as err:
+        raise ValueError(f"{model_path} is not a sentencepiece model ({str(err).splitlines()[0]}): pass the "
+                         f".model file that `megatron-stag prepare-data` wrote (a checkpoint keeps it as "
+                         f"tokenizer.model), or a Hugging Face tokenizer folder.") from None
 
 
 def load_hf_tokenizer(folder: Path):

@@ -143,7 +143,7 @@ def use_tokenizer_kind(recipe) -> None:
     (`HuggingFaceTokenizer`, read from local files only: it is checked to load here, before any rank
     starts), a file a sentencepiece model. The recipes name SentencePieceTokenizer, so a user who gives
     a tokenizer folder need not also change the type."""
-    from megatron_stag.data.tokenizer import load_hf_tokenizer
+    from megatron_stag.data.tokenizer import check_sentencepiece, load_hf_tokenizer
 
     tokenizer = recipe.get("tokenizer_model")
     if not tokenizer or not Path(tokenizer).exists():
@@ -158,6 +158,11 @@ def use_tokenizer_kind(recipe) -> None:
         raise RecipeError(f"data.tokenizer_type=HuggingFaceTokenizer reads a tokenizer folder, and "
                           f"data.tokenizer_model={tokenizer} is a file: give the folder (tokenizer.json, "
                           f"tokenizer_config.json), or data.tokenizer_type=SentencePieceTokenizer for a .model.")
+    else:
+        try:
+            check_sentencepiece(Path(tokenizer))
+        except ValueError as err:
+            raise RecipeError(f"data.tokenizer_model: {err}") from None
 
 
 def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
