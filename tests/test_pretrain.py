@@ -162,6 +162,13 @@ def test_options_the_decoder_lacks_are_refused():
     (["tensor_model_parallel_size=3"], "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
     (["lr_warmup_iters=400"], "lr_warmup_iters=400 must be below"),
     (["global_batch_size=12"], "global_batch_size=12 is not a multiple"),
+    # megatron: bare asserts in every rank
+    (["nproc_per_node=2", "global_batch_size=6", "micro_batch_size=2"],
+     r"global_batch_size=6 is not a multiple of micro_batch_size x data-parallel size = 2 x 2: .* multiple of 4\."),
+    (["nproc_per_node=3", "tensor_model_parallel_size=2"],
+     r"parallelism.nproc_per_node = 3 ranks is not a multiple of tensor x pipeline x context parallel = 2 x 1 x 1"),
+    (["min_lr=0.1", "lr=0.01"], r"optimizer.min_lr=0.1 is above optimizer.lr=0.01"),
+    (["max_position_embeddings=64", "seq_length=128"], r"model.max_position_embeddings=64 is below model.seq_length=128"),
     (["nproc_per_node=0"], "nproc_per_node=0"),
     (["hidden_size=130"], "hidden_size=130 is not divisible by model.num_attention_heads=4"),
     (["tokenizer_model=", "data_path=[/nonexistent/corpus_text_document]"], "data.data_path: dataset file /nonexistent"),

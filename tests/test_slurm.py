@@ -49,7 +49,8 @@ def test_pretrain_shape_from_recipe(overrides, nodes, gpus, expect):
      "global_batch_size=100 is not a multiple of micro_batch_size x data-parallel size = 4 x 16"),
 ])
 def test_pretrain_shape_errors(overrides, nodes, gpus, message):
-    with pytest.raises(slurm.SlurmError, match=re.escape(message)):
+    """Slurm's own (a node's tasks) and the ranks' layout, checked as `pretrain` checks it (RecipeError)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
         slurm.pretrain_shape(load_recipe("350m-stag", overrides), nodes, gpus, cpu=False)
 
 

@@ -259,6 +259,21 @@ def recipe_argv(recipe: Recipe, parser: argparse.ArgumentParser | None = None) -
     return argv
 
 
+def check_world(recipe: Recipe, world: int, ranks: str, change: str) -> int:
+    """Megatron's data-parallel size for `world` ranks (described to the user as `ranks`), or a
+    RecipeError saying what to change (`change`): megatron asserts both in every rank, after start-up."""
+    tp, pp, cp = (int(recipe.get(f"{k}_parallel_size") or 1) for k in ("tensor_model", "pipeline_model", "context"))
+    if world % (tp * pp * cp):
+        raise RecipeError(f"{ranks} = {world} ranks is not a multiple of tensor x pipeline x context parallel = "
+                          f"{tp} x {pp} x {cp} = {tp * pp * cp}: change {change} or the recipe's parallelism.")
+    dp = world // (tp * pp * cp)
+    mbs, gbs = int(recipe.get("micro_batch_size") or 1), recipe.get("global_batch_size")
+    if gbs is not None and int(gbs) % (mbs * dp):
+        raise RecipeError(f"training.global_batch_size={gbs} is not a multiple of micro_batch_size x data-parallel "
+                          f"size = {mbs} x {dp}: set training.global_batch_size to a multiple of {mbs * dp}.")
+    return dp
+
+
 def _close_keys(key: str, actions: dict) -> str:
     import difflib
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from megatron_stag.config.recipe import check_world
 from megatron_stag.platform.shipped import shipped_dir
 
 SLURM_DIR = shipped_dir("slurm")
@@ -116,16 +117,7 @@ def pretrain_shape(recipe, nodes: Optional[int], gpus_per_node: Optional[int], c
     if tp > per_node:
         raise SlurmError(f"parallelism.tensor_model_parallel_size={tp} exceeds the {per_node} tasks per node: "
                          f"tensor-parallel groups must stay inside a node (lower it or use bigger nodes).")
-    if shape.world % model_parallel:
-        raise SlurmError(
-            f"{nodes} node(s) x {per_node} tasks = {shape.world} ranks is not a multiple of tensor x "
-            f"pipeline x context parallel = {tp} x {pp} x {cp} = {model_parallel}: change --nodes, "
-            f"--gpus-per-node or the recipe's parallelism.")
-    dp = shape.world // model_parallel
-    mbs, gbs = int(recipe.get("micro_batch_size") or 1), recipe.get("global_batch_size")
-    if gbs is not None and int(gbs) % (mbs * dp):
-        raise SlurmError(f"training.global_batch_size={gbs} is not a multiple of micro_batch_size x data-parallel "
-                         f"size = {mbs} x {dp}: set training.global_batch_size to a multiple of {mbs * dp}.")
+    check_world(recipe, shape.world, f"{nodes} node(s) x {per_node} tasks", "--nodes, --gpus-per-node")
     return shape
 
 

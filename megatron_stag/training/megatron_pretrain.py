@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER, write_results_in_process
-from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
+from megatron_stag.config.recipe import RecipeError, check_world, load_recipe, recipe_argv
 from megatron_stag.platform.distributed import launched
 from megatron_stag.platform.files import write_atomic
 
@@ -57,6 +57,10 @@ def check_schedule(recipe) -> None:
     if gbs is not None and gbs % mbs:
         raise RecipeError(f"training.global_batch_size={gbs} is not a multiple of "
                           f"training.micro_batch_size={mbs}.")
+    lr, min_lr = recipe.get("lr"), recipe.get("min_lr") or 0
+    if lr is not None and min_lr > lr:
+        raise RecipeError(f"optimizer.min_lr={min_lr} is above optimizer.lr={lr}: the schedule decays from lr "
+                          f"to min_lr; lower min_lr.")
 
 
 def check_model(recipe) -> None:
@@ -70,6 +74,10 @@ def check_model(recipe) -> None:
     if missing:
         raise RecipeError(f"model.{missing[0]} is missing: a runnable recipe sets num_layers, "
                           f"hidden_size and num_attention_heads (or inherits them with base:).")
+    seq, positions = recipe.get("seq_length"), recipe.get("max_position_embeddings")
+    if seq and positions and positions < seq:
+        raise RecipeError(f"model.max_position_embeddings={positions} is below model.seq_length={seq}: a "
+                          f"training sequence needs a position for every token; raise it to at least {seq}.")
     hidden, heads = recipe.get("hidden_size"), recipe.get("num_attention_heads")
     if hidden % heads and not recipe.get("kv_channels"):
         raise RecipeError(f"model.hidden_size={hidden} is not divisible by model.num_attention_heads={heads}: "
@@ -171,14 +179,19 @@ def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
     use_tokenizer_kind(recipe)
     argv = recipe_argv(recipe)  # raises RecipeError naming the key
     check_schedule(recipe)
+    under_launcher = _under_launcher()
+    if under_launcher:
+        check_world(recipe, int(os.environ.get("WORLD_SIZE", "1")), "WORLD_SIZE", "the job's task count")
+    else:
+        nproc = int(recipe.get("nproc_per_node") or (
+            (recipe.get("tensor_model_parallel_size") or 1) * (recipe.get("pipeline_model_parallel_size") or 1)))
+        check_world(recipe, nproc, "parallelism.nproc_per_node", "parallelism.nproc_per_node")
     check_model(recipe)
     check_load(recipe)
     check_data(recipe)
-    if _under_launcher():
+    if under_launcher:
         return run(argv + platform_flags() + list(extra))  # raw Megatron flags last: they win
-    nproc = recipe.get("nproc_per_node") or (
-        (recipe.get("tensor_model_parallel_size") or 1) * (recipe.get("pipeline_model_parallel_size") or 1))
-    cmd = [sys.executable, "-m", "megatron_stag.platform.torchrun", f"--nproc-per-node={int(nproc)}",
+    cmd = [sys.executable, "-m", "megatron_stag.platform.torchrun", f"--nproc-per-node={nproc}",
            "-m", "megatron_stag.cli", "pretrain", str(recipe_name), *overrides]
     if extra:
         cmd += ["--", *extra]
