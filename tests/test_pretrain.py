@@ -169,6 +169,9 @@ def test_options_the_decoder_lacks_are_refused():
      r"parallelism.nproc_per_node = 3 ranks is not a multiple of tensor x pipeline x context parallel = 2 x 1 x 1"),
     (["min_lr=0.1", "lr=0.01"], r"optimizer.min_lr=0.1 is above optimizer.lr=0.01"),
     (["max_position_embeddings=64", "seq_length=128"], r"model.max_position_embeddings=64 is below model.seq_length=128"),
+    (["save_interval=null"], r"checkpoint.save_interval is not set: a run that saves \(checkpoint.save=runs/"),
+    # megatron: a shape error in the first step
+    (["group_query_attention=true", "num_query_groups=3"], "num_attention_heads=4 is not divisible by model.num_query_groups=3"),
     (["nproc_per_node=0"], "nproc_per_node=0"),
     (["hidden_size=130"], "hidden_size=130 is not divisible by model.num_attention_heads=4"),
     (["tokenizer_model=", "data_path=[/nonexistent/corpus_text_document]"], "data.data_path: dataset file /nonexistent"),

@@ -82,6 +82,10 @@ def check_model(recipe) -> None:
     if hidden % heads and not recipe.get("kv_channels"):
         raise RecipeError(f"model.hidden_size={hidden} is not divisible by model.num_attention_heads={heads}: "
                           f"choose sizes with hidden_size = heads x head size.")
+    groups = recipe.get("num_query_groups") if recipe.get("group_query_attention") else None
+    if groups and heads % groups:  # megatron: a shape error in the first step
+        raise RecipeError(f"model.num_attention_heads={heads} is not divisible by model.num_query_groups={groups}: "
+                          f"every key/value head serves as many query heads; choose a divisor of {heads}.")
     names = {f.name for f in dataclasses.fields(StagFormerConfig) if f.init}
     kw = {k: v for values in recipe.sections.values() for k, v in values.items()
           if k in names and (k.startswith(("stag_", "altup_")) or k in (
@@ -108,6 +112,9 @@ def check_load(recipe) -> None:
     from megatron_stag.checkpointing import safe_unpickle
     from megatron_stag.checkpointing.checkpoint_io import megatron_latest
 
+    if recipe.get("save") and not recipe.get("save_interval"):  # megatron: a bare assert in every rank
+        raise RecipeError(f"checkpoint.save_interval is not set: a run that saves (checkpoint.save="
+                          f"{recipe.get('save')}) needs it; give the iterations between checkpoints.")
     for key in ("load", "pretrained_checkpoint"):
         folder = recipe.get(key)
         try:
