@@ -334,16 +334,18 @@ def test_eval_runs_local_tasks_through_the_harness(quickstart_run, tmp_path):
     assert "Traceback" not in offline.stderr
 
 
-def test_eval_refuses_bad_numbers_before_loading_anything():
-    from megatron_stag.serving.evaluate import _check_numbers
+def test_eval_refuses_bad_options_before_loading_anything():
+    """Bad numbers, and a --tasks that names no task (the harness: a traceback after the model loaded)."""
+    from megatron_stag.serving.evaluate import _check_options
 
-    ok = dict(limit=None, batch_size=8, num_fewshot=None)
-    _check_numbers(argparse.Namespace(**ok))
-    _check_numbers(argparse.Namespace(**{**ok, "limit": 0.5, "num_fewshot": 0}))
+    ok = dict(limit=None, batch_size=8, num_fewshot=None, tasks="lambada")
+    _check_options(argparse.Namespace(**ok))
+    _check_options(argparse.Namespace(**{**ok, "limit": 0.5, "num_fewshot": 0}))
     for change, message in ((dict(limit=0.0), "--limit 0: give a count"), (dict(limit=2.5), "--limit 2.5: give a whole"),
-                            (dict(batch_size=0), "--batch-size 0"), (dict(num_fewshot=-1), "--num-fewshot -1")):
+                            (dict(batch_size=0), "--batch-size 0"), (dict(num_fewshot=-1), "--num-fewshot -1"),
+                            (dict(tasks=" , "), "--tasks ' , ' names no task")):
         with pytest.raises(SystemExit, match=message):
-            _check_numbers(argparse.Namespace(**{**ok, **change}))
+            _check_options(argparse.Namespace(**{**ok, **change}))
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS) + ["learned-positions-gpt", "altup3-widened-learned", "llama"])
