@@ -216,6 +216,16 @@ def _at_least(low: int):
     return parse
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
 def _run_dir(text: str) -> str:
     if "%" in text:  # sbatch expands %j, %x, ... in --output, which holds the run directory
         raise argparse.ArgumentTypeError(f"{text!r} contains '%', which sbatch would expand: rename the folder")
@@ -263,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", formatter_class=_HELP, help="tiny StagFormer pretraining on local text + staggered generation")
     q.add_argument("--out", default="runs/quickstart", help="folder for data, checkpoints, logs and the loss plot")
-    q.add_argument("--iterations", type=int, default=500, help="training iterations")
-    q.add_argument("--corpus-mb", type=float, default=4.0, help="MB of stdlib sources to use")
-    q.add_argument("--seed", type=int, default=1234, help="training and sampling seed")
+    q.add_argument("--iterations", type=_at_least(1), default=500, help="training iterations")
+    q.add_argument("--corpus-mb", type=_positive_float, default=4.0, help="MB of stdlib sources to use")
+    q.add_argument("--seed", type=_at_least(0), default=1234, help="training and sampling seed")
     q.set_defaults(func=_quickstart)
 
     t = sub.add_parser("pretrain", formatter_class=_HELP, help="Megatron's training loop on a recipe (recipes/*.yaml)",

@@ -286,6 +286,27 @@ def test_ctrl_c_stops_a_launched_job_without_tracebacks(tmp_path):
     assert "SIGINT" in log.read_text() and log.read_text().count("ready") == 2
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("--iterations", "0", "argument --iterations: 0 is below 1"),  # was a RecipeError traceback
+    ("--corpus-mb", "0", "argument --corpus-mb: 0 is not above 0"),
+    ("--seed", "-1", "argument --seed: -1 is below 0"),
+])
+def test_quickstart_refuses_bad_options(option, value, message, tmp_path, capsys):
+    from megatron_stag.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["quickstart", "--out", str(tmp_path / "q"), option, value])
+    assert stop.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_quickstart_names_an_out_folder_it_cannot_make(tmp_path):
+    from megatron_stag.cli import main
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"--out .*/file/q: cannot make the folder \(Not a directory\)"):
+        main(["quickstart", "--out", str(tmp_path / "file" / "q")])
+
+
 def test_ctrl_c_in_a_command_is_status_130(monkeypatch):
     from megatron_stag import cli as cli_module
 

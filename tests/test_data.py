@@ -1,6 +1,7 @@
 """prepare-data and megatron's dataset stack: token round trip, blending weights, corrupt files."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -167,3 +168,33 @@ def test_prepare_data_sizes_are_whole_numbers_of_at_least_one(option, tmp_path, 
     with pytest.raises(SystemExit) as stop:
         main(["prepare-data", "--input", str(tmp_path), "--output-prefix", str(tmp_path / "d"), option, "0"])
     assert stop.value.code == 2 and f"argument {option}: 0 is below 1" in capsys.readouterr().err
+
+
+def test_a_split_without_documents_stops_the_rank_in_one_line(tmp_path, monkeypatch):
+    """megatron's GPTDataset spins forever on a split that owns no document but must give samples; the
+    dataset provider of `pretrain`'s ranks stops with the message instead (rank 0 prints it, every rank
+    exits), not with a traceback from each rank."""
+    import argparse
+
+    import megatron.training
+
+    from megatron_stag.data.megatron_datasets import build_gpt_datasets
+    from megatron_stag.data.token_dataset import DataError, write_indexed_dataset
+    from megatron_stag.training.megatron_pretrain import datasets_provider
+
+    prefix, tok = tmp_path / "few_text_document", argparse.Namespace(vocab_size=16)
+    write_indexed_dataset([[5, 6, 7, 2]] * 4, prefix, vocab_size=16)
+    message = f"{prefix}: 4 documents give the valid split (fraction 0.020) no document, but 64 valid samples"
+    with pytest.raises(DataError, match=re.escape(message)):
+        build_gpt_datasets(([str(prefix)], None), None, "98,2,0", 8, tok, [10, 64, 0], 1, tmp_path / "cache")
+    args = argparse.Namespace(data_path=[str(prefix)], split="98,2,0", seq_length=8, seed=1, data_cache_path=None,
+                              train_data_path=None, valid_data_path=None, test_data_path=None, data_args_path=None,
+                              per_split_data_args_path=None, reset_position_ids=False, reset_attention_mask=False,
+                              eod_mask_loss=False, mid_level_dataset_surplus=0.005)
+    for name, value in (("get_args", lambda: args), ("get_tokenizer", lambda: tok), ("print_rank_0", print)):
+        monkeypatch.setattr(megatron.training, name, value)
+    for rank, code in (("0", message), ("1", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            datasets_provider([10, 64, 0])
+        assert str(stop.value.code).startswith(str(code)) and stop.value.__cause__ is None

@@ -11,6 +11,10 @@ import numpy as np
 import torch
 
 
+class DataError(ValueError):
+    """Data that cannot train as given; the message names the file and the fix."""
+
+
 def write_indexed_dataset(documents: Iterable[list[int]], prefix: Path, vocab_size: int,
                           total: int | None = None) -> Path:
     """Write documents (token lists, each ended by EOD by the caller) via megatron's builder.
@@ -57,10 +61,10 @@ def check_indexed_dataset(prefix: Path) -> None:
         ds = IndexedDataset(str(prefix), mmap=True)
         expected = int(ds.sequence_lengths.sum()) * np.dtype(ds.index.dtype).itemsize
     except Exception as err:
-        raise ValueError(f"dataset index {prefix}.idx is corrupt ({err}): prepare the data again.") from None
+        raise DataError(f"dataset index {prefix}.idx is corrupt ({err}): prepare the data again.") from None
     actual = Path(f"{prefix}.bin").stat().st_size
     if actual != expected:
-        raise ValueError(f"dataset {prefix}.bin has {actual} bytes but its index describes {expected}: "
+        raise DataError(f"dataset {prefix}.bin has {actual} bytes but its index describes {expected}: "
                          f"the file is truncated or corrupt; prepare the data again.")
 
 
@@ -77,7 +81,7 @@ def check_split_documents(prefix: Path, split_matrix, samples) -> None:
         if bounds is None or not wanted:
             continue
         if int(round(bounds[1] * n)) - int(round(bounds[0] * n)) < 1:
-            raise ValueError(
+            raise DataError(
                 f"{prefix}: {n} documents give the {name} split (fraction {bounds[1] - bounds[0]:.3f}) "
                 f"no document, but {wanted} {name} samples are needed: use more data (more, smaller "
                 f"documents) or a larger {name} share in data.split.")

@@ -293,16 +293,20 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
     from megatron.training.utils import get_blend_and_blend_per_split
 
     from megatron_stag.data.megatron_datasets import build_gpt_datasets
+    from megatron_stag.data.token_dataset import DataError
 
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     print_rank_0("> building train, validation and test datasets (megatron GPTDataset) ...")
-    return build_gpt_datasets(
-        blend, blend_per_split, args.split, args.seq_length, get_tokenizer(),
-        train_val_test_num_samples, args.seed, args.data_cache_path,
-        on_this_rank=lambda: ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage(),
-        reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss, mid_level_dataset_surplus=args.mid_level_dataset_surplus)
+    try:
+        return build_gpt_datasets(
+            blend, blend_per_split, args.split, args.seq_length, get_tokenizer(),
+            train_val_test_num_samples, args.seed, args.data_cache_path,
+            on_this_rank=lambda: ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage(),
+            reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
+            eod_mask_loss=args.eod_mask_loss, mid_level_dataset_surplus=args.mid_level_dataset_surplus)
+    except DataError as err:  # the message is the whole story: once, without a traceback per rank
+        raise SystemExit(str(err) if int(os.environ.get("RANK", "0")) == 0 else 1) from None
 
 
 datasets_provider.is_distributed = True  # called on every rank; each data rank builds its own

@@ -55,7 +55,10 @@ def run_quickstart(out: Path, iterations: int = 500, corpus_mb: float = 4.0, see
     from megatron_stag.training.run_logs import plot_runs, read_log
 
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"--out {out}: cannot make the folder ({err.strerror}): give a writable path.") from None
     prefix, spm_path = _data(out, corpus_mb)
 
     ckpts = out / "checkpoints"
@@ -63,7 +66,7 @@ def run_quickstart(out: Path, iterations: int = 500, corpus_mb: float = 4.0, see
                  f"checkpoint.save={ckpts}", f"checkpoint.load={ckpts}", f"training.seed={seed}",
                  f"training.train_iters={iterations}", f"checkpoint.save_interval={iterations}",
                  f"logging.eval_interval={max(1, iterations // 3)}",
-                 f"optimizer.lr_warmup_iters={max(1, min(20, iterations // 10))}",
+                 f"optimizer.lr_warmup_iters={min(20, iterations // 10)}",
                  f"logging.tensorboard_dir={out / 'tensorboard'}"]
     print(f"\n$ megatron-stag pretrain {RECIPE} {' '.join(overrides)}\n", file=sys.stderr)
     if launch(RECIPE, overrides, []) != 0:
