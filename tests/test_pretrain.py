@@ -176,6 +176,10 @@ def test_options_the_decoder_lacks_are_refused():
     (["hidden_size=130"], "hidden_size=130 is not divisible by model.num_attention_heads=4"),
     (["tokenizer_model=", "data_path=[/nonexistent/corpus_text_document]"], "data.data_path: dataset file /nonexistent"),
     (["tokenizer_model=/nonexistent/t.model"], "tokenizer_model=/nonexistent/t.model does not exist"),
+    # megatron: the weight read as a dataset prefix ("0.5.bin"), a bare assert in every rank
+    (["tokenizer_model=", "data_path=[/d/a_text_document, 0.5]"], r"'0.5' stands where a dataset prefix goes"),
+    (["tokenizer_model=", "data_path=[/d/a, /d/b, 0.5, /d/c]"], "mixes weights and prefixes out of order"),
+    (["tokenizer_model=", "data_path=[0, /d/a, 1, /d/b]"], r"data.data_path=\['0', '/d/a', '1', '/d/b'\]: weight 0 is not above 0"),
 ])
 def test_launch_refuses_bad_settings_before_starting(overrides, message):
     from megatron_stag.training.megatron_pretrain import launch

@@ -137,7 +137,10 @@ def check_load(recipe) -> None:
 
 
 def check_data(recipe) -> None:
-    """The datasets and tokenizer exist and are whole, checked here rather than in a rank minutes later."""
+    """The datasets and tokenizer exist and are whole, and a blend is weight, prefix pairs, checked here
+    rather than in a rank minutes later."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
     from megatron_stag.data.token_dataset import check_indexed_dataset
 
     tokenizer = recipe.get("tokenizer_model")
@@ -145,12 +148,29 @@ def check_data(recipe) -> None:
         raise RecipeError(f"data.tokenizer_model={tokenizer} does not exist: give the .model that "
                           f"`megatron-stag prepare-data` wrote, or the Hugging Face tokenizer folder it used.")
     data = recipe.get("data_path") or []
-    for item in data if isinstance(data, list) else [data]:
-        if not str(item).replace(".", "", 1).isdigit():  # blends interleave weights and prefixes
-            try:
-                check_indexed_dataset(Path(str(item)))
-            except (FileNotFoundError, ValueError) as err:
-                raise RecipeError(f"data.data_path: {err}") from None
+    items = [str(item) for item in (data if isinstance(data, list) else [data])]
+    if not items:
+        return
+    pairs = ("give dataset prefixes only, or weight, prefix pairs (e.g. [0.7, data/a_text_document, 0.3, "
+             "data/b_text_document])")
+    try:
+        prefixes, weights = get_blend_from_list(items)  # how megatron reads --data-path
+    except AssertionError:
+        raise RecipeError(f"data.data_path={items} mixes weights and prefixes out of order: {pairs}.") from None
+    for prefix in prefixes:
+        try:
+            float(prefix)
+        except ValueError:
+            continue
+        raise RecipeError(f"data.data_path={items}: {prefix!r} stands where a dataset prefix goes: {pairs}.")
+    if weights and min(weights) <= 0:
+        raise RecipeError(f"data.data_path={items}: weight {min(weights):g} is not above 0: leave that dataset "
+                          f"out instead.")
+    for prefix in prefixes:
+        try:
+            check_indexed_dataset(Path(prefix))
+        except (FileNotFoundError, ValueError) as err:
+            raise RecipeError(f"data.data_path: {err}") from None
 
 
 def use_tokenizer_kind(recipe) -> None:
