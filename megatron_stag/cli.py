@@ -140,7 +140,7 @@ def _submit(ns) -> int:
     """Validate the recipe like `pretrain` does, derive the job's shape, sbatch slurm/pretrain.sbatch."""
     from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
     from megatron_stag.platform import slurm
-    from megatron_stag.training.megatron_pretrain import check_model, check_schedule, use_tokenizer_kind
+    from megatron_stag.training.megatron_pretrain import blend_prefixes, check_model, check_schedule, use_tokenizer_kind
 
     argv, extra = (ns.args[:ns.args.index("--")], ns.args[ns.args.index("--") + 1:]) if "--" in ns.args \
         else (ns.args, [])
@@ -159,9 +159,7 @@ def _submit(ns) -> int:
         check_model(recipe)
         run_dir = Path(ns.run_dir or Path("runs") / Path(argv[0]).stem)
         shape = slurm.pretrain_shape(recipe, ns.nodes, ns.gpus_per_node, ns.cpu)
-        data = recipe.get("data_path") or []
-        paths = [run_dir] + [Path(p) for p in (data if isinstance(data, list) else [data])
-                             if not str(p).replace(".", "").isdigit()]
+        paths = [run_dir] + blend_prefixes(recipe)
         paths += [Path(recipe.get(k)) for k in ("tokenizer_model", "pretrained_checkpoint") if recipe.get(k)]
         opts = _job_options(ns, f"stag-{Path(argv[0]).stem}", run_dir)
         slurm.check_warning_time(opts)

@@ -126,6 +126,8 @@ def test_submit_dry_run_and_errors(tmp_path, capsys, monkeypatch):
     assert "exceeds the 4 tasks per node" in err
     code, _, err = submit("--dry-run", "350m-stag", "training.nonsense=1")
     assert code != 0 and "nonsense" in err
+    code, _, err = submit("--dry-run", "350m-stag", "data.data_path=[/shared/a_text_document, 0.5]")
+    assert code != 0 and "'0.5' stands where a dataset prefix goes" in err  # the job would stop as it started
     code, _, err = submit("--dry-run", "350m-stag", *shared_data, "checkpoint.load=/shared/imported")
     assert code != 0 and "give checkpoint.pretrained_checkpoint=FOLDER" in err  # a requeue would restart from it
     code, _, err = submit("--dry-run", "--nodes", "2", "--run-dir", "/shared/run", "350m-stag", *shared_data,

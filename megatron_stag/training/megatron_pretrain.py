@@ -136,25 +136,20 @@ def check_load(recipe) -> None:
                           f"checkpoint.pretrained_checkpoint={load} and checkpoint.load={save}.")
 
 
-def check_data(recipe) -> None:
-    """The datasets and tokenizer exist and are whole, and a blend is weight, prefix pairs, checked here
-    rather than in a rank minutes later."""
+def blend_prefixes(recipe) -> list[Path]:
+    """The dataset prefixes of `data.data_path`, read as megatron reads --data-path (prefixes only, or
+    weight, prefix pairs), with a weight where a prefix goes, pairs out of order and weights not above
+    0 refused: megatron would look for a dataset "0.5", or assert in every rank."""
     from megatron.core.datasets.utils import get_blend_from_list
 
-    from megatron_stag.data.token_dataset import check_indexed_dataset
-
-    tokenizer = recipe.get("tokenizer_model")
-    if tokenizer and not Path(tokenizer).exists():
-        raise RecipeError(f"data.tokenizer_model={tokenizer} does not exist: give the .model that "
-                          f"`megatron-stag prepare-data` wrote, or the Hugging Face tokenizer folder it used.")
     data = recipe.get("data_path") or []
     items = [str(item) for item in (data if isinstance(data, list) else [data])]
     if not items:
-        return
+        return []
     pairs = ("give dataset prefixes only, or weight, prefix pairs (e.g. [0.7, data/a_text_document, 0.3, "
              "data/b_text_document])")
     try:
-        prefixes, weights = get_blend_from_list(items)  # how megatron reads --data-path
+        prefixes, weights = get_blend_from_list(items)
     except AssertionError:
         raise RecipeError(f"data.data_path={items} mixes weights and prefixes out of order: {pairs}.") from None
     for prefix in prefixes:
@@ -166,9 +161,21 @@ def check_data(recipe) -> None:
     if weights and min(weights) <= 0:
         raise RecipeError(f"data.data_path={items}: weight {min(weights):g} is not above 0: leave that dataset "
                           f"out instead.")
-    for prefix in prefixes:
+    return [Path(p) for p in prefixes]
+
+
+def check_data(recipe) -> None:
+    """The datasets and tokenizer exist and are whole, and a blend is well formed, checked here rather
+    than in a rank minutes later."""
+    from megatron_stag.data.token_dataset import check_indexed_dataset
+
+    tokenizer = recipe.get("tokenizer_model")
+    if tokenizer and not Path(tokenizer).exists():
+        raise RecipeError(f"data.tokenizer_model={tokenizer} does not exist: give the .model that "
+                          f"`megatron-stag prepare-data` wrote, or the Hugging Face tokenizer folder it used.")
+    for prefix in blend_prefixes(recipe):
         try:
-            check_indexed_dataset(Path(prefix))
+            check_indexed_dataset(prefix)
         except (FileNotFoundError, ValueError) as err:
             raise RecipeError(f"data.data_path: {err}") from None
 
