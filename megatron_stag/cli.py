@@ -173,26 +173,27 @@ def _submit(ns) -> int:
 
 
 def _submit_generate(ns) -> int:
-    """Parse the generate options now (errors before submitting), size the job from the model."""
+    """Check the generate request as each rank would (errors before submitting), size the job from the model."""
     from megatron_stag.platform import slurm
-    from megatron_stag.platform.files import refuse_existing
 
     gen = build_parser().parse_args(["generate", ns.checkpoint, *ns.args])
     ckpt = Path(ns.checkpoint)
     try:
         from megatron_stag.serving.convert import ExportError, describe
+        from megatron_stag.serving.generate_cli import check_request
 
         try:
             sections = describe(ckpt)[0].sections
         except (ExportError, FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
             raise slurm.SlurmError(str(err)) from None
         run_dir = Path(ns.run_dir or Path("runs") / "generate")
-        shape = slurm.generate_shape(sections, gen.tp, ns.nodes, ns.gpus_per_node, ns.cpu)
+        # --recurrent runs both passes on each rank: the job is one group of --tp tasks
+        shape = slurm.generate_shape(1 if gen.recurrent else sections, gen.tp, ns.nodes, ns.gpus_per_node, ns.cpu)
+        try:  # what `generate` would refuse in the job, after the queue
+            check_request(gen, _read_prompts(gen), shape.world, "nothing was submitted")
+        except SystemExit as err:
+            raise slurm.SlurmError(str(err.code)) from None
         paths = [run_dir, ckpt] + [Path(p) for p in (gen.prompt_file, gen.output) if p]
-        try:
-            refuse_existing(gen.output, gen.overwrite, "--output")
-        except FileExistsError as err:
-            raise slurm.SlurmError(f"{err} (nothing was submitted)") from None
         opts = _job_options(ns, "stag-generate", run_dir)
         slurm.check_shared_paths(paths + slurm.job_files(opts), shape.nodes)
         cmd = slurm.sbatch_command("generate.sbatch", shape, opts, [ns.checkpoint, *ns.args])
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=("native", "deepspeed"), default="native",
                    help="native: our engine drives the model; deepspeed: deepspeed.init_inference wraps it "
                         "first (AutoTP for --tp); the same engine decodes")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per section (--engine deepspeed)")
+    g.add_argument("--tp", type=_at_least(1), default=1, help="tensor-parallel ranks per section (--engine deepspeed)")
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="weights and activations (auto: bf16 on a GPU, fp32 on CPU)")
     g.add_argument("--eager", action="store_true",

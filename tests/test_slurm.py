@@ -145,6 +145,29 @@ def test_submit_dry_run_and_errors(tmp_path, capsys, monkeypatch):
     assert code != 0 and "sbatch was not found on PATH" in err
 
 
+def test_submit_generate_refuses_what_the_job_would(quickstart_run, tmp_path, capsys, monkeypatch):
+    """Every check `generate` runs in the job's ranks runs before submitting (the job used to fail
+    after its wait in the queue: no prompt, --max-new-tokens 0, a --tp that does not divide the heads,
+    --tp without DeepSpeed; --tp 0 was a ZeroDivisionError); --recurrent asks for one group of --tp tasks."""
+    from megatron_stag.cli import main
+
+    monkeypatch.setattr("megatron_stag.platform.quiet.install", lambda: None)
+    ckpt = str(quickstart_run[0] / "checkpoints")
+    job = ["submit-generate", "--dry-run", "--cpu", "--run-dir", str(tmp_path / "run"), ckpt]
+    for args, message in ((["--prompt", "x", "--tp", "0"], "argument --tp: 0 is below 1"),
+                          ([], "give at least one --prompt or a --prompt-file"),
+                          (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens: max_new_tokens=0"),
+                          (["--prompt", "x", "--engine", "deepspeed", "--tp", "3"], "--tp 3 does not divide"),
+                          (["--prompt", "x", "--tp", "2"], "--tp 2: tensor parallelism is DeepSpeed's AutoTP here"),
+                          (["--prompt", "x" * 2000], "exceeds the context of")):
+        with pytest.raises(SystemExit) as stop:
+            main([*job, *args])
+        assert message in str(stop.value.code) + capsys.readouterr().err, args
+    assert main([*job, "--prompt", "x"]) == 0 and "--ntasks-per-node=2 " in capsys.readouterr().out
+    assert main([*job, "--prompt", "x", "--recurrent"]) == 0 and "--ntasks-per-node=1 " in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
 def test_time_limits_and_the_warning():
     """sbatch's --time forms in seconds; a warning (checkpoint, requeue) that would come as the job starts,
     and again in every requeued run, is refused before submitting."""

@@ -65,7 +65,7 @@ def prepare_prompts(ns, prompts: list[str], tok_dir: Path, vocab_size: int, cont
     return tok, ids, params, ends
 
 
-def check_options(ns) -> None:
+def check_options(ns, nothing: str = "nothing was generated") -> None:
     """Sampling flags, stop strings and the output path, checked before anything loads."""
     from megatron_stag.serving.sampling import SamplingParams
 
@@ -82,7 +82,27 @@ def check_options(ns) -> None:
     try:
         check_output(ns.output, ns.overwrite)
     except OSError as err:
-        raise SystemExit(f"{err} (nothing was generated).") from None
+        raise SystemExit(f"{err} ({nothing}).") from None
+
+
+def check_request(ns, prompts: list[str], world: int, nothing: str = "nothing was generated"):
+    """(model description, rank layout, tokenizer, prompt ids, sampling params, end tokens): every
+    check on the options, the checkpoint, the layout over `world` ranks and the prompts, before the
+    engine (Triton, dynamo: seconds of imports) and DeepSpeed are imported. `generate` runs it in each
+    rank; `submit-generate` before submitting, for the job's ranks."""
+    from megatron_stag.serving.convert import ExportError, describe
+    from megatron_stag.serving.deepspeed import check_tensor_parallel
+
+    check_options(ns, nothing)
+    try:
+        cfg, tok_dir = describe(Path(ns.checkpoint))
+        check_tensor_parallel(cfg, ns.tp)
+    except (ExportError, FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
+        raise SystemExit(str(err)) from None
+    if ns.tp > 1 and ns.engine != "deepspeed":
+        raise SystemExit(f"--tp {ns.tp}: tensor parallelism is DeepSpeed's AutoTP here; add --engine deepspeed.")
+    layout = plan_ranks(world, cfg.sections, ns.tp, ns.recurrent)
+    return (cfg, layout, *prepare_prompts(ns, prompts, tok_dir, cfg.vocab_size, cfg.max_sequence_length))
 
 
 def report(ns, tok, prompts: list[str], result, ends: set[int]) -> int:
@@ -129,24 +149,13 @@ def _until_stop(text: str, stops: list[str]) -> str:
 
 
 def generate_from_checkpoint(ns, prompts: list[str]) -> int:
-    """Every check on the options, the checkpoint and the prompts runs before the engine (Triton,
-    dynamo: seconds of imports) and DeepSpeed are imported, so bad input fails at once."""
-    from megatron_stag.serving.convert import ExportError, describe, load_serving_model
-    from megatron_stag.serving.deepspeed import check_tensor_parallel
+    """Bad input fails at once (`check_request`), before the engine and DeepSpeed are imported."""
+    from megatron_stag.serving.convert import load_serving_model
     from megatron_stag.serving.sampling import cache_slots
 
     deepspeed = ns.engine == "deepspeed"
-    check_options(ns)
-    try:
-        cfg, tok_dir = describe(Path(ns.checkpoint))
-        check_tensor_parallel(cfg, ns.tp)
-    except (ExportError, FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
-        raise SystemExit(str(err)) from None
-    if ns.tp > 1 and not deepspeed:
-        raise SystemExit(f"--tp {ns.tp}: tensor parallelism is DeepSpeed's AutoTP here; add --engine deepspeed.")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    layout = plan_ranks(world, cfg.sections, ns.tp, ns.recurrent)
-    tok, ids, params, ends = prepare_prompts(ns, prompts, tok_dir, cfg.vocab_size, cfg.max_sequence_length)
+    cfg, layout, tok, ids, params, ends = check_request(ns, prompts, world)
     from megatron_stag.serving.engine import CacheMemoryError, SectionPlacement, StaggeredGenerator
 
     comm = _start_comm(deepspeed) if world > 1 else None
