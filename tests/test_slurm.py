@@ -3,6 +3,7 @@ started on this machine (pretraining as a 2-task job, staggered generation with 
 preemption -> checkpoint -> requeue -> resume)."""
 
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -148,23 +149,35 @@ def test_submit_dry_run_and_errors(tmp_path, capsys, monkeypatch):
 def test_submit_generate_refuses_what_the_job_would(quickstart_run, tmp_path, capsys, monkeypatch):
     """Every check `generate` runs in the job's ranks runs before submitting (the job used to fail
     after its wait in the queue: no prompt, --max-new-tokens 0, a --tp that does not divide the heads,
-    --tp without DeepSpeed; --tp 0 was a ZeroDivisionError); --recurrent asks for one group of --tp tasks."""
+    --tp without DeepSpeed, --recurrent on separate weights; --tp 0 was a ZeroDivisionError);
+    --recurrent on shared weights asks for one group of --tp tasks (both passes on each rank)."""
     from megatron_stag.cli import main
+    from megatron_stag.serving.convert import describe
+    from megatron_stag.serving.model import PlainConfig
 
     monkeypatch.setattr("megatron_stag.platform.quiet.install", lambda: None)
-    ckpt = str(quickstart_run[0] / "checkpoints")
-    job = ["submit-generate", "--dry-run", "--cpu", "--run-dir", str(tmp_path / "run"), ckpt]
+    ckpt = quickstart_run[0] / "checkpoints"
+    job = ["submit-generate", "--dry-run", "--cpu", "--run-dir", str(tmp_path / "run")]
     for args, message in ((["--prompt", "x", "--tp", "0"], "argument --tp: 0 is below 1"),
                           ([], "give at least one --prompt or a --prompt-file"),
                           (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens: max_new_tokens=0"),
                           (["--prompt", "x", "--engine", "deepspeed", "--tp", "3"], "--tp 3 does not divide"),
                           (["--prompt", "x", "--tp", "2"], "--tp 2: tensor parallelism is DeepSpeed's AutoTP here"),
+                          (["--prompt", "x", "--recurrent"], "recurrent=True needs shared weights"),
                           (["--prompt", "x" * 2000], "exceeds the context of")):
         with pytest.raises(SystemExit) as stop:
-            main([*job, *args])
+            main([*job, str(ckpt), *args])
         assert message in str(stop.value.code) + capsys.readouterr().err, args
-    assert main([*job, "--prompt", "x"]) == 0 and "--ntasks-per-node=2 " in capsys.readouterr().out
-    assert main([*job, "--prompt", "x", "--recurrent"]) == 0 and "--ntasks-per-node=1 " in capsys.readouterr().out
+    assert main([*job, str(ckpt), "--prompt", "x"]) == 0 and "--ntasks-per-node=2 " in capsys.readouterr().out
+    args = describe(ckpt)[0]  # a package's description alone: no weights are read before submitting
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    PlainConfig(vocab_size=args.vocab_size, max_sequence_length=args.max_sequence_length, hidden_size=64,
+                ffn_hidden_size=256, num_attention_heads=4, num_query_groups=4, head_dim=16, section_layers=[2, 2],
+                shared_weights=True).save(shared / "config.json")
+    shutil.copyfile(ckpt / "tokenizer.model", shared / "tokenizer.model")
+    assert main([*job, str(shared), "--prompt", "x", "--recurrent"]) == 0
+    assert "--ntasks-per-node=1 " in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
 
 

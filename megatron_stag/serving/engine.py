@@ -40,7 +40,7 @@ from torch import Tensor
 from megatron_stag.serving import decode_attention as _attention
 from megatron_stag.serving import gemv as _gemv
 from megatron_stag.serving import skinny_gemm
-from megatron_stag.serving.model import Linear, StagLM, causal_keep, shared_passes_step
+from megatron_stag.serving.model import Linear, StagLM, causal_keep, check_recurrent, shared_passes_step
 from megatron_stag.serving.sampling import SamplingParams, check_prompts, decode_loop, sample
 
 
@@ -229,10 +229,8 @@ class StaggeredGenerator:
                  comm=None, recurrent: bool = False, cuda_graph: bool = True, compile: bool = True,
                  kernels: bool = True, deterministic: bool = False):
         cfg = model.cfg
-        if recurrent and not (cfg.shared_weights and cfg.sections == 2 and placement is None
-                              and cfg.output == "last"):
-            raise ValueError("recurrent=True needs shared weights, 2 sections, output 'last' and one "
-                             "rank (it feeds pass 2's outputs back into its own cross-attention).")
+        if recurrent:
+            check_recurrent(cfg, one_rank=placement is None)
         if max_len > cfg.max_sequence_length and cfg.position_embedding == "learned_absolute":
             raise ValueError(f"max_len={max_len} exceeds the model's {cfg.max_sequence_length} positions.")
         # one section per rank: section k-1's rank sends section k its entries' keys and values

@@ -92,11 +92,14 @@ def check_request(ns, prompts: list[str], world: int, nothing: str = "nothing wa
     rank; `submit-generate` before submitting, for the job's ranks."""
     from megatron_stag.serving.convert import ExportError, describe
     from megatron_stag.serving.deepspeed import check_tensor_parallel
+    from megatron_stag.serving.model import check_recurrent
 
     check_options(ns, nothing)
     try:
         cfg, tok_dir = describe(Path(ns.checkpoint))
         check_tensor_parallel(cfg, ns.tp)
+        if ns.recurrent:
+            check_recurrent(cfg)
     except (ExportError, FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
         raise SystemExit(str(err)) from None
     if ns.tp > 1 and ns.engine != "deepspeed":

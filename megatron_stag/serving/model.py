@@ -127,6 +127,17 @@ class PlainConfig:
             raise bad("rope_scaling_factor", "must be null or a number > 0")
 
 
+def check_recurrent(cfg, one_rank: bool = True) -> None:
+    """ValueError unless recurrent decoding applies: it feeds pass 2's outputs back into its own
+    cross-attention, so it needs shared weights, 2 sections, output 'last' and both passes on one rank.
+    `cfg` is a PlainConfig or the ModelArgs of a megatron checkpoint (`convert.describe`)."""
+    shared, output = ((cfg.shared_weights, cfg.output) if isinstance(cfg, PlainConfig)
+                      else (cfg.stag_shared_weights, cfg.stag_output))
+    if not (shared and cfg.sections == 2 and output == "last" and one_rank):
+        raise ValueError("recurrent=True needs shared weights, 2 sections, output 'last' and one rank (it feeds "
+                         "pass 2's outputs back into its own cross-attention).")
+
+
 def llama_shaped(cfg: PlainConfig) -> bool:
     """One section, no AltUp or MoE, RMSNorm, SwiGLU, no biases, rope over whole heads: the model that
     transformers' own LlamaForCausalLM computes, so `export --format hf` writes it as one."""
