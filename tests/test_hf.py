@@ -248,6 +248,29 @@ def test_hf_export_cli_loads_without_megatron_stag(quickstart_run, tmp_path):
     assert not (tmp_path / "hf2").exists()
 
 
+def test_export_refuses_a_tokenizer_it_cannot_ship_before_reading_weights(quickstart_run, tmp_path, monkeypatch):
+    """A --tokenizer that is no sentencepiece model was copied into the package as tokenizer.model (a
+    package `generate` then failed on); one with more pieces than the model's vocabulary was refused for
+    --format hf only, after the weights were read. Both are refused for every format, before."""
+    from megatron_stag.serving import convert
+
+    ckpt = quickstart_run[0] / "checkpoints"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a tokenizer\n")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(convert, "load_serving_model", no_weights)
+    for fmt in ("plain", "hf"):
+        with pytest.raises(convert.ExportError, match=f"--tokenizer: {notes} is not a sentencepiece model"):
+            convert.export_checkpoint(ckpt, tmp_path / fmt, format=fmt, tokenizer=notes)
+    monkeypatch.setattr(convert, "_tokenizer_vocab", lambda tokenizer: 10**6)
+    with pytest.raises(convert.ExportError, match="has 1000000 pieces, more than the model's vocab_size"):
+        convert.export_checkpoint(ckpt, tmp_path / "plain", format="plain")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_hf_bad_folders_name_the_file(megatron_world, tmp_path):
     from megatron_stag.serving.model import load_plain_model
 

@@ -180,17 +180,17 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
     out = Path(out)
     if out.exists():
         raise ExportError(f"{out} exists: export into a new folder (nothing was written).")
-    _, run_dir = describe(checkpoint)
+    cfg, run_dir = describe(checkpoint)
     tokenizer = model_tokenizer(run_dir, tokenizer)
     if format == "hf" and tokenizer is None:
         raise ExportError(f"{run_dir / 'tokenizer.model'} does not exist: a Hugging Face folder ships its tokenizer; "
                           f"pass --tokenizer with the sentencepiece .model (or Hugging Face tokenizer folder) the "
                           f"model was trained with.")
+    if tokenizer is not None and (vocab := _tokenizer_vocab(tokenizer)) > cfg.vocab_size:
+        raise ExportError(f"{_named(tokenizer)} has {vocab} pieces, more than the model's vocab_size "
+                          f"{cfg.vocab_size}: pass the tokenizer the model was trained with.")
     _stage(f"reading {checkpoint}")
     plain = load_serving_model(checkpoint, dtype=dtype)
-    if format == "hf" and (vocab := _tokenizer_vocab(tokenizer)) > plain.cfg.vocab_size:
-        raise ExportError(f"{_named(tokenizer)} has {vocab} pieces, more than the model's vocab_size "
-                          f"{plain.cfg.vocab_size}: pass the tokenizer the model was trained with.")
     _stage(f"writing {sum(p.numel() for p in plain.parameters()) / 1e6:,.1f}M parameters ({format}) to {out}")
     with staged_folder(out) as tmp:
         if format == "hf":
@@ -211,14 +211,20 @@ def model_tokenizer(folder: Path, override: Path | None = None):
     """The tokenizer a package of the model in `folder` carries: the path of its sentencepiece .model,
     its transformers tokenizer (`prompt_tokenizer.transformers_tokenizer`: BOS and all), or None where
     it has neither. `override` (a .model file or a tokenizer folder) replaces the model's own."""
-    from megatron_stag.data.tokenizer import load_hf_tokenizer
+    from megatron_stag.data.tokenizer import check_sentencepiece, load_hf_tokenizer
     from megatron_stag.serving.prompt_tokenizer import transformers_tokenizer
 
     if override is not None:
         override = Path(override)
         if not override.exists():
             raise ExportError(f"--tokenizer {override} does not exist.")
-        return load_hf_tokenizer(override) if override.is_dir() else override
+        if override.is_dir():
+            return load_hf_tokenizer(override)
+        try:
+            check_sentencepiece(override)
+        except ValueError as err:
+            raise ExportError(f"--tokenizer: {err}") from None
+        return override
     folder = Path(folder)
     try:
         own = transformers_tokenizer(folder)
