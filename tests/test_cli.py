@@ -269,16 +269,18 @@ def test_ctrl_c_stops_a_launched_job_without_tracebacks(tmp_path):
     keeps logging until the ranks have stopped (it used to die in its read loop with a traceback and
     lose their last lines), torchrun's report is one line, and the status is the shell's 130."""
     log = tmp_path / "train.log"
+    # one write per line: print() under PYTHONUNBUFFERED writes "ready", " ", "0", "\n" apart, and the
+    # two ranks' pieces interleaved on the shared pipe ("readyready 0 1\n\n") when the machine was busy
     rank = ("import os, signal; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-            "print('ready', os.environ['RANK'], flush=True); signal.pause()")
+            "os.write(1, f'ready {os.environ[\"RANK\"]}\\n'.encode()); signal.pause()")
     launch = ("import sys; from pathlib import Path; "
               "from megatron_stag.training.megatron_pretrain import _run_logged; "
               "sys.exit(_run_logged([sys.executable, '-m', 'megatron_stag.platform.torchrun', "
               f"'--nproc-per-node=2', '--no-python', sys.executable, '-c', {rank!r}], Path({str(log)!r})))")
     proc = subprocess.Popen([sys.executable, "-c", launch], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    ready = sorted(proc.stdout.readline().split()[-1] for _ in range(2))
-    assert ready == ["0", "1"]
+    ready = sorted(proc.stdout.readline() for _ in range(2))
+    assert ready == ["ready 0\n", "ready 1\n"], (ready, proc.poll())
     os.killpg(proc.pid, signal.SIGINT)  # as the terminal sends it: to the whole foreground group
     rest, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (rest, err)
