@@ -60,7 +60,8 @@ def _read_prompts(ns) -> list[str]:
     if ns.prompt_file:
         path = Path(ns.prompt_file)
         if not path.is_file():
-            raise SystemExit(f"--prompt-file {path} does not exist.")
+            raise SystemExit(f"--prompt-file {path} {'is a folder' if path.is_dir() else 'does not exist'}: give a "
+                             f"text file (a prompt per line) or a .jsonl file (a \"prompt\" per line).")
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as err:

@@ -185,6 +185,8 @@ def test_generate_checks_its_options_before_loading(quickstart_run, tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\nnot json\n')
     cases[f"{bad}:2: expected a JSON object"] = ["--prompt-file", str(bad)]
+    cases[f"--prompt-file {tmp_path} is a folder"] = ["--prompt-file", str(tmp_path)]
+    cases[f"--prompt-file {bad}.txt does not exist"] = ["--prompt-file", f"{bad}.txt"]
     done = tmp_path / "done.jsonl"  # an earlier run's results are not replaced unless asked (--overwrite)
     done.write_text("kept\n")
     cases[f"--output {done} exists: write to a new file, or add --overwrite"] = ["--prompt", "x", "--output", str(done)]
