@@ -139,7 +139,7 @@ def _job_options(ns, name: str, run_dir: Path):
 
 def _submit(ns) -> int:
     """Validate the recipe like `pretrain` does, derive the job's shape, sbatch slurm/pretrain.sbatch."""
-    from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv
+    from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv, with_flags
     from megatron_stag.platform import slurm
     from megatron_stag.training.megatron_pretrain import blend_prefixes, check_model, check_schedule, use_tokenizer_kind
 
@@ -156,6 +156,7 @@ def _submit(ns) -> int:
                               "no checkpoint of its own.")
         use_tokenizer_kind(recipe)
         recipe_argv(recipe)
+        recipe = with_flags(recipe, extra)  # what the job's ranks will use: raw Megatron flags win
         check_schedule(recipe)
         check_model(recipe)
         run_dir = Path(ns.run_dir or Path("runs") / Path(argv[0]).stem)

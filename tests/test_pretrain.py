@@ -188,6 +188,26 @@ def test_launch_refuses_bad_settings_before_starting(overrides, message):
         launch("tiny-cpu-stag", overrides, [])
 
 
+def test_launch_checks_see_raw_megatron_flags(monkeypatch):
+    """Flags after `--` win over the recipe in the run, so the checks judge their values: a raw
+    --global-batch-size that is no multiple of the micro batch is refused, and a raw --save-interval
+    answers a recipe without one (the launch then stops at the next check, the data)."""
+    from megatron_stag.training import megatron_pretrain
+
+    def launched(*args):
+        raise AssertionError("the checks passed: a run started")
+
+    monkeypatch.setattr(megatron_pretrain, "run", launched)
+    monkeypatch.setattr(megatron_pretrain, "_run_logged", launched)
+    launch, missing = megatron_pretrain.launch, "data_path=[/nonexistent/corpus_text_document]"
+    with pytest.raises(RecipeError, match="global_batch_size=7 is not a multiple of training.micro_batch_size=2"):
+        launch("tiny-cpu-stag", ["micro_batch_size=2", missing], ["--global-batch-size", "7"])
+    with pytest.raises(RecipeError, match="data.data_path: dataset file /nonexistent"):
+        launch("tiny-cpu-stag", ["save_interval=null", missing], ["--save-interval", "5"])
+    with pytest.raises(RecipeError, match="-- --num-layers four: "):
+        launch("tiny-cpu-stag", [missing], ["--num-layers", "four"])
+
+
 def test_bad_recipe_from_the_command_line_is_one_clear_line():
     proc = subprocess.run([sys.executable, "-m", "megatron_stag.cli", "pretrain", "tiny-cpu-stag",
                            "stag_sections=3"], capture_output=True, text=True, timeout=300)

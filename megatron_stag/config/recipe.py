@@ -259,6 +259,24 @@ def recipe_argv(recipe: Recipe, parser: argparse.ArgumentParser | None = None) -
     return argv
 
 
+def with_flags(recipe: Recipe, flags: list[str], parser: argparse.ArgumentParser | None = None) -> Recipe:
+    """A copy of `recipe` holding the values of raw Megatron flags (`-- --flag value`, which win over the
+    recipe in the run), for the checks to see what the run will use."""
+    if not flags:
+        return recipe
+    parser = parser or megatron_parser()
+    try:
+        given = vars(parser.parse_known_args(flags)[0])
+    except (argparse.ArgumentError, SystemExit) as err:
+        raise RecipeError(f"-- {' '.join(flags)}: {err}") from None
+    defaults = vars(parser.parse_known_args([])[0])
+    out = Recipe(copy.deepcopy(recipe.sections), list(recipe.sources))
+    for key, value in given.items():
+        if value != defaults.get(key):
+            out.set(key, value)
+    return out
+
+
 def check_world(recipe: Recipe, world: int, ranks: str, change: str) -> int:
     """Megatron's data-parallel size for `world` ranks (described to the user as `ranks`), or a
     RecipeError saying what to change (`change`): megatron asserts both in every rank, after start-up."""

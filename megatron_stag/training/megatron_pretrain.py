@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER, write_results_in_process
-from megatron_stag.config.recipe import RecipeError, check_world, load_recipe, recipe_argv
+from megatron_stag.config.recipe import RecipeError, check_world, load_recipe, recipe_argv, with_flags
 from megatron_stag.platform.distributed import launched
 from megatron_stag.platform.files import write_atomic
 
@@ -212,17 +212,18 @@ def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
     recipe = load_recipe(recipe_name, overrides)
     use_tokenizer_kind(recipe)
     argv = recipe_argv(recipe)  # raises RecipeError naming the key
-    check_schedule(recipe)
+    run_values = with_flags(recipe, extra)  # what the run uses: raw Megatron flags win
+    check_schedule(run_values)
     under_launcher = _under_launcher()
     if under_launcher:
-        check_world(recipe, int(os.environ.get("WORLD_SIZE", "1")), "WORLD_SIZE", "the job's task count")
+        check_world(run_values, int(os.environ.get("WORLD_SIZE", "1")), "WORLD_SIZE", "the job's task count")
     else:
-        nproc = int(recipe.get("nproc_per_node") or (
-            (recipe.get("tensor_model_parallel_size") or 1) * (recipe.get("pipeline_model_parallel_size") or 1)))
-        check_world(recipe, nproc, "parallelism.nproc_per_node", "parallelism.nproc_per_node")
-    check_model(recipe)
-    check_load(recipe)
-    check_data(recipe)
+        nproc = int(run_values.get("nproc_per_node") or ((run_values.get("tensor_model_parallel_size") or 1)
+                                                         * (run_values.get("pipeline_model_parallel_size") or 1)))
+        check_world(run_values, nproc, "parallelism.nproc_per_node", "parallelism.nproc_per_node")
+    check_model(run_values)
+    check_load(run_values)
+    check_data(run_values)
     if under_launcher:
         return run(argv + platform_flags() + list(extra))  # raw Megatron flags last: they win
     cmd = [sys.executable, "-m", "megatron_stag.platform.torchrun", f"--nproc-per-node={nproc}",
