@@ -139,7 +139,7 @@ def _job_options(ns, name: str, run_dir: Path):
 
 def _submit(ns) -> int:
     """Validate the recipe like `pretrain` does, derive the job's shape, sbatch slurm/pretrain.sbatch."""
-    from megatron_stag.config.recipe import RecipeError, load_recipe, recipe_argv, with_flags
+    from megatron_stag.config.recipe import RecipeError, load_recipe, megatron_parser, recipe_argv, with_flags
     from megatron_stag.platform import slurm
     from megatron_stag.training.megatron_pretrain import blend_prefixes, check_model, check_schedule, use_tokenizer_kind
 
@@ -155,8 +155,9 @@ def _submit(ns) -> int:
                               "checkpoint.pretrained_checkpoint=FOLDER: megatron starts from it while the run has "
                               "no checkpoint of its own.")
         use_tokenizer_kind(recipe)
-        recipe_argv(recipe)
-        recipe = with_flags(recipe, extra)  # what the job's ranks will use: raw Megatron flags win
+        parser = megatron_parser()
+        recipe_argv(recipe, parser)
+        recipe = with_flags(recipe, extra, parser)  # what the job's ranks will use: raw Megatron flags win
         check_schedule(recipe)
         check_model(recipe)
         run_dir = Path(ns.run_dir or Path("runs") / Path(argv[0]).stem)
@@ -181,20 +182,15 @@ def _submit_generate(ns) -> int:
     gen = build_parser().parse_args(["generate", ns.checkpoint, *ns.args])
     ckpt = Path(ns.checkpoint)
     try:
-        from megatron_stag.serving.convert import ExportError, describe
         from megatron_stag.serving.generate_cli import check_request
 
-        try:
-            sections = describe(ckpt)[0].sections
-        except (ExportError, FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
-            raise slurm.SlurmError(str(err)) from None
-        run_dir = Path(ns.run_dir or Path("runs") / "generate")
-        # --recurrent runs both passes on each rank: the job is one group of --tp tasks
-        shape = slurm.generate_shape(1 if gen.recurrent else sections, gen.tp, ns.nodes, ns.gpus_per_node, ns.cpu)
         try:  # what `generate` would refuse in the job, after the queue
-            check_request(gen, _read_prompts(gen), shape.world, "nothing was submitted")
+            cfg = check_request(gen, _read_prompts(gen), None, "nothing was submitted")[0]
         except SystemExit as err:
             raise slurm.SlurmError(str(err.code)) from None
+        run_dir = Path(ns.run_dir or Path("runs") / "generate")
+        # --recurrent runs both passes on each rank: the job is one group of --tp tasks
+        shape = slurm.generate_shape(1 if gen.recurrent else cfg.sections, gen.tp, ns.nodes, ns.gpus_per_node, ns.cpu)
         paths = [run_dir, ckpt] + [Path(p) for p in (gen.prompt_file, gen.output) if p]
         opts = _job_options(ns, "stag-generate", run_dir)
         slurm.check_shared_paths(paths + slurm.job_files(opts), shape.nodes)

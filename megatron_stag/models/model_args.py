@@ -57,6 +57,16 @@ class ModelArgs:
         """The serving model's (`serving.model.PlainConfig`) name for stag_sections."""
         return self.stag_sections
 
+    @property
+    def shared_weights(self) -> bool:
+        """The serving model's name for stag_shared_weights."""
+        return self.stag_shared_weights
+
+    @property
+    def output(self) -> str:
+        """The serving model's name for stag_output."""
+        return self.stag_output
+
     def differences(self, stored: "ModelArgs") -> list[str]:
         """"field stored -> this" for each setting in which the two describe different models (an even
         split of layers into sections, given as [2, 2] or left to its default None, is one model)."""

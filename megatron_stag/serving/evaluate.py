@@ -57,6 +57,10 @@ def load_for_harness(path: Path, device: str, dtype):
     return model.to(device).eval(), tok
 
 
+def task_names(tasks: str) -> list[str]:
+    return [t.strip() for t in tasks.split(",") if t.strip()]
+
+
 def _check_options(ns) -> None:
     for flag, value, ok, need in (("--limit", ns.limit, lambda v: v > 0, "a count >= 1 or a fraction in (0, 1)"),
                                   ("--batch-size", ns.batch_size, lambda v: v >= 1, "at least 1"),
@@ -65,7 +69,7 @@ def _check_options(ns) -> None:
             raise SystemExit(f"{flag} {value:g}: give {need}.")
     if ns.limit is not None and ns.limit > 1 and ns.limit != int(ns.limit):
         raise SystemExit(f"--limit {ns.limit:g}: give a whole count, or a fraction below 1.")
-    if not [t for t in ns.tasks.split(",") if t.strip()]:  # the harness: a traceback, after loading the model
+    if not task_names(ns.tasks):  # the harness: a traceback, after loading the model
         raise SystemExit(f"--tasks {ns.tasks!r} names no task: give comma-separated harness task names.")
 
 
@@ -139,7 +143,7 @@ def run(ns) -> int:
         raise SystemExit("lm-evaluation-harness is not installed: pip install 'megatron-stag[eval]'.") from None
     import torch
 
-    tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
+    tasks = task_names(ns.tasks)
     manager = TaskManager(include_path=ns.include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

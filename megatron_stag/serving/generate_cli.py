@@ -85,11 +85,11 @@ def check_options(ns, nothing: str = "nothing was generated") -> None:
         raise SystemExit(f"{err} ({nothing}).") from None
 
 
-def check_request(ns, prompts: list[str], world: int, nothing: str = "nothing was generated"):
+def check_request(ns, prompts: list[str], world: int | None, nothing: str = "nothing was generated"):
     """(model description, rank layout, tokenizer, prompt ids, sampling params, end tokens): every
     check on the options, the checkpoint, the layout over `world` ranks and the prompts, before the
     engine (Triton, dynamo: seconds of imports) and DeepSpeed are imported. `generate` runs it in each
-    rank; `submit-generate` before submitting, for the job's ranks."""
+    rank; `submit-generate` before submitting, with `world` None: it sizes the job to fit the model."""
     from megatron_stag.serving.convert import ExportError, describe
     from megatron_stag.serving.deepspeed import check_tensor_parallel
     from megatron_stag.serving.model import check_recurrent
@@ -104,7 +104,7 @@ def check_request(ns, prompts: list[str], world: int, nothing: str = "nothing wa
         raise SystemExit(str(err)) from None
     if ns.tp > 1 and ns.engine != "deepspeed":
         raise SystemExit(f"--tp {ns.tp}: tensor parallelism is DeepSpeed's AutoTP here; add --engine deepspeed.")
-    layout = plan_ranks(world, cfg.sections, ns.tp, ns.recurrent)
+    layout = plan_ranks(world, cfg.sections, ns.tp, ns.recurrent) if world is not None else None
     return (cfg, layout, *prepare_prompts(ns, prompts, tok_dir, cfg.vocab_size, cfg.max_sequence_length))
 
 

@@ -131,9 +131,7 @@ def check_recurrent(cfg, one_rank: bool = True) -> None:
     """ValueError unless recurrent decoding applies: it feeds pass 2's outputs back into its own
     cross-attention, so it needs shared weights, 2 sections, output 'last' and both passes on one rank.
     `cfg` is a PlainConfig or the ModelArgs of a megatron checkpoint (`convert.describe`)."""
-    shared, output = ((cfg.shared_weights, cfg.output) if isinstance(cfg, PlainConfig)
-                      else (cfg.stag_shared_weights, cfg.stag_output))
-    if not (shared and cfg.sections == 2 and output == "last" and one_rank):
+    if not (cfg.shared_weights and cfg.sections == 2 and cfg.output == "last" and one_rank):
         raise ValueError("recurrent=True needs shared weights, 2 sections, output 'last' and one rank (it feeds "
                          "pass 2's outputs back into its own cross-attention).")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER, write_results_in_process
-from megatron_stag.config.recipe import RecipeError, check_world, load_recipe, recipe_argv, with_flags
+from megatron_stag.config.recipe import RecipeError, check_world, load_recipe, megatron_parser, recipe_argv, with_flags
 from megatron_stag.platform.distributed import launched
 from megatron_stag.platform.files import write_atomic
 
@@ -211,15 +212,16 @@ def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
     """Validate the recipe here (cheap, before any process starts), then run it on N processes."""
     recipe = load_recipe(recipe_name, overrides)
     use_tokenizer_kind(recipe)
-    argv = recipe_argv(recipe)  # raises RecipeError naming the key
-    run_values = with_flags(recipe, extra)  # what the run uses: raw Megatron flags win
+    parser = megatron_parser()
+    argv = recipe_argv(recipe, parser)  # raises RecipeError naming the key
+    run_values = with_flags(recipe, extra, parser)  # what the run uses: raw Megatron flags win
     check_schedule(run_values)
     under_launcher = _under_launcher()
     if under_launcher:
         check_world(run_values, int(os.environ.get("WORLD_SIZE", "1")), "WORLD_SIZE", "the job's task count")
-    else:
-        nproc = int(run_values.get("nproc_per_node") or ((run_values.get("tensor_model_parallel_size") or 1)
-                                                         * (run_values.get("pipeline_model_parallel_size") or 1)))
+    else:  # default: one model replica
+        nproc = int(run_values.get("nproc_per_node") or math.prod(
+            run_values.get(f"{k}_parallel_size") or 1 for k in ("tensor_model", "pipeline_model", "context")))
         check_world(run_values, nproc, "parallelism.nproc_per_node", "parallelism.nproc_per_node")
     check_model(run_values)
     check_load(run_values)
