@@ -26,8 +26,8 @@ On an H200 it halves a b=1 step's attention (24 layers: 0.150 against SDPA's 0.3
 Triton pipelines (see ROWS below): there grouped queries stay on the kernel, while full heads take SDPA,
 which picks cuDNN and is as fast (`takes`; docs/decode-engine.md). cuDNN's one-query attention is not
 run-to-run deterministic; its deterministic memory-efficient kernel costs 25-36% of the step, and the
-engine's deterministic mode (`attention(deterministic=True)`) keeps every step here instead (GPT b=32 on
-an H100 +0.5%).
+engine's deterministic mode (`attention(deterministic=True)`) keeps every step here instead (on an H100
+GPT b=32 2.736 against the default's 2.790 ms/token, b=8 1.742 against 1.658; docs/decode-engine.md).
 
 A step's self-attention (`cached_attention`) also applies the rotary embedding and writes the new key
 and value into the cache, so no kernel sits between it and the q/k/v GEMV: each program loads its first
@@ -61,13 +61,13 @@ GROUP_PROGRAMS = 4096
 GROUP_SPLITS = 32
 WARPS = 4
 # Steps of more than ROWS kv heads (batch x kv heads) take the large form: a block's loads unconditional
-# (masked by keep) and pipelined LARGE_STAGES deep, the row's own slot outside the loop, which stops at
-# the position, and LARGE_PROGRAMS heads (or kv heads) x splits. GPT b=32's 24 layers of self-attention
-# (601 of 640 slots, 1xH100) 1.73 -> 1.51 ms against the small form, 1.20x their floor; 3 stages 2.06,
-# 1024 programs 1.62. In the engine full heads stay on SDPA there (GPT b=32 2.840 ms/token against 2.854
-# on the kernel; neither the per-head nor the grouped form with G=1 beat it on every shape by 1%,
-# results/decode_full_head_routes_h100.json) and grouped queries take the kernel (the Llama shape's b=32
-# 1.393 -> 1.377 in one process): `takes` (results/decode_attention_large_h100.json)
+# (masked by keep; in a full head's self-attention step by position) and pipelined LARGE_STAGES deep, the
+# row's own slot outside the loop, which stops at the position, and LARGE_PROGRAMS heads (or kv heads) x
+# splits. GPT b=32's 24 layers of self-attention (601 of 640 slots, 1xH100) 1.73 -> 1.51 ms against the small
+# form, 1.20x their floor; 3 stages 2.06, 1024 programs 1.62. In the engine full heads stay on SDPA there (GPT
+# b=32 2.840 ms/token against 2.854 on the kernel; neither the per-head nor the grouped form with G=1 beat it
+# on every shape by 1%, results/decode_full_head_routes_h100.json) and grouped queries take the kernel (the
+# Llama shape's b=32 1.393 -> 1.377 in one process): `takes` (results/decode_attention_large_h100.json)
 ROWS = 64
 LARGE_STAGES = 2
 LARGE_PROGRAMS = 512
@@ -178,7 +178,7 @@ if triton is not None:
         m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
         total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
         acc = tl.zeros([HD], tl.float32)
-        if STAGES:  # every block's loads unconditional (masked by keep), so Triton pipelines them STAGES deep
+        if STAGES:  # every block's loads unconditional (masked), so Triton pipelines them STAGES deep
             stop = first + SPLIT
             if WRITE:  # the row's own slot starts the softmax and the blocks skip it: no select per block;
                 # a self-attention cache's mask keeps no slot past the position, so the loop stops there
@@ -192,7 +192,13 @@ if triton is not None:
                 keep = _mask(keep_ptr + b * keep_sb, keep_ss, s, S)
                 if WRITE:
                     keep = keep & (s != pos)
-                k, v = _kept(k_base, v_base, s, d, k_ss, v_ss, keep)
+                if WRITE:  # loads by position, not by the mask's bytes, so they wait on no other load: GPT
+                    # --deterministic b=8 1.760 -> 1.742, b=32 2.774 -> 2.737 ms/token on an H100; the grouped
+                    # form lost 0.4% (results/decode_attention_loads_by_position_h100.json)
+                    k, v = _near(k_base, v_base, s, d, pos, S, k_ss, v_ss)
+                    v = tl.where(keep[:, None], v, tl.zeros_like(v))
+                else:
+                    k, v = _kept(k_base, v_base, s, d, k_ss, v_ss, keep)
                 m, total, acc = _head_update(q, k, v, keep, m, total, acc)
         else:
             for start in range(first, first + SPLIT, BLOCK):
@@ -203,7 +209,8 @@ if triton is not None:
                         k, v = _near(k_base, v_base, s, d, pos, S, k_ss, v_ss)
                     own = (s == pos)[:, None]
                     k = tl.where(own, new_k[None, :], k)
-                    v = tl.where(own, new_v[None, :], v)
+                    # a slot the mask drops gives value 0 beside its -inf score, whatever it holds (NaN even)
+                    v = tl.where(own, new_v[None, :], tl.where(keep[:, None], v, tl.zeros_like(v)))
                 if tl.max(keep.to(tl.int32), 0) > 0:  # a block past the filled slots costs its mask bytes only
                     if not WRITE:
                         k, v = _kept(k_base, v_base, s, d, k_ss, v_ss, keep)
@@ -304,7 +311,8 @@ if triton is not None:
                         k, v = _near(k_base, v_base, s, d, pos, S, k_ss, v_ss)
                     own = (s == pos)[:, None]
                     k = tl.where(own, new_k[None, :], k)
-                    v = tl.where(own, new_v[None, :], v)
+                    # a slot the mask drops gives value 0 beside its -inf score, whatever it holds (NaN even)
+                    v = tl.where(own, new_v[None, :], tl.where(keep[:, None], v, tl.zeros_like(v)))
                 if tl.max(keep.to(tl.int32), 0) > 0:  # a block past the filled slots costs its mask bytes only
                     if not WRITE:
                         k, v = _kept(k_base, v_base, s, d, k_ss, v_ss, keep)
