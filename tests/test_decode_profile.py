@@ -76,3 +76,36 @@ def test_decode_benchmarks_compare_models_of_the_baselines_depth():
     profiled = decode_profile.profiled(base)
     assert {name: depth(a) for name, a in profiled.items()} == dict(gpt=24, stag=24, shared=24, llama=16)
     assert profiled["shared"].stag_shared_weights and profiled["stag"].stag_sections == 2
+
+
+def test_kernel_attention_rows_change_the_routing_alone(monkeypatch):
+    """`decode_engine --kernel-attention-rows` builds the engine with the deterministic mode's routing
+    (every one-query attention on the kernel) but the default compile options (multi-kernel on), so its
+    rows differ from the default by the routing alone; the engine's own options are restored after."""
+    from argparse import Namespace
+
+    import torch
+
+    from megatron_stag.benchmarks import decode_engine
+    from megatron_stag.serving import engine
+
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def generator(plain, max_len, batch, deterministic=False, **kw):
+        seen.append((deterministic, engine.compile_options(torch.device("cuda"), True, deterministic)))
+        raise Built
+
+    monkeypatch.setattr(engine, "StaggeredGenerator", generator)
+    default = engine.compile_options
+    ns = Namespace(prompt=4, new=2, rounds=1)
+    for flags in (dict(), dict(deterministic=True), dict(kernel_attention=True)):
+        with pytest.raises(Built):
+            decode_engine.bench(None, 1, ns, **flags)
+        assert engine.compile_options is default
+    (plain, plain_options), (det, det_options), (routed, routed_options) = seen
+    assert (plain, det, routed) == (False, True, True)
+    assert plain_options.get("triton.multi_kernel") and "triton.multi_kernel" not in det_options
+    assert routed_options == plain_options

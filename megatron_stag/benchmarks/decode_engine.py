@@ -107,19 +107,24 @@ def step_bytes(plain, batch: int, position: float, sections, recurrent: bool) ->
 
 
 def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=None, kernels: bool = True,
-          deterministic: bool = False, gemm: bool = True) -> dict:
+          deterministic: bool = False, gemm: bool = True, kernel_attention: bool = False) -> dict:
     """ms per token of `generate`'s decode loop with the engine's defaults (greedy, sampled inside the
     graphed step, no host sync until the end; `kernels=False`: cuBLAS for every matmul, SDPA for
     attention; `deterministic`: the engine's, as `generate --deterministic`; `gemm=False`: 2-64-row
-    matmuls on cuBLAS, not `serving.skinny_gemm`'s kernel), median of ns.rounds."""
+    matmuls on cuBLAS, not `serving.skinny_gemm`'s kernel; `kernel_attention`: the deterministic mode's
+    routing, every one-query attention on the decode attention kernel, with the default compile options,
+    so that the routing alone differs from the default), median of ns.rounds."""
     from megatron_stag.serving import engine, skinny_gemm
     from megatron_stag.serving.engine import StaggeredGenerator
     from megatron_stag.serving.sampling import SamplingParams, decode_loop
 
     default_rows, skinny_gemm.ROWS = skinny_gemm.ROWS, skinny_gemm.ROWS if gemm else 0  # read while compiling
+    default_options = engine.compile_options
+    if kernel_attention:  # the deterministic mode compiles without multi-kernel: here it keeps the default's
+        engine.compile_options = lambda device, compile, _: default_options(device, compile, deterministic)
     try:
         gen = StaggeredGenerator(plain, ns.prompt + ns.new, batch, placement=placement, comm=comm, recurrent=recurrent,
-                                 kernels=kernels, deterministic=deterministic)
+                                 kernels=kernels, deterministic=deterministic or kernel_attention)
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(0, plain.cfg.vocab_size, (batch, ns.prompt), generator=g).tolist()
         with torch.no_grad():
@@ -137,7 +142,7 @@ def bench(plain, batch: int, ns, recurrent: bool = False, placement=None, comm=N
         rounds = [_timed(loop, ns.new - 1) * 1e3 for _ in range(ns.rounds)]
         return dict(ms_per_token=statistics.median(rounds), rounds_ms=rounds, **prefill)
     finally:
-        skinny_gemm.ROWS = default_rows
+        skinny_gemm.ROWS, engine.compile_options = default_rows, default_options
 
 
 def _prefill_ms(gen, prompts: list[list[int]], budget: int) -> float:
@@ -202,6 +207,9 @@ def main(argv=None) -> None:
                     "the engine's deterministic=True (generate --deterministic), in the same run")
     ap.add_argument("--cublas-gemm-rows", action="store_true", help="also time every configuration with its "
                     "2-64-row matmuls on cuBLAS instead of serving.skinny_gemm's kernel, in the same run")
+    ap.add_argument("--kernel-attention-rows", action="store_true", help="also time every configuration with "
+                    "every one-query attention on the engine's decode attention kernel (where full heads above "
+                    "decode_attention.ROWS per step take cuDNN by default), compiled as by default, in the same run")
     ap.add_argument("--out", required=True)
     ns = ap.parse_args(argv)
     from megatron_stag.serving.engine import SectionPlacement
@@ -232,11 +240,14 @@ def main(argv=None) -> None:
             layout = f"{world} GPUs: " + ", ".join(
                 (["one section per " + ("GPU" if tp == 1 else f"{tp} GPUs")] if a.stag_sections > 1 else [])
                 + ([f"tensor-parallel over {tp} (DeepSpeed AutoTP)"] if tp > 1 else []))
-        variants = [("", True, False, True)] + [(", cuBLAS matmuls, SDPA", False, False, False)] * ns.cublas_rows \
-            + [(", deterministic", True, True, True)] * ns.deterministic_rows \
-            + [(", 2-64-row matmuls on cuBLAS", True, False, False)] * ns.cublas_gemm_rows
-        for b, (suffix, kernels, deterministic, gemm) in [(int(x), v) for x in ns.batches.split(",") for v in variants]:
-            r = bench(plain, b, ns, recurrent, placement, comm, kernels, deterministic, gemm)
+        variants = [("", True, False, True, False)] \
+            + [(", cuBLAS matmuls, SDPA", False, False, False, False)] * ns.cublas_rows \
+            + [(", deterministic", True, True, True, False)] * ns.deterministic_rows \
+            + [(", 2-64-row matmuls on cuBLAS", True, False, False, False)] * ns.cublas_gemm_rows \
+            + [(", every attention on the kernel", True, False, True, True)] * ns.kernel_attention_rows
+        for b, (suffix, kernels, deterministic, gemm, on_kernel) in [(int(x), v) for x in ns.batches.split(",")
+                                                                     for v in variants]:
+            r = bench(plain, b, ns, recurrent, placement, comm, kernels, deterministic, gemm, on_kernel)
             torch.compiler.reset()  # every configuration compiles afresh (dynamo's per-function cache is bounded)
             _free()
             weights, caches = step_bytes(plain, b, ns.prompt + (ns.new - 1) / 2, sections, recurrent)
