@@ -139,9 +139,9 @@ def _job_options(ns, name: str, run_dir: Path):
 
 def _submit(ns) -> int:
     """Validate the recipe like `pretrain` does, derive the job's shape, sbatch slurm/pretrain.sbatch."""
-    from megatron_stag.config.recipe import RecipeError, load_recipe, megatron_parser, recipe_argv, with_flags
+    from megatron_stag.config.recipe import RecipeError, load_recipe
     from megatron_stag.platform import slurm
-    from megatron_stag.training.megatron_pretrain import blend_prefixes, check_model, check_schedule, use_tokenizer_kind
+    from megatron_stag.training.megatron_pretrain import blend_prefixes, check_recipe
 
     argv, extra = (ns.args[:ns.args.index("--")], ns.args[ns.args.index("--") + 1:]) if "--" in ns.args \
         else (ns.args, [])
@@ -154,12 +154,7 @@ def _submit(ns) -> int:
                               "job resumes; to start from other weights (an import, another run), give "
                               "checkpoint.pretrained_checkpoint=FOLDER: megatron starts from it while the run has "
                               "no checkpoint of its own.")
-        use_tokenizer_kind(recipe)
-        parser = megatron_parser()
-        recipe_argv(recipe, parser)
-        recipe = with_flags(recipe, extra, parser)  # what the job's ranks will use: raw Megatron flags win
-        check_schedule(recipe)
-        check_model(recipe)
+        recipe = check_recipe(recipe, extra)[1]  # what the job's ranks will use: raw Megatron flags win
         run_dir = Path(ns.run_dir or Path("runs") / Path(argv[0]).stem)
         shape = slurm.pretrain_shape(recipe, ns.nodes, ns.gpus_per_node, ns.cpu)
         paths = [run_dir] + blend_prefixes(recipe)

@@ -277,10 +277,15 @@ def with_flags(recipe: Recipe, flags: list[str], parser: argparse.ArgumentParser
     return out
 
 
+def model_parallel_sizes(recipe: Recipe) -> tuple[int, int, int]:
+    """(tensor, pipeline, context) parallel sizes: their product is one model replica's ranks."""
+    return tuple(int(recipe.get(f"{k}_parallel_size") or 1) for k in ("tensor_model", "pipeline_model", "context"))
+
+
 def check_world(recipe: Recipe, world: int, ranks: str, change: str) -> int:
     """Megatron's data-parallel size for `world` ranks (described to the user as `ranks`), or a
     RecipeError saying what to change (`change`): megatron asserts both in every rank, after start-up."""
-    tp, pp, cp = (int(recipe.get(f"{k}_parallel_size") or 1) for k in ("tensor_model", "pipeline_model", "context"))
+    tp, pp, cp = model_parallel_sizes(recipe)
     if world % (tp * pp * cp):
         raise RecipeError(f"{ranks} = {world} ranks is not a multiple of tensor x pipeline x context parallel = "
                           f"{tp} x {pp} x {cp} = {tp * pp * cp}: change {change} or the recipe's parallelism.")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from megatron_stag.config.recipe import check_world
+from megatron_stag.config.recipe import check_world, model_parallel_sizes
 from megatron_stag.platform.shipped import shipped_dir
 
 SLURM_DIR = shipped_dir("slurm")
@@ -105,9 +105,7 @@ def adopt_slurm_rank_env(environ=os.environ) -> bool:
 # ---------------------------------------------------------------------------------- shapes
 def pretrain_shape(recipe, nodes: Optional[int], gpus_per_node: Optional[int], cpu: bool) -> JobShape:
     """nodes x tasks for a recipe: one task per GPU (or per CPU rank with `cpu`)."""
-    tp = int(recipe.get("tensor_model_parallel_size") or 1)
-    pp = int(recipe.get("pipeline_model_parallel_size") or 1)
-    cp = int(recipe.get("context_parallel_size") or 1)
+    tp, pp, cp = model_parallel_sizes(recipe)
     model_parallel = tp * pp * cp
     per_node = gpus_per_node or int(recipe.get("nproc_per_node") or (model_parallel if cpu else 8))
     if per_node < 1:

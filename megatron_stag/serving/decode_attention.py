@@ -190,11 +190,10 @@ if triton is not None:
             for start in tl.range(first, stop, BLOCK, num_stages=STAGES):
                 s = start + tl.arange(0, BLOCK)
                 keep = _mask(keep_ptr + b * keep_sb, keep_ss, s, S)
-                if WRITE:
-                    keep = keep & (s != pos)
                 if WRITE:  # loads by position, not by the mask's bytes, so they wait on no other load: GPT
                     # --deterministic b=8 1.760 -> 1.742, b=32 2.774 -> 2.737 ms/token on an H100; the grouped
                     # form lost 0.4% (results/decode_attention_loads_by_position_h100.json)
+                    keep = keep & (s != pos)
                     k, v = _near(k_base, v_base, s, d, pos, S, k_ss, v_ss)
                     v = tl.where(keep[:, None], v, tl.zeros_like(v))
                 else:

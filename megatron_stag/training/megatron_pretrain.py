@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from megatron_stag.checkpointing.checkpoint_io import MEGATRON_TRACKER, write_results_in_process
-from megatron_stag.config.recipe import RecipeError, check_world, load_recipe, megatron_parser, recipe_argv, with_flags
+from megatron_stag.config.recipe import (RecipeError, check_world, load_recipe, megatron_parser,
+                                         model_parallel_sizes, recipe_argv, with_flags)
 from megatron_stag.platform.distributed import launched
 from megatron_stag.platform.files import write_atomic
 
@@ -208,22 +209,28 @@ def use_tokenizer_kind(recipe) -> None:
             raise RecipeError(f"data.tokenizer_model: {err}") from None
 
 
+def check_recipe(recipe, extra: list[str]):
+    """(megatron's argv for the recipe, the values the run uses: the recipe with the raw Megatron flags
+    `extra`, which win), after the checks `pretrain` and `submit` share; RecipeError names the key."""
+    use_tokenizer_kind(recipe)
+    parser = megatron_parser()
+    argv = recipe_argv(recipe, parser)
+    run_values = with_flags(recipe, extra, parser)
+    check_schedule(run_values)
+    check_model(run_values)
+    return argv, run_values
+
+
 def launch(recipe_name: str, overrides: list[str], extra: list[str]) -> int:
     """Validate the recipe here (cheap, before any process starts), then run it on N processes."""
     recipe = load_recipe(recipe_name, overrides)
-    use_tokenizer_kind(recipe)
-    parser = megatron_parser()
-    argv = recipe_argv(recipe, parser)  # raises RecipeError naming the key
-    run_values = with_flags(recipe, extra, parser)  # what the run uses: raw Megatron flags win
-    check_schedule(run_values)
+    argv, run_values = check_recipe(recipe, extra)
     under_launcher = _under_launcher()
     if under_launcher:
         check_world(run_values, int(os.environ.get("WORLD_SIZE", "1")), "WORLD_SIZE", "the job's task count")
     else:  # default: one model replica
-        nproc = int(run_values.get("nproc_per_node") or math.prod(
-            run_values.get(f"{k}_parallel_size") or 1 for k in ("tensor_model", "pipeline_model", "context")))
+        nproc = int(run_values.get("nproc_per_node") or math.prod(model_parallel_sizes(run_values)))
         check_world(run_values, nproc, "parallelism.nproc_per_node", "parallelism.nproc_per_node")
-    check_model(run_values)
     check_load(run_values)
     check_data(run_values)
     if under_launcher:
