@@ -26,8 +26,9 @@ On an H200 it halves a b=1 step's attention (24 layers: 0.150 against SDPA's 0.3
 Triton pipelines (see ROWS below): there grouped queries stay on the kernel, while full heads take SDPA,
 which picks cuDNN and is as fast (`takes`; docs/decode-engine.md). cuDNN's one-query attention is not
 run-to-run deterministic; its deterministic memory-efficient kernel costs 25-36% of the step, and the
-engine's deterministic mode (`attention(deterministic=True)`) keeps every step here instead (on an H100
-GPT b=32 2.736 against the default's 2.790 ms/token, b=8 1.742 against 1.658; docs/decode-engine.md).
+engine's deterministic mode (`attention(deterministic=True)`) keeps every step here instead (on an H100,
+with the default's compile options, GPT b=32 2.672 against cuDNN's 2.761 ms/token, b=8 1.658 against 1.648;
+docs/decode-engine.md).
 
 A step's self-attention (`cached_attention`) also applies the rotary embedding and writes the new key
 and value into the cache, so no kernel sits between it and the q/k/v GEMV: each program loads its first
@@ -64,13 +65,18 @@ WARPS = 4
 # (masked by keep; in a full head's self-attention step by position) and pipelined LARGE_STAGES deep, the
 # row's own slot outside the loop, which stops at the position, and LARGE_PROGRAMS heads (or kv heads) x
 # splits. GPT b=32's 24 layers of self-attention (601 of 640 slots, 1xH100) 1.73 -> 1.51 ms against the small
-# form, 1.20x their floor; 3 stages 2.06, 1024 programs 1.62. In the engine full heads stay on SDPA there (GPT
-# b=32 2.840 ms/token against 2.854 on the kernel; neither the per-head nor the grouped form with G=1 beat it
-# on every shape by 1%, results/decode_full_head_routes_h100.json) and grouped queries take the kernel (the
+# form, 1.20x their floor; 3 stages 2.06, 1024 programs 1.62. In the engine full heads stay on SDPA there: on
+# 4 warps the kernel lost 1.5-6% on some shapes and won as much on others (results/decode_full_head_routes_h100.json,
+# decode_kernel_attention_rows_h100.json); on 2 warps (below) it wins GPT and StagFormer p=2 b=32 by 3.2% and
+# 1.8% and ties GPT b=8 (+0.6%), measured once each, not on an H200. Grouped queries take the kernel (the
 # Llama shape's b=32 1.393 -> 1.377 in one process): `takes` (results/decode_attention_large_h100.json)
 ROWS = 64
 LARGE_STAGES = 2
 LARGE_PROGRAMS = 512
+# a full head's large form on 2 warps: GPT b=32's 24 layers of self-attention 1.742 -> 1.521 ms (floor 1.348,
+# 1xH100); the grouped form keeps 4 (0.337 ms on the Llama shape's 16 layers; 2 warps 0.367, 8 0.360, BLOCK 32
+# or 128 0.36-0.42; results/decode_attention_large_block_warps_h100.json)
+HEAD_LARGE_WARPS = 2
 
 if triton is not None:
     @triton.jit
@@ -378,12 +384,13 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, pdl:
             values.stride(1), values.stride(2), keep.stride(0), keep.stride(3), nk.stride(0), nk.stride(1),
             nv.stride(0), nv.stride(1), cos.stride(0) if rot else 0)
     shared = dict(HD=hd, BLOCK=BLOCK, SPLIT=split, SPLITS=splits, PDL=pdl, WRITE=new is not None, ROT=rot,
-                  STAGES=LARGE_STAGES if large else 0, num_warps=WARPS, **extra)
+                  STAGES=LARGE_STAGES if large else 0, **extra)
     if group > 1:
         _group_kernel[(b * kv_heads, splits)](*args, KVH=kv_heads, G=group, GP=max(16, triton.next_power_of_2(group)),
-                                              IEEE=not q.is_cuda, **shared)
+                                              IEEE=not q.is_cuda, num_warps=WARPS, **shared)
     else:
-        _head_kernel[(b * heads, splits)](*args, H=heads, G=1, **shared)
+        _head_kernel[(b * heads, splits)](*args, H=heads, G=1, num_warps=HEAD_LARGE_WARPS if large else WARPS,
+                                          **shared)
     if splits > 1:
         _combine_kernel[(b * heads,)](part, out, HD=hd, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
                                       PDL=pdl, num_warps=WARPS, **extra)
