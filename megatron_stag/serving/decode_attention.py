@@ -67,9 +67,10 @@ WARPS = 4
 # splits. GPT b=32's 24 layers of self-attention (601 of 640 slots, 1xH100) 1.73 -> 1.51 ms against the small
 # form, 1.20x their floor; 3 stages 2.06, 1024 programs 1.62. In the engine full heads stay on SDPA there: on
 # 4 warps the kernel lost 1.5-6% on some shapes and won as much on others (results/decode_full_head_routes_h100.json,
-# decode_kernel_attention_rows_h100.json); on 2 warps (below) it wins GPT and StagFormer p=2 b=32 by 3.2% and
-# 1.8% and ties GPT b=8 (+0.6%), measured once each, not on an H200. Grouped queries take the kernel (the
-# Llama shape's b=32 1.393 -> 1.377 in one process): `takes` (results/decode_attention_large_h100.json)
+# decode_kernel_attention_rows_h100.json); on 2 warps (below) it wins every b=32 row measured (GPT 3.2%,
+# StagFormer p=2 1.8%, shared 2.1%) and loses every b=8 row (GPT 0.6%, StagFormer p=2 6.0%), one compile each,
+# not on an H200 (decode_full_head_routing_h100.json). Grouped queries take the kernel (the Llama shape's
+# b=32 1.393 -> 1.377 in one process): `takes` (results/decode_attention_large_h100.json)
 ROWS = 64
 LARGE_STAGES = 2
 LARGE_PROGRAMS = 512
