@@ -408,7 +408,7 @@ def test_decode_attention_kernel_equals_sdpa(dtype):
     self-attention with its rotary embedding and cache write in the kernel (grouped queries on the
     grouped kernel, full heads on the per-head one), in the small steps' form and, above `ROWS` kv
     heads, the pipelined one; more than one query per row, or full heads above `ROWS` per step (unless
-    deterministic), stays SDPA's."""
+    deterministic; a self-attention step only up to `CACHED_ROWS`), stays SDPA's."""
     from megatron_stag.serving import decode_attention, gemv
     from megatron_stag.serving.model import attention as sdpa
     from megatron_stag.serving.model import cached_attention as reference_cached
@@ -419,7 +419,7 @@ def test_decode_attention_kernel_equals_sdpa(dtype):
     op = torch.compile(torch.ops.megatron_stag.decode_attention, dynamic=False)
     for b, heads, kv_heads, slots, hd in ((1, 16, 16, 768, 128), (8, 16, 4, 769, 128), (64, 8, 8, 300, 64),
                                           (3, 4, 2, 5, 256), (8, 32, 8, 640, 64), (24, 8, 4, 300, 64),
-                                          (32, 32, 8, 640, 64), (80, 4, 4, 1000, 128)):
+                                          (32, 32, 8, 640, 64), (80, 4, 4, 1000, 128), (12, 8, 8, 200, 64)):
         qkv = torch.randn(b, 1, (heads + 2 * kv_heads) * hd, device="cuda", dtype=dtype, generator=g)
         q = qkv[..., :heads * hd].view(b, 1, heads, hd).transpose(1, 2)  # a strided view, as a step has
         kv = torch.randn(2, b, kv_heads, slots, hd, device="cuda", dtype=dtype, generator=g)
@@ -450,6 +450,12 @@ def test_decode_attention_kernel_equals_sdpa(dtype):
                 assert heads == kv_heads and b * kv_heads > decode_attention.ROWS and isinstance(routed, str)
             else:
                 assert torch.equal(routed, out)
+            # a self-attention step: full heads above CACHED_ROWS per step are the kernel's again
+            with mock.patch.object(decode_attention, "reference_cached", lambda *a: "sdpa"):
+                routed = decode_attention.cached_attention(q, k, v, rope, kv.clone(), None, pos[:, None], keep)
+            on_kernel = heads != kv_heads or not decode_attention.ROWS < b * kv_heads <= decode_attention.CACHED_ROWS
+            assert decode_attention.takes(b, heads, kv_heads, cached=True) == on_kernel
+            assert isinstance(routed, str) != on_kernel
             static = op(q, kv[0], kv[1], keep)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):

@@ -305,8 +305,8 @@ def test_more_prompts_than_the_batch_decode_in_groups():
 def test_steps_read_the_slots_their_rows_fill(monkeypatch):
     """SDPA steps read the caches' first slots in whole buckets, enough for every row's position (the
     cross cache as many; a window's ring all of it); where every step is the flash-decoding kernel's
-    (`decode_attention.takes`: grouped queries, full heads up to `ROWS` per step, or deterministic) they
-    read every slot."""
+    (`decode_attention.takes`: grouped queries, full heads up to `ROWS` per step or, in self-attention,
+    above `CACHED_ROWS`, or deterministic) they read every slot."""
     from megatron_stag.serving import decode_attention, engine
     from megatron_stag.serving.model import Attention
 
@@ -343,6 +343,10 @@ def test_steps_read_the_slots_their_rows_fill(monkeypatch):
     assert generator(tiny_model(num_query_groups=1, stag_sections=1), 16,
                      batch=decode_attention.ROWS + 1).bucket is None
     assert generator(tiny_model(num_query_groups=1), 16, batch=batch).bucket == 4
+    # full heads' self-attention steps above CACHED_ROWS are the kernel's again, the cross-attention's are not
+    big = decode_attention.CACHED_ROWS // q_heads + 1
+    assert generator(tiny_model(stag_sections=1), 16, batch=big).bucket is None
+    assert generator(tiny_model(), 16, batch=big).bucket == 4
 
 
 def test_one_compiled_step_per_section_serves_every_bucket(monkeypatch):

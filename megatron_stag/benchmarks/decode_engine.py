@@ -209,7 +209,8 @@ def main(argv=None) -> None:
                     "2-64-row matmuls on cuBLAS instead of serving.skinny_gemm's kernel, in the same run")
     ap.add_argument("--kernel-attention-rows", action="store_true", help="also time every configuration with "
                     "every one-query attention on the engine's decode attention kernel (where full heads above "
-                    "decode_attention.ROWS per step take cuDNN by default), compiled as by default, in the same run")
+                    "decode_attention.ROWS per step take cuDNN by default, but for self-attention above "
+                    "CACHED_ROWS), compiled as by default, in the same run")
     ap.add_argument("--out", required=True)
     ns = ap.parse_args(argv)
     from megatron_stag.serving.engine import SectionPlacement

@@ -24,11 +24,12 @@ this path.
 On an H200 it halves a b=1 step's attention (24 layers: 0.150 against SDPA's 0.331 ms; GPT 1.254 ->
 1.165 ms/token). Steps of more than ROWS kv heads (batch x kv heads) take a large form whose loads
 Triton pipelines (see ROWS below): there grouped queries stay on the kernel, while full heads take SDPA,
-which picks cuDNN and is as fast (`takes`; docs/decode-engine.md). cuDNN's one-query attention is not
-run-to-run deterministic; its deterministic memory-efficient kernel costs 25-36% of the step, and the
-engine's deterministic mode (`attention(deterministic=True)`) keeps every step here instead (on an H100,
-with the default's compile options, GPT b=32 2.672 against cuDNN's 2.761 ms/token, b=8 1.658 against 1.648;
-docs/decode-engine.md).
+which picks cuDNN and is as fast, up to CACHED_ROWS; above it a self-attention step is the kernel's
+again (GPT b=32 2.725 -> 2.659 ms/token on an H100) and a cross-attention step stays on cuDNN (`takes`;
+docs/decode-engine.md). cuDNN's one-query attention is not run-to-run deterministic; its deterministic
+memory-efficient kernel costs 25-36% of the step, and the engine's deterministic mode
+(`attention(deterministic=True)`) keeps every step here instead (on an H100, with the default's compile
+options, GPT b=8 1.658 against cuDNN's 1.648 ms/token; docs/decode-engine.md).
 
 A step's self-attention (`cached_attention`) also applies the rotary embedding and writes the new key
 and value into the cache, so no kernel sits between it and the q/k/v GEMV: each program loads its first
@@ -65,13 +66,17 @@ WARPS = 4
 # (masked by keep; in a full head's self-attention step by position) and pipelined LARGE_STAGES deep, the
 # row's own slot outside the loop, which stops at the position, and LARGE_PROGRAMS heads (or kv heads) x
 # splits. GPT b=32's 24 layers of self-attention (601 of 640 slots, 1xH100) 1.73 -> 1.51 ms against the small
-# form, 1.20x their floor; 3 stages 2.06, 1024 programs 1.62. In the engine full heads stay on SDPA there: on
-# 4 warps the kernel lost 1.5-6% on some shapes and won as much on others (results/decode_full_head_routes_h100.json,
-# decode_kernel_attention_rows_h100.json); on 2 warps (below) it wins every b=32 row measured (GPT 3.2%,
-# StagFormer p=2 1.8%, shared 2.1%) and loses every b=8 row (GPT 0.6%, StagFormer p=2 6.0%), one compile each,
-# not on an H200 (decode_full_head_routing_h100.json). Grouped queries take the kernel (the Llama shape's
-# b=32 1.393 -> 1.377 in one process): `takes` (results/decode_attention_large_h100.json)
+# form, 1.20x their floor; 3 stages 2.06, 1024 programs 1.62. Grouped queries take the kernel at every size
+# (the Llama shape's b=32 1.393 -> 1.377 in one process; results/decode_attention_large_h100.json). Full heads
+# take SDPA (cuDNN) from ROWS up to CACHED_ROWS, and above it only the cross-attention does: with every
+# attention on the kernel (2 warps) the engine lost every b=8 row (GPT 0.6%, StagFormer p=2 6.0%; one compile
+# each, decode_full_head_routing_h100.json), and at b=32, in both orders and two processes on one H100
+# (results/decode_full_head_routing_b32_h100.json), won GPT 2.4%, AltUp 3.1%, window 1 1.3%, shared 0.5%
+# and lost StagFormer p=2 separate 0.9%, the one row with long cross-attention, whose large form loads
+# its slots masked rather than stopping at the position. With its cross-attention on cuDNN that row is even
+# (3.435 -> 3.432 ms). Steps between 256 and 512 rows, recurrent decoding and any H200 are not measured. `takes`
 ROWS = 64
+CACHED_ROWS = 256
 LARGE_STAGES = 2
 LARGE_PROGRAMS = 512
 # a full head's large form on 2 warps: GPT b=32's 24 layers of self-attention 1.742 -> 1.521 ms (floor 1.348,
@@ -424,18 +429,20 @@ def takes_head_dim(hd: int) -> bool:
     return not hd & (hd - 1) and 16 <= hd <= 256
 
 
-def takes(batch: int, heads: int, kv_heads: int, deterministic: bool = False) -> bool:
+def takes(batch: int, heads: int, kv_heads: int, deterministic: bool = False, cached: bool = False) -> bool:
     """Whether a step of `batch` rows' one-query attention goes to the kernel rather than SDPA: grouped
-    queries at any batch, full heads up to ROWS per step (above, cuDNN's attention is as fast), and every
-    step when `deterministic` (cuDNN's one-query attention is not run-to-run deterministic)."""
-    return deterministic or heads != kv_heads or batch * kv_heads <= ROWS
+    queries at any batch; full heads up to ROWS per step and, for a self-attention step (`cached`), above
+    CACHED_ROWS (between them cuDNN's attention is as fast; see CACHED_ROWS); and every step when
+    `deterministic` (cuDNN's one-query attention is not run-to-run deterministic)."""
+    rows = batch * kv_heads
+    return deterministic or heads != kv_heads or rows <= ROWS or (cached and rows > CACHED_ROWS)
 
 
-def _fits(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, deterministic: bool) -> bool:
+def _fits(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor, deterministic: bool, cached: bool = False) -> bool:
     """Whether the kernel takes this attention: one half-precision query per row, routed by `takes`. The
     checks read shapes, dtypes and strides only: under torch.compile they resolve while tracing."""
     b, heads, n, hd = q.shape
-    return not (n != 1 or not takes(b, heads, keys.shape[1], deterministic)
+    return not (n != 1 or not takes(b, heads, keys.shape[1], deterministic, cached)
                 or q.dtype not in (torch.bfloat16, torch.float16) or keys.dtype != q.dtype or values.dtype != q.dtype or not takes_head_dim(hd)
                 or heads % keys.shape[1] or values.shape != keys.shape or keep.dtype != torch.bool
                 or keep.shape != (b, 1, 1, keys.shape[2]) or q.stride(3) != 1 or keys.stride(3) != 1
@@ -460,7 +467,7 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, rope: Optional[tuple[Tenso
     cache slots before waiting for it (programmatic dependent launch). Other calls take the reference
     around `attention`; `deterministic` as for `attention`."""
     b, heads, n, hd = q.shape
-    if (rows is not None or not _fits(q, kv[0], kv[1], keep, deterministic) or k.shape != (b, kv.shape[2], 1, hd)
+    if (rows is not None or not _fits(q, kv[0], kv[1], keep, deterministic, cached=True) or k.shape != (b, kv.shape[2], 1, hd)
             or v.shape != k.shape or k.dtype != q.dtype or v.dtype != q.dtype or k.stride(3) != 1
             or v.stride(3) != 1 or positions.shape != (b, 1) or positions.dtype != torch.long
             or (rope is not None and (rope[0].shape != (b, 1, 1, rope[0].shape[-1]) or rope[0].shape[-1] % 2

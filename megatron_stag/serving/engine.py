@@ -261,17 +261,17 @@ class StaggeredGenerator:
         self.p = cfg.sections
         self.mine = list(range(self.p)) if placement is None else [placement.section]
         attn = model.sections[self.mine[0]].layers[0].self_attn
-        # (query heads, kv heads) of this rank's attentions (its shard, under tensor parallelism): the
-        # self-attention's, and from the second section on the cross-attention's, whose every query head has its own
+        # (query heads, kv heads, self-attention) of this rank's attentions (its shard, under tensor parallelism):
+        # the self-attention's, and from the second section on the cross-attention's, whose every query head has its own
         heads, kv_heads = (attn.q_proj.weight.shape[0] // attn.head_dim, attn.k_proj.weight.shape[0] // attn.head_dim)
-        steps = {(heads, kv_heads)} | {(heads, heads) for k in self.mine if k}
+        steps = {(heads, kv_heads, True)} | {(heads, heads, False) for k in self.mine if k}
         if (deterministic and kernels and not _attention.takes_head_dim(attn.head_dim)
                 and next(model.parameters()).dtype in (torch.bfloat16, torch.float16)):
             raise ValueError(f"deterministic decoding: the decode attention kernel takes heads of 16-256 (a "
                              f"power of two), not {attn.head_dim}, and SDPA would take cuDNN's attention, "
                              f"which is not run-to-run deterministic; decode in fp32 (--dtype fp32) instead.")
         self.bucket = None
-        if not (kernels and all(_attention.takes(batch, h, kv, deterministic) for h, kv in steps)):
+        if not (kernels and all(_attention.takes(batch, h, kv, deterministic, cached) for h, kv, cached in steps)):
             self.bucket = SLOT_BUCKET * -(-max_len // (SLOT_BUCKET * MAX_BUCKETS))
         # where steps read slot buckets, the caches keep a slot past max_len that no step reads: no
         # bucket's mask or cache view is then a whole tensor, so one compiled section step serves every
