@@ -208,9 +208,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cublas-gemm-rows", action="store_true", help="also time every configuration with its "
                     "2-64-row matmuls on cuBLAS instead of serving.skinny_gemm's kernel, in the same run")
     ap.add_argument("--kernel-attention-rows", action="store_true", help="also time every configuration with "
-                    "every one-query attention on the engine's decode attention kernel (where full heads above "
-                    "decode_attention.ROWS per step take cuDNN by default, but for self-attention above "
-                    "CACHED_ROWS), compiled as by default, in the same run")
+                    "every one-query attention on the engine's decode attention kernel (by default full heads take cuDNN "
+                    "above decode_attention.ROWS kv heads per step, self-attention only up to CACHED_ROWS), "
+                    "compiled as by default, in the same run")
     ap.add_argument("--out", required=True)
     ns = ap.parse_args(argv)
     from megatron_stag.serving.engine import SectionPlacement
